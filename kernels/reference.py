@@ -1,0 +1,79 @@
+"""Pure-jnp references for the paged-attention kernels: the test oracle and the `reference` backend.
+
+Layouts (the contract every backend follows):
+  q:          [tokens, q_heads, head_dim]      new query tokens of all sequences, ragged, concatenated
+  k_pages:    [kv_heads, num_pages, page_size, head_dim]   one layer's K pool (V alike)
+  kv_lens:    [seqs] int32      keys of sequence i = cached prefix + its new tokens (already written)
+  page_table: [seqs, pages_per_seq] int32   page ids of sequence i, in order, any page order in the pool
+  cu_q_lens:  [seqs + 1] int32  sequence i owns query rows cu_q_lens[i]:cu_q_lens[i+1]
+  slot_mapping: [tokens] int32  page * page_size + offset where token t's K/V is written
+
+Query row j of sequence i sits at position kv_lens[i] - q_len[i] + j and attends to keys at
+positions <= its own (causal inside the new tokens, full over the cached prefix).
+Padding sequences have q_len 0 and kv_len 0; rows at or past cu_q_lens[-1] are padding and their
+output is unspecified (this reference writes zeros there).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    cu_q_lens: jax.Array,
+    *,
+    sm_scale: float,
+) -> jax.Array:
+    """Attention of ragged query rows over paged K/V; returns [tokens, q_heads, head_dim] in q.dtype."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_table.shape
+    group = num_q_heads // num_kv_heads
+    max_kv = pages_per_seq * page_size
+
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right") - 1, 0, num_seqs - 1)
+    row_valid = rows < cu_q_lens[-1]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    q_pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])
+
+    # [kv_heads, seqs, max_kv, head_dim]
+    k_seq = k_pages[:, page_table].reshape(num_kv_heads, num_seqs, max_kv, head_dim)
+    v_seq = v_pages[:, page_table].reshape(num_kv_heads, num_seqs, max_kv, head_dim)
+    k_tok = k_seq[:, seq].astype(jnp.float32)  # [kv_heads, tokens, max_kv, head_dim]
+    v_tok = v_seq[:, seq].astype(jnp.float32)
+
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("thgd,htkd->thgk", qg, k_tok) * sm_scale
+    key_pos = jnp.arange(max_kv, dtype=jnp.int32)
+    mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < kv_lens[seq][:, None])
+    mask = mask & row_valid[:, None]
+    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    probs = jnp.exp(scores - row_max)
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("thgk,htkd->thgd", probs, v_tok) / jnp.where(denom > 0, denom, 1.0)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+def write_kv_reference(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slot_mapping: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter new K/V rows [tokens, kv_heads, head_dim] into their slots; in place when donated."""
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    flat = (num_kv_heads, num_pages * page_size, head_dim)
+    k_pages = k_pages.reshape(flat).at[:, slot_mapping].set(k.transpose(1, 0, 2).astype(k_pages.dtype))
+    v_pages = v_pages.reshape(flat).at[:, slot_mapping].set(v.transpose(1, 0, 2).astype(v_pages.dtype))
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    return k_pages.reshape(shape), v_pages.reshape(shape)

@@ -1,0 +1,1 @@
+"""Paged KV cache: device pool, host page allocator, prefix cache."""

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server, tokenizer/detokenizer workers and process launch."""
