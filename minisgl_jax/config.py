@@ -1,0 +1,76 @@
+"""Engine arguments: every knob of the engine, validated where it is set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ATTENTION_BACKENDS = ("reference", "pallas")
+CACHE_KINDS = ("radix", "naive")
+DTYPES = ("bfloat16", "float32")
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass
+class EngineArgs:
+    """What `LLM(...)`, `Engine(...)` and the CLI flags configure.
+
+    attention_backend is one name for both phases or "PREFILL,DECODE" (e.g. "reference,pallas").
+    num_pages None sizes the KV pool from mem_fraction of the device memory left after weights.
+    """
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "bfloat16"
+    load_format: str = "auto"
+    page_size: int = 16
+    num_pages: int | None = None
+    mem_fraction: float = 0.85
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 8192
+    max_model_len: int | None = None
+    cache: str = "radix"
+    attention_backend: str = "pallas"
+    tp: int = 1
+    overlap: bool = True
+    seed: int = 0
+    compile_cache_dir: str | None = "~/.cache/minisgl_jax/xla"
+    warmup: bool = True
+    status_interval_s: float = 10.0
+    lpm_min_queue: int = 8
+    decode_buckets: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field and the allowed values."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.cache not in CACHE_KINDS:
+            raise ValueError(f"cache must be one of {CACHE_KINDS}, got {self.cache!r}")
+        for name in self.attention_backends:
+            if name not in ATTENTION_BACKENDS:
+                raise ValueError(f"attention_backend must name one of {ATTENTION_BACKENDS}, got {name!r}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2, got {self.num_pages}")
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+
+    @property
+    def attention_backends(self) -> tuple[str, str]:
+        """(prefill backend, decode backend)."""
+        names = [n.strip() for n in self.attention_backend.split(",")]
+        if len(names) == 1:
+            return names[0], names[0]
+        if len(names) == 2:
+            return names[0], names[1]
+        raise ValueError(f"attention_backend must be NAME or PREFILL,DECODE, got {self.attention_backend!r}")
