@@ -1,0 +1,71 @@
+"""Attention backends behind one narrow interface, chosen per phase by `--attention-backend`.
+
+Every backend reads and writes the same paged layout (see kernels/reference.py):
+one layer's pool is k_pages, v_pages: [kv_heads, num_pages, page_size, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+
+from minisgl_jax import kernels
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class AttentionMetadata:
+    """Per-step arrays every layer's attention needs; padded to the step's bucket.
+
+    cu_q_lens: [seqs + 1] int32, kv_lens: [seqs] int32, page_table: [seqs, pages_per_seq] int32,
+    slot_mapping: [tokens] int32 (padding tokens write into the scratch page 0).
+    """
+
+    cu_q_lens: jax.Array
+    kv_lens: jax.Array
+    page_table: jax.Array
+    slot_mapping: jax.Array
+
+
+AttendFn = Callable[..., jax.Array]
+
+
+def _reference(q, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float, max_q_len: int | None):
+    return kernels.ragged_paged_attention_reference(
+        q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, sm_scale=sm_scale
+    )
+
+
+def _pallas(q, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float, max_q_len: int | None):
+    return kernels.ragged_paged_attention(
+        q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, sm_scale=sm_scale, max_q_len=max_q_len
+    )
+
+
+BACKENDS: dict[str, AttendFn] = {"reference": _reference, "pallas": _pallas}
+
+
+class AttentionBackend:
+    """Writes a step's new K/V into the pool, then attends with the backend chosen for the phase."""
+
+    def __init__(self, prefill: str, decode: str, sm_scale: float) -> None:
+        for name in (prefill, decode):
+            if name not in BACKENDS:
+                raise ValueError(f"attention backend must be one of {sorted(BACKENDS)}, got {name!r}")
+            if name == "pallas" and not hasattr(kernels, "ragged_paged_attention"):
+                raise ValueError("attention backend 'pallas' is not available in this build")
+        self.prefill_name, self.decode_name = prefill, decode
+        self.sm_scale = sm_scale
+
+    def write_kv(self, k_pages, v_pages, k, v, meta: AttentionMetadata):
+        """k, v: [tokens, kv_heads, head_dim] into their slots; in place under donation."""
+        return kernels.write_kv_reference(k_pages, v_pages, k, v, meta.slot_mapping)
+
+    def attend(self, q, k_pages, v_pages, meta: AttentionMetadata, *, is_decode: bool) -> jax.Array:
+        """q: [tokens, q_heads, head_dim] -> [tokens, q_heads, head_dim]."""
+        name = self.decode_name if is_decode else self.prefill_name
+        return BACKENDS[name](
+            q, k_pages, v_pages, meta, sm_scale=self.sm_scale, max_q_len=1 if is_decode else None
+        )

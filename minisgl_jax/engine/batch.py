@@ -1,0 +1,115 @@
+"""Turn the scheduler's choice of rows into one step's padded arrays (numpy, then device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minisgl_jax.engine.attention import AttentionMetadata
+from minisgl_jax.engine.model_runner import MAX_LOGPROBS, StepBatch
+from minisgl_jax.engine.request import Req
+from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN, SamplingArrays
+
+
+@dataclass
+class ScheduledRow:
+    """One sequence of a step: `num_tokens` new tokens starting at position `start`."""
+
+    req: Req
+    start: int
+    num_tokens: int
+    samples: bool  # whether this row's sampled token is the request's next output
+    token_index: int  # index of that output token within the request's outputs
+
+
+@dataclass
+class ScheduledBatch:
+    rows: list[ScheduledRow]
+    is_decode: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.rows)
+
+    @property
+    def sample_mode(self) -> str:
+        filtered = any(
+            r.req.params.top_k > 0 or r.req.params.top_p < 1.0 or r.req.params.min_p > 0.0
+            for r in self.rows
+            if r.samples and not r.req.params.greedy
+        )
+        return SAMPLE_FILTERED if filtered else SAMPLE_PLAIN
+
+    @property
+    def num_logprobs(self) -> int:
+        return MAX_LOGPROBS if any(r.req.params.logprobs is not None for r in self.rows) else 0
+
+
+def build_step_batch(
+    batch: ScheduledBatch,
+    token_bucket: int,
+    seq_bucket: int,
+    page_size: int,
+    pages_per_seq: int,
+    scratch_slot: int,
+    vocab_size: int,
+) -> StepBatch:
+    """Pad rows to (token_bucket, seq_bucket); padding tokens write into the scratch page 0."""
+    input_ids = np.zeros(token_bucket, np.int32)
+    positions = np.zeros(token_bucket, np.int32)
+    token_slots = np.full(token_bucket, scratch_slot, np.int32)
+    slot_mapping = np.zeros(token_bucket, np.int32)
+    cu_q_lens = np.zeros(seq_bucket + 1, np.int32)
+    kv_lens = np.zeros(seq_bucket, np.int32)
+    seq_slots = np.full(seq_bucket, scratch_slot, np.int32)
+    num_page_rows = 0 if batch.is_decode else seq_bucket
+    page_rows = np.zeros((num_page_rows, pages_per_seq), np.int32)
+    temperature = np.zeros(seq_bucket, np.float32)
+    top_k = np.full(seq_bucket, vocab_size, np.int32)
+    top_p = np.ones(seq_bucket, np.float32)
+    min_p = np.zeros(seq_bucket, np.float32)
+    seed_lo = np.zeros(seq_bucket, np.uint32)
+    seed_hi = np.zeros(seq_bucket, np.uint32)
+    token_index = np.zeros(seq_bucket, np.int32)
+
+    t = 0
+    for i, row in enumerate(batch.rows):
+        req, end = row.req, row.start + row.num_tokens
+        pos = np.arange(row.start, end, dtype=np.int32)
+        if not batch.is_decode:
+            input_ids[t : t + row.num_tokens] = req.all_ids[row.start : end]
+            page_rows[i, : len(req.pages)] = req.pages
+        positions[t : t + row.num_tokens] = pos
+        token_slots[t : t + row.num_tokens] = req.slot
+        pages = np.asarray(req.pages, np.int32)
+        slot_mapping[t : t + row.num_tokens] = pages[pos // page_size] * page_size + pos % page_size
+        t += row.num_tokens
+        cu_q_lens[i + 1] = t
+        kv_lens[i] = end
+        seq_slots[i] = req.slot
+        p = req.params
+        temperature[i] = p.temperature
+        if p.top_k > 0:
+            top_k[i] = p.top_k
+        top_p[i], min_p[i] = p.top_p, p.min_p
+        seed_lo[i], seed_hi[i] = req.seed & 0xFFFFFFFF, (req.seed >> 32) & 0xFFFFFFFF
+        token_index[i] = row.token_index
+    cu_q_lens[len(batch.rows) + 1 :] = t
+
+    arrays = dict(
+        input_ids=input_ids, positions=positions, token_slots=token_slots, seq_slots=seq_slots, page_rows=page_rows
+    )
+    step = StepBatch(
+        **arrays,
+        attn=AttentionMetadata(
+            cu_q_lens=cu_q_lens,
+            kv_lens=kv_lens,
+            page_table=None,
+            slot_mapping=slot_mapping,
+        ),
+        sampling=SamplingArrays(
+            temperature, top_k, top_p, min_p, seed_lo, seed_hi, token_index
+        ),
+    )
+    return step

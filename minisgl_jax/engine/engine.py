@@ -1,0 +1,317 @@
+"""The engine: model, KV cache and scheduler behind `add_request` / `step` / `abort_request`.
+
+`step` dispatches the next batch before reading the previous one's tokens (overlap scheduling),
+so the host's bookkeeping runs while the device computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from minisgl_jax.config import EngineArgs
+from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from minisgl_jax.engine import setup
+from minisgl_jax.engine.attention import AttentionBackend
+from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
+from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, seq_buckets, token_buckets
+from minisgl_jax.engine.request import Req
+from minisgl_jax.engine.scheduler import Scheduler
+from minisgl_jax.kvcache.allocator import PageAllocator
+from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
+from minisgl_jax.models.loader import load_model
+from minisgl_jax.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def make_prefix_cache(kind: str, allocator: PageAllocator, page_size: int) -> PrefixCache:
+    if kind == "naive":
+        return NaiveCache(allocator, page_size)
+    from minisgl_jax.kvcache.radix import RadixCache
+
+    return RadixCache(allocator, page_size)
+
+
+class Engine:
+    def __init__(self, args: EngineArgs) -> None:
+        args.validate()
+        self.args = args
+        setup.enable_compile_cache(args.compile_cache_dir)
+        started = time.perf_counter()
+        self.model_config, weights_dir = setup.resolve_model(args)
+        cfg = self.model_config
+        setup.check_tp(cfg, args.tp)
+        self.model_name = args.model
+        self.mesh = setup.make_mesh(args.tp)
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)
+        self.weights_bytes = sum(
+            int(np.prod(x.shape)) * x.dtype.itemsize for x in _leaves(model)
+        )
+        self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        self.page_size = args.page_size
+        self.pages_per_seq = -(-self.max_model_len // args.page_size)
+        num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(dtype).itemsize)
+        prefill_backend, decode_backend = args.attention_backends
+        backend = AttentionBackend(prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5)
+        self.runner = ModelRunner(
+            model, self.mesh, backend, num_pages, args.page_size, args.max_running_requests, self.pages_per_seq, dtype
+        )
+        self.allocator = PageAllocator(num_pages)
+        self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)
+        self.scheduler = Scheduler(
+            self.allocator, self.cache, args.page_size, args.max_running_requests,
+            args.max_prefill_tokens, args.lpm_min_queue,
+        )
+        self.decode_buckets = args.decode_buckets or decode_buckets(args.max_running_requests)
+        self.token_buckets = token_buckets(args.max_prefill_tokens)
+        self.seq_buckets = seq_buckets(args.max_running_requests)
+        self.requests: dict[str, Req] = {}
+        self._finals: list[RequestOutput] = []
+        self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
+        self._rng = random.Random(args.seed)
+        self._arrivals = 0
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0)
+        self._last_status = time.perf_counter()
+        self._status_tokens = 0
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "loaded %s in %.1fs: weights %.2f GiB, %d KV pages of %d tokens, max %d running requests",
+            args.model, self.load_seconds, self.weights_bytes / 2**30, num_pages, args.page_size,
+            args.max_running_requests,
+        )
+        self.warmup_seconds = self.warmup() if args.warmup else 0.0
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError with a user-facing message when it cannot be served."""
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; the context length is {self.max_model_len}")
+        max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_new > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) plus max_tokens ({max_new}) is {n + max_new}, "
+                f"over the context length {self.max_model_len}"
+            )
+        pages_alone = -(-(n + max_new) // self.page_size)
+        if pages_alone > self.allocator.num_usable:
+            raise ValueError(
+                f"prompt plus max_tokens needs {pages_alone * self.page_size} KV tokens, "
+                f"more than the whole KV cache ({self.allocator.num_usable * self.page_size})"
+            )
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        self._arrivals += 1
+        req = Req(request_id, list(prompt_token_ids), params, seed, max_new, arrival=self._arrivals)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self._counters["prompt_tokens"] += n
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        self.scheduler.finish(req, FinishReason.ABORT)
+        self._finals.append(self._output(req))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or self._in_flight is not None
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Dispatch the next batch, then read the previous one's tokens; returns the new outputs."""
+        outputs, self._finals = self._finals, []
+        batch = self.scheduler.schedule()
+        launched = None
+        if batch is not None:
+            launched = (batch, self._dispatch(batch))
+        if self._in_flight is not None:
+            outputs += self._process(*self._in_flight)
+        self._in_flight = launched
+        if not self.args.overlap and self._in_flight is not None:
+            outputs += self._process(*self._in_flight)
+            self._in_flight = None
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+        self._maybe_log_status()
+        return outputs
+
+    def _dispatch(self, batch: ScheduledBatch) -> StepOutput:
+        num_seqs = len(batch.rows)
+        if batch.is_decode:
+            tokens = seqs = pad_bucket(num_seqs, self.decode_buckets)
+        else:
+            tokens = pad_bucket(batch.num_tokens, self.token_buckets)
+            seqs = pad_bucket(num_seqs, self.seq_buckets)
+        step_batch = build_step_batch(
+            batch, tokens, seqs, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
+            self.model_config.vocab_size,
+        )
+        out = self.runner.run(
+            step_batch, is_decode=batch.is_decode, sample_mode=batch.sample_mode, num_logprobs=batch.num_logprobs
+        )
+        out.start_copy()
+        self._counters["steps"] += 1
+        return out
+
+    def _process(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
+        ids = np.asarray(out.ids)
+        logprob = None if out.logprob is None else np.asarray(out.logprob)
+        top_ids = None if out.top_ids is None else np.asarray(out.top_ids)
+        top_lps = None if out.top_logprobs is None else np.asarray(out.top_logprobs)
+        outputs = []
+        for i, row in enumerate(batch.rows):
+            req = row.req
+            req.in_flight -= 1
+            if not row.samples or req.finished:
+                continue
+            token = int(ids[i])
+            req.output_ids.append(token)
+            self._counters["generation_tokens"] += 1
+            self._status_tokens += 1
+            if req.params.logprobs is not None:
+                n = req.params.logprobs
+                top = [(int(t), float(lp)) for t, lp in zip(top_ids[i, :n], top_lps[i, :n])]
+                req.output_logprobs.append(TokenLogprob(token, float(logprob[i]), top))
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
+        if token in self.eos_token_ids and not req.params.ignore_eos:
+            return FinishReason.STOP
+        if token in req.params.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_ids) >= req.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, req: Req) -> RequestOutput:
+        new = req.output_ids[req.num_emitted :]
+        new_lps = req.output_logprobs[req.num_emitted :] if req.params.logprobs is not None else []
+        req.num_emitted = len(req.output_ids)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            new_logprobs=new_lps,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+        )
+
+    # ---- batch API ---------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
+        """Output token ids of each prompt, run to completion."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{self._arrivals + i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id] += out.new_token_ids
+        return [results[rid] for rid in ids]
+
+    # ---- health ------------------------------------------------------------------------------
+
+    def check_kv_invariant(self) -> None:
+        """free + cached + held by requests == all usable pages, or a RuntimeError naming the numbers."""
+        free, cached = self.allocator.num_free, self.cache.num_cached_pages
+        held = self.scheduler.pages_held_by_requests()
+        if free + cached + held != self.allocator.num_usable:
+            raise RuntimeError(
+                f"KV page leak: free {free} + cached {cached} + held {held} != {self.allocator.num_usable}"
+            )
+
+    def flush_cache(self) -> int:
+        return self.cache.flush()
+
+    def stats(self) -> dict[str, float | int]:
+        return dict(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_pages_total=self.allocator.num_usable,
+            kv_pages_free=self.allocator.num_free,
+            kv_pages_cached=self.cache.num_cached_pages,
+            cache_hit_tokens=self.scheduler.cache_hit_tokens,
+            prefill_tokens=self.scheduler.prefill_tokens,
+            num_retractions=self.scheduler.num_retractions,
+            num_evicted_pages=getattr(self.cache, "num_evicted_pages", 0),
+            **self._counters,
+        )
+
+    def memory_plan(self) -> dict[str, int]:
+        return dict(
+            weights_bytes=self.weights_bytes,
+            kv_pages=self.allocator.num_usable,
+            kv_tokens=self.allocator.num_usable * self.page_size,
+            page_size=self.page_size,
+            max_running_requests=self.args.max_running_requests,
+            max_model_len=self.max_model_len,
+        )
+
+    def _maybe_log_status(self) -> None:
+        now = time.perf_counter()
+        elapsed = now - self._last_status
+        if elapsed < self.args.status_interval_s or not self.scheduler.has_work():
+            return
+        s = self.stats()
+        used = 1 - s["kv_pages_free"] / max(1, s["kv_pages_total"])
+        hit = s["cache_hit_tokens"] / max(1, s["prompt_tokens"])
+        logger.info(
+            "running %d, queued %d, KV %.0f%% used (%d cached pages), %.0f tok/s, cache hit %.0f%%, retractions %d",
+            s["num_running"], s["num_waiting"], 100 * used, s["kv_pages_cached"],
+            self._status_tokens / elapsed, 100 * hit, s["num_retractions"],
+        )
+        self._last_status, self._status_tokens = now, 0
+
+    def warmup(self) -> float:
+        """Compile every decode bucket now ("capture"), so serving never waits on a compile."""
+        started = time.perf_counter()
+        for size in tqdm(self.decode_buckets, desc="compiling decode buckets", disable=None):
+            batch = ScheduledBatch(rows=[], is_decode=True)
+            step_batch = build_step_batch(
+                batch, size, size, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
+                self.model_config.vocab_size,
+            )
+            out = self.runner.run(step_batch, is_decode=True, sample_mode=batch.sample_mode, num_logprobs=0)
+            out.ids.block_until_ready()
+        seconds = time.perf_counter() - started
+        logger.info("compiled %d decode buckets in %.1fs", len(self.decode_buckets), seconds)
+        return seconds
+
+
+def _leaves(model) -> Iterable:
+    from flax import nnx
+
+    return [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]

@@ -1,0 +1,190 @@
+"""The jitted step and its buckets: what CUDA-graph capture is in CUDA engines.
+
+    step(params, kv_pool, state, batch) -> (kv_pool', state', sampled ids, logprobs)
+
+`kv_pool` and `state` are donated, so the cache is written in place. `batch` holds small int32
+arrays padded to a bucket (tokens, sequences); each bucket compiles once, decode buckets at
+start-up. `state` keeps, per request slot, the last sampled token and the page-table row: the
+next decode step reads its input ids from there, so the host can dispatch step N+1 before it
+has read step N's tokens (overlap scheduling).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.engine.sampler import SamplingArrays, sample
+from minisgl_jax.models.transformer import CausalLM, KVPool
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DeviceState:
+    """Per request slot (the last slot is the padding rows' scratch slot)."""
+
+    tokens: jax.Array  # [slots] int32: last sampled token
+    page_table: jax.Array  # [slots, pages_per_seq] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepBatch:
+    """One step's host-made inputs. tokens: T, seqs: S (bucket sizes); R = S for prefill, 0 for decode."""
+
+    input_ids: jax.Array  # [T] int32 (ignored in decode: read from state.tokens)
+    positions: jax.Array  # [T] int32
+    token_slots: jax.Array  # [T] int32: request slot of each token
+    attn: AttentionMetadata
+    seq_slots: jax.Array  # [S] int32
+    page_rows: jax.Array  # [R, pages_per_seq] int32: full page-table rows to install (prefill)
+    sampling: SamplingArrays
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepOutput:
+    """Device arrays of one step; the host reads them after dispatching the next step."""
+
+    ids: jax.Array  # [S]
+    logprob: jax.Array | None  # [S]
+    top_ids: jax.Array | None  # [S, MAX_LOGPROBS]
+    top_logprobs: jax.Array | None
+
+    def start_copy(self) -> None:
+        for array in (self.ids, self.logprob, self.top_ids, self.top_logprobs):
+            if array is not None:
+                array.copy_to_host_async()
+
+
+def pad_bucket(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def decode_buckets(max_running: int) -> list[int]:
+    """1, 2, 4, 8, 16, then steps of a third so padding wastes at most ~33%."""
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    out = [s for s in sizes if s < max_running] + [max_running]
+    return sorted(set(out))
+
+
+def token_buckets(max_tokens: int, smallest: int = 32) -> list[int]:
+    out, b = [], smallest
+    while b < max_tokens:
+        out.append(b)
+        b *= 2
+    return out + [max_tokens]
+
+
+def seq_buckets(max_seqs: int) -> list[int]:
+    out, b = [], 1
+    while b < max_seqs:
+        out.append(b)
+        b *= 4
+    return out + [max_seqs]
+
+
+class ModelRunner:
+    """Owns the parameters, the KV pool and the device state; runs jitted steps."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        mesh: Mesh,
+        backend: AttentionBackend,
+        num_pages: int,
+        page_size: int,
+        max_slots: int,
+        pages_per_seq: int,
+        kv_dtype: jnp.dtype,
+    ) -> None:
+        self.mesh = mesh
+        self.backend = backend
+        self.graphdef, self.params = nnx.split(model)
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.pages_per_seq = pages_per_seq
+        self.scratch_slot = max_slots  # padding rows' slot
+        pool_shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        pool_sharding = NamedSharding(mesh, P("tp", None, None, None))
+        zeros = jax.jit(lambda: jnp.zeros(pool_shape, kv_dtype), out_shardings=pool_sharding)
+        self.kv_pool: KVPool = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+        replicated = NamedSharding(mesh, P())
+        self.state = DeviceState(
+            tokens=jax.device_put(np.zeros(max_slots + 1, np.int32), replicated),
+            page_table=jax.device_put(np.zeros((max_slots + 1, pages_per_seq), np.int32), replicated),
+        )
+        self._step = jax.jit(
+            self._step_fn,
+            static_argnames=("is_decode", "sample_mode", "num_logprobs"),
+            donate_argnames=("kv_pool", "state"),
+        )
+        self.compiled_keys: set[tuple] = set()
+
+    def _step_fn(self, params, kv_pool, state: DeviceState, batch: StepBatch, *, is_decode, sample_mode, num_logprobs):
+        model = nnx.merge(self.graphdef, params)
+        page_size = self.page_size
+        if is_decode:
+            input_ids = state.tokens[batch.token_slots]
+            page_table = state.page_table.at[batch.token_slots, batch.positions // page_size].set(
+                batch.attn.slot_mapping // page_size
+            )
+        else:
+            input_ids = batch.input_ids
+            page_table = state.page_table.at[batch.seq_slots].set(batch.page_rows)
+        attn = AttentionMetadata(
+            cu_q_lens=batch.attn.cu_q_lens,
+            kv_lens=batch.attn.kv_lens,
+            page_table=page_table[batch.seq_slots],
+            slot_mapping=batch.attn.slot_mapping,
+        )
+        hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, is_decode)
+        last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
+        logits = model.logits(hidden[last])
+        ids, logprob, top_ids, top_logprobs = sample(logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs)
+        state = DeviceState(tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table)
+        return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
+
+    def run(self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int) -> StepOutput:
+        key = (batch.input_ids.shape[0], batch.seq_slots.shape[0], is_decode, sample_mode, num_logprobs)
+        first = key not in self.compiled_keys
+        started = time.perf_counter()
+        self.kv_pool, self.state, out = self._step(
+            self.params,
+            self.kv_pool,
+            self.state,
+            batch,
+            is_decode=is_decode,
+            sample_mode=sample_mode,
+            num_logprobs=num_logprobs,
+        )
+        if first:
+            self.compiled_keys.add(key)
+            logger.debug("compiled step %s in %.1fs", key, time.perf_counter() - started)
+        return out
+
+    def lower_text(self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int) -> str:
+        """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""
+        lowered = self._step.lower(
+            self.params, self.kv_pool, self.state, batch,
+            is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs,
+        )
+        return lowered.compile().as_text()

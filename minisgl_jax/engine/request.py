@@ -1,0 +1,59 @@
+"""A request's host-side state while the scheduler holds it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from minisgl_jax.core import FinishReason, SamplingParams, TokenLogprob
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # queued (new, or retracted and to be recomputed)
+    PREFILL = "prefill"  # admitted, prompt chunks still to compute
+    DECODE = "decode"  # one token a step
+    FINISHED = "finished"
+
+
+@dataclass
+class Req:
+    """Tokens, pages and progress of one request.
+
+    kv_len counts positions whose K/V is written or will be by steps already dispatched;
+    num_sampled counts output tokens sampled or to be sampled by those steps; output_ids holds
+    the ones the host has read. With overlap, a step is in flight while the next is scheduled.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_new_tokens: int
+    arrival: int
+    phase: Phase = Phase.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_sampled: int = 0
+    kv_len: int = 0
+    slot: int | None = None
+    pages: list[int] = field(default_factory=list)
+    num_cache_pages: int = 0  # pages[:num_cache_pages] belong to the prefix cache (locked by cache_handle)
+    cache_handle: Any = None
+    cached_tokens: int = 0  # prefix-cache hit at the latest admission
+    in_flight: int = 0  # dispatched steps with rows of this request not yet processed
+    num_emitted: int = 0
+    finish_reason: FinishReason | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def target_len(self) -> int:
+        """Tokens the request must have computed K/V for before it samples again."""
+        return len(self.prompt_ids) + self.num_sampled
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED

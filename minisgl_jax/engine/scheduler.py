@@ -1,0 +1,207 @@
+"""Continuous batching: admission by free pages, chunked prefill before decode, retraction, abort.
+
+The scheduler decides each step's rows on the host and keeps every page accounted for:
+free (allocator) + held by the prefix cache + held by running requests = all usable pages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from minisgl_jax.core import FinishReason
+from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow
+from minisgl_jax.engine.request import Phase, Req
+from minisgl_jax.kvcache.allocator import PageAllocator
+from minisgl_jax.kvcache.prefix_cache import PrefixCache
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        cache: PrefixCache,
+        page_size: int,
+        max_running: int,
+        max_prefill_tokens: int,
+        lpm_min_queue: int,
+    ) -> None:
+        self.allocator = allocator
+        self.cache = cache
+        self.page_size = page_size
+        self.max_running = max_running
+        self.max_prefill_tokens = max_prefill_tokens
+        self.lpm_min_queue = lpm_min_queue
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []  # admitted, in admission order (newest last)
+        self.free_slots: list[int] = list(range(max_running - 1, -1, -1))
+        self.num_retractions = 0
+        self.cache_hit_tokens = 0
+        self.prefill_tokens = 0
+
+    # ---- queue ----------------------------------------------------------------------------
+
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- page bookkeeping -------------------------------------------------------------------
+
+    def _obtain_pages(self, count: int) -> list[int] | None:
+        """`count` free pages, evicting from the prefix cache if needed; None if impossible."""
+        short = count - self.allocator.num_free
+        if short > 0:
+            self.cache.evict(short)
+        if self.allocator.num_free < count:
+            return None
+        return self.allocator.allocate(count)
+
+    def _pages_needed(self, req: Req, new_len: int) -> int:
+        return max(0, -(-new_len // self.page_size) - len(req.pages))
+
+    def _cache_computed(self, req: Req) -> None:
+        """Hand the request's whole computed pages to the prefix cache and lock that path."""
+        known = min(req.kv_len, len(req.all_ids))
+        num_pages = known // self.page_size
+        if num_pages == 0:
+            return
+        match = self.cache.insert(req.all_ids[: num_pages * self.page_size], req.pages[:num_pages])
+        self.cache.lock(match.handle)
+        self.cache.unlock(req.cache_handle)
+        req.cache_handle = match.handle
+        req.pages[: match.num_pages] = match.pages
+        req.num_cache_pages = match.num_pages
+
+    def release(self, req: Req) -> None:
+        """Give back a request's pages (whole computed ones to the cache) and its slot."""
+        self._cache_computed(req)
+        self.cache.unlock(req.cache_handle)
+        self.allocator.free(req.pages[req.num_cache_pages :])
+        req.pages, req.num_cache_pages, req.cache_handle = [], 0, None
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            req.slot = None
+        if req in self.running:
+            self.running.remove(req)
+
+    def pages_held_by_requests(self) -> int:
+        return sum(len(r.pages) - r.num_cache_pages for r in self.running)
+
+    # ---- finishing ---------------------------------------------------------------------------
+
+    def finish(self, req: Req, reason: FinishReason) -> None:
+        if req.finished:
+            return
+        if req.phase is Phase.WAITING:
+            self.waiting.remove(req)
+        else:
+            self.release(req)
+        req.phase, req.finish_reason = Phase.FINISHED, reason
+
+    def retract(self, req: Req) -> None:
+        """Free a running request's pages and requeue it at the front, to recompute later."""
+        self.release(req)
+        req.phase, req.kv_len = Phase.WAITING, 0
+        self.waiting.appendleft(req)
+        self.num_retractions += 1
+        logger.info("retracted request %s (KV pool full); it will be recomputed", req.request_id)
+
+    # ---- scheduling --------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Prefill if any request needs it and fits, else decode every running request."""
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def _order_waiting(self) -> None:
+        if len(self.waiting) < self.lpm_min_queue:
+            return
+        hits = {id(r): self.cache.match(r.all_ids[:-1]).num_pages for r in self.waiting}
+        self.waiting = deque(sorted(self.waiting, key=lambda r: (-hits[id(r)], r.arrival)))
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.max_prefill_tokens
+        rows: list[ScheduledRow] = []
+        for req in self.running:
+            if req.phase is Phase.PREFILL and budget > 0:
+                row = self._prefill_row(req, budget)
+                if row is None:
+                    break
+                rows.append(row)
+                budget -= row.num_tokens
+        self._order_waiting()
+        reserve = len(self.running)  # keep a page per running request for its next decode token
+        while self.waiting and budget > 0 and self.free_slots:
+            req = self.waiting[0]
+            if req.in_flight:
+                break  # its last tokens are still on the device; admit it once they are read
+            match = self.cache.match(req.all_ids[:-1])
+            first_chunk = min(req.target_len - match.num_pages * self.page_size, budget)
+            need = -(-(match.num_pages * self.page_size + first_chunk) // self.page_size) - match.num_pages
+            if self.allocator.num_free + self.cache.num_evictable_pages < need + reserve:
+                break
+            self.waiting.popleft()
+            self.cache.lock(match.handle)
+            req.cache_handle, req.pages = match.handle, list(match.pages)
+            req.num_cache_pages = match.num_pages
+            req.kv_len = req.cached_tokens = match.num_pages * self.page_size
+            self.cache_hit_tokens += req.cached_tokens
+            req.slot = self.free_slots.pop()
+            req.phase = Phase.PREFILL
+            self.running.append(req)
+            row = self._prefill_row(req, budget)
+            if row is None:  # eviction could not deliver after all: undo and stop admitting
+                self.release(req)
+                req.phase, req.kv_len = Phase.WAITING, 0
+                self.waiting.appendleft(req)
+                break
+            rows.append(row)
+            budget -= row.num_tokens
+            reserve += 1
+        if not rows:
+            return None
+        for row in rows:
+            self._cache_computed(row.req)
+        self.prefill_tokens += sum(r.num_tokens for r in rows)
+        return ScheduledBatch(rows=rows, is_decode=False)
+
+    def _prefill_row(self, req: Req, budget: int) -> ScheduledRow | None:
+        num_tokens = min(req.target_len - req.kv_len, budget)
+        pages = self._obtain_pages(self._pages_needed(req, req.kv_len + num_tokens))
+        if pages is None:
+            return None
+        req.pages += pages
+        start = req.kv_len
+        req.kv_len += num_tokens
+        samples = req.kv_len == req.target_len
+        row = ScheduledRow(req, start, num_tokens, samples=samples, token_index=req.num_sampled)
+        if samples:
+            req.num_sampled += 1
+            req.phase = Phase.DECODE
+        req.in_flight += 1
+        return row
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        rows: list[ScheduledRow] = []
+        candidates = [r for r in self.running if r.phase is Phase.DECODE and r.num_sampled < r.max_new_tokens]
+        for req in candidates:
+            if req.phase is not Phase.DECODE:
+                continue  # retracted while making room for an earlier row
+            pages = self._obtain_pages(self._pages_needed(req, req.kv_len + 1))
+            while pages is None:
+                victim = self.running[-1]
+                self.retract(victim)
+                if victim is req:
+                    break
+                pages = self._obtain_pages(self._pages_needed(req, req.kv_len + 1))
+            if pages is None:
+                continue
+            req.pages += pages
+            rows.append(ScheduledRow(req, req.kv_len, 1, samples=True, token_index=req.num_sampled))
+            req.kv_len += 1
+            req.num_sampled += 1
+            req.in_flight += 1
+        return ScheduledBatch(rows=rows, is_decode=True) if rows else None

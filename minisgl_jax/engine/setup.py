@@ -1,0 +1,87 @@
+"""Start-up decisions: where the model comes from, the mesh, the compile cache, the KV budget."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from minisgl_jax.config import EngineArgs
+from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_PAGES = 2048
+
+
+def resolve_model(args: EngineArgs) -> tuple[ModelConfig, str | None]:
+    """(config, folder with safetensors or None for dummy weights) for `--model`."""
+    if os.path.isdir(args.model):
+        cfg = ModelConfig.from_hf_dict(read_hf_config(args.model))
+        return cfg, None if args.load_format == "dummy" else args.model
+    if args.load_format == "dummy":
+        path = bundled_config_path(args.model)
+        if path is None:
+            raise ValueError(
+                f"--model {args.model!r} is not a local folder and has no bundled config; "
+                f"bundled: {bundled_model_names()}"
+            )
+        return ModelConfig.from_hf_dict(read_hf_config(os.path.dirname(path), os.path.basename(path))), None
+    return resolve_model_from_hub(args)
+
+
+def resolve_model_from_hub(args: EngineArgs) -> tuple[ModelConfig, str]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(args.model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as err:
+        raise ValueError(
+            f"could not download {args.model!r} from the Hugging Face hub ({type(err).__name__}); "
+            f"offline, pass the local folder that holds its config.json and *.safetensors as --model, "
+            f"or use --load-format dummy for random weights"
+        ) from err
+    args.tokenizer = args.tokenizer or folder
+    return ModelConfig.from_hf_dict(read_hf_config(folder)), folder
+
+
+def make_mesh(tp: int) -> Mesh:
+    devices = jax.devices()
+    if tp > len(devices):
+        raise ValueError(f"--tp {tp} asks for more devices than the {len(devices)} available")
+    return Mesh(np.array(devices[:tp]), ("tp",))
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    for name, count in (("attention heads", cfg.num_q_heads), ("key/value heads", cfg.num_kv_heads),
+                        ("intermediate size", cfg.intermediate_size), ("vocab size", cfg.vocab_size)):
+        if count % tp:
+            raise ValueError(f"--tp {tp} must divide the model's {name} ({count})")
+
+
+def enable_compile_cache(path: str | None) -> None:
+    if path is None:
+        return
+    path = os.path.expanduser(path)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def plan_kv_pages(args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq: int, itemsize: int) -> int:
+    """KV pages: the flag, else mem_fraction of device memory after weights, capped at what is usable."""
+    most_useful = args.max_running_requests * pages_per_seq + 1
+    if args.num_pages is not None:
+        return min(args.num_pages, most_useful)
+    stats = mesh.devices.flat[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return min(CPU_DEFAULT_KV_PAGES, most_useful)
+    free = stats["bytes_limit"] * args.mem_fraction - stats["bytes_in_use"]
+    per_page = cfg.num_layers * 2 * max(1, cfg.num_kv_heads // args.tp) * args.page_size * cfg.head_dim * itemsize
+    pages = int(free // per_page)
+    if pages < 2:
+        raise ValueError(f"no device memory left for the KV cache (free {free / 2**30:.1f} GiB after weights)")
+    return min(pages, most_useful)

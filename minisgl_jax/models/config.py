@@ -1,0 +1,99 @@
+"""Model configuration: the facts of a Hugging Face config.json that the engine needs."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+BUNDLED_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # one of SUPPORTED_ARCHITECTURES' values
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2: bias on q/k/v only
+    o_bias: bool  # Llama's attention_bias: bias on q/k/v and o
+    qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Per token, over all layers, K and V, at 2 bytes (bf16)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 2
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported architectures {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        num_q_heads = cfg["num_attention_heads"]
+        rope = dict(cfg.get("rope_parameters") or {})
+        legacy_scaling = cfg.get("rope_scaling")
+        if legacy_scaling:
+            rope.update(legacy_scaling)
+        rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_q_heads=num_q_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_q_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_q_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_bias=arch != "qwen2" and bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            eos_token_ids=eos_ids,
+        )
+
+
+def bundled_config_path(model: str) -> str | None:
+    """The bundled config.json of a known hub id (e.g. Qwen/Qwen3-0.6B), for `--load-format dummy`."""
+    name = model.rstrip("/").split("/")[-1]
+    path = os.path.join(BUNDLED_CONFIG_DIR, f"{name}.json")
+    return path if os.path.exists(path) else None
+
+
+def bundled_model_names() -> list[str]:
+    return sorted(f[: -len(".json")] for f in os.listdir(BUNDLED_CONFIG_DIR) if f.endswith(".json"))
+
+
+def read_hf_config(model_dir: str, name: str = "config.json") -> dict[str, Any]:
+    path = os.path.join(model_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {name} in {model_dir}")
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,141 @@
+"""The decoder-only transformer of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3.
+
+One Flax NNX module tree covers them all; the differences are config flags (qkv bias, q/k norm,
+tied embeddings, rope scaling). Each parameter declares its `PartitionSpec` over the `tp` mesh
+axis beside it (`spec=`): column-parallel q/kv/gate_up, row-parallel o/down, vocab-parallel
+embedding and lm_head. Layouts put the head axes first-class so sharding is by heads:
+
+  embed [vocab, hidden]          q_proj [hidden, q_heads, head_dim]   kv_proj [hidden, 2, kv_heads, head_dim]
+  o_proj [q_heads, head_dim, hidden]   gate_up [hidden, 2, intermediate]   down [intermediate, hidden]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.models.config import ModelConfig
+from minisgl_jax.models.rope import apply_rope, rope_inv_freq
+
+KVPool = list[tuple[jax.Array, jax.Array]]  # per layer (k_pages, v_pages)
+
+
+def _param(shape: tuple[int, ...], dtype: jnp.dtype, spec: P) -> nnx.Param:
+    """A parameter placeholder; the loader fills in the real (or dummy) values."""
+    return nnx.Param(jnp.zeros(shape, dtype), spec=spec)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, dtype: jnp.dtype) -> None:
+        self.weight = _param((size,), dtype, P(None))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
+        h, nq, nkv, d = cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param((h, nq, d), dtype, P(None, "tp", None))
+        self.kv_proj = _param((h, 2, nkv, d), dtype, P(None, None, "tp", None))
+        self.o_proj = _param((nq, d, h), dtype, P("tp", None, None))
+        self.q_bias = _param((nq, d), dtype, P("tp", None)) if cfg.qkv_bias else None
+        self.kv_bias = _param((2, nkv, d), dtype, P(None, "tp", None)) if cfg.qkv_bias else None
+        self.o_bias = _param((h,), dtype, P(None)) if cfg.o_bias else None
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        kv: tuple[jax.Array, jax.Array],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        is_decode: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x: [tokens, hidden] -> ([tokens, hidden], this layer's updated (k_pages, v_pages))."""
+        q = jnp.einsum("th,hnd->tnd", x, self.q_proj[...])
+        kv_new = jnp.einsum("th,hcnd->tcnd", x, self.kv_proj[...])
+        if self.q_bias is not None:
+            q = q + self.q_bias[...]
+            kv_new = kv_new + self.kv_bias[...]
+        k, v = kv_new[:, 0], kv_new[:, 1]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k_pages, v_pages = backend.write_kv(kv[0], kv[1], k, v, meta)
+        out = backend.attend(q, k_pages, v_pages, meta, is_decode=is_decode)
+        out = jnp.einsum("tnd,ndh->th", out, self.o_proj[...])
+        if self.o_bias is not None:
+            out = out + self.o_bias[...]
+        return out, (k_pages, v_pages)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
+        self.gate_up = _param((cfg.hidden_size, 2, cfg.intermediate_size), dtype, P(None, None, "tp"))
+        self.down = _param((cfg.intermediate_size, cfg.hidden_size), dtype, P("tp", None))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_up = jnp.einsum("th,hci->tci", x, self.gate_up[...])
+        return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ self.down[...]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, dtype)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+
+class CausalLM(nnx.Module):
+    """Embedding, decoder layers, final norm and lm_head (or the tied embedding)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
+        self.config = cfg
+        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, P("tp", None))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else _param((cfg.hidden_size, cfg.vocab_size), dtype, P(None, "tp"))
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        kv_pool: KVPool,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        is_decode: bool,
+    ) -> tuple[jax.Array, KVPool]:
+        """input_ids, positions: [tokens] -> (final hidden states [tokens, hidden], updated pool)."""
+        x = self.embed[...][input_ids]
+        cfg = self.config
+        inv_freq = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        new_pool: KVPool = []
+        for layer, kv in zip(self.layers, kv_pool):
+            attn_out, kv = layer.attn(layer.input_norm(x), positions, inv_freq, kv, meta, backend, is_decode)
+            x = x + attn_out
+            x = x + layer.mlp(layer.post_attn_norm(x))
+            new_pool.append(kv)
+        return self.norm(x), new_pool
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [rows, hidden] -> float32 logits [rows, vocab]."""
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(hidden, head, preferred_element_type=jnp.float32)

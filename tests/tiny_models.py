@@ -1,0 +1,62 @@
+"""Tiny random-weight Hugging Face checkpoints, saved by `transformers` itself, for the tests."""
+
+from __future__ import annotations
+
+import os
+
+TINY_SIZES = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=256,
+    eos_token_id=257,
+    rms_norm_eps=1e-6,
+)
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def save_tiny_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, **config_overrides) -> str:
+    """Save a random-weight checkpoint of `arch` to `path` (no tokenizer files) and return `path`.
+
+    Llama gets llama3 rope scaling so that path is exercised; Qwen3 gets head_dim != hidden/heads.
+    """
+    import torch
+    import transformers
+
+    sizes = dict(TINY_SIZES)
+    if arch == "llama":
+        cls, cfg_cls = transformers.LlamaForCausalLM, transformers.LlamaConfig
+        sizes["rope_parameters"] = dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        )
+    elif arch == "qwen2":
+        cls, cfg_cls = transformers.Qwen2ForCausalLM, transformers.Qwen2Config
+    elif arch == "qwen3":
+        cls, cfg_cls = transformers.Qwen3ForCausalLM, transformers.Qwen3Config
+        sizes["head_dim"] = 32
+    elif arch == "mistral":
+        cls, cfg_cls = transformers.MistralForCausalLM, transformers.MistralConfig
+        sizes["sliding_window"] = None
+    else:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    sizes.update(config_overrides)
+    torch.manual_seed(seed)
+    model = cls(cfg_cls(**sizes)).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb them so the parity tests see them.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
