@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 
+ROW_BLOCK = 128  # query rows per block: bounds the gathered keys to [kv_heads, ROW_BLOCK, max_kv, head_dim]
+
+
 def ragged_paged_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,
@@ -31,26 +34,43 @@ def ragged_paged_attention_reference(
     sm_scale: float,
 ) -> jax.Array:
     """Attention of ragged query rows over paged K/V; returns [tokens, q_heads, head_dim] in q.dtype."""
-    num_tokens, num_q_heads, head_dim = q.shape
+    num_tokens = q.shape[0]
+    if num_tokens <= ROW_BLOCK:
+        rows = jnp.arange(num_tokens, dtype=jnp.int32)
+        return _attend_rows(q, rows, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale)
+    num_blocks = -(-num_tokens // ROW_BLOCK)
+    padded = jnp.pad(q, ((0, num_blocks * ROW_BLOCK - num_tokens), (0, 0), (0, 0)))
+    blocks = padded.reshape(num_blocks, ROW_BLOCK, *q.shape[1:])
+    starts = jnp.arange(num_blocks, dtype=jnp.int32) * ROW_BLOCK
+
+    def block(args):
+        q_block, start = args
+        rows = start + jnp.arange(ROW_BLOCK, dtype=jnp.int32)
+        return _attend_rows(q_block, rows, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale)
+
+    out = jax.lax.map(block, (blocks, starts))
+    return out.reshape(num_blocks * ROW_BLOCK, *q.shape[1:])[:num_tokens]
+
+
+def _attend_rows(q, rows, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale):
+    """Attention for the query rows `rows` (q: [rows, q_heads, head_dim])."""
+    num_rows, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     num_seqs, pages_per_seq = page_table.shape
     group = num_q_heads // num_kv_heads
     max_kv = pages_per_seq * page_size
 
-    rows = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right") - 1, 0, num_seqs - 1)
     row_valid = rows < cu_q_lens[-1]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     q_pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])
 
-    # [kv_heads, seqs, max_kv, head_dim]
-    k_seq = k_pages[:, page_table].reshape(num_kv_heads, num_seqs, max_kv, head_dim)
-    v_seq = v_pages[:, page_table].reshape(num_kv_heads, num_seqs, max_kv, head_dim)
-    k_tok = k_seq[:, seq].astype(jnp.float32)  # [kv_heads, tokens, max_kv, head_dim]
-    v_tok = v_seq[:, seq].astype(jnp.float32)
+    # keys of each row's sequence: [kv_heads, rows, max_kv, head_dim]
+    k_tok = k_pages[:, page_table[seq]].reshape(num_kv_heads, num_rows, max_kv, head_dim)
+    v_tok = v_pages[:, page_table[seq]].reshape(num_kv_heads, num_rows, max_kv, head_dim)
 
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("thgd,htkd->thgk", qg, k_tok) * sm_scale
+    qg = q.reshape(num_rows, num_kv_heads, group, head_dim)
+    scores = jnp.einsum("thgd,htkd->thgk", qg, k_tok, preferred_element_type=jnp.float32) * sm_scale
     key_pos = jnp.arange(max_kv, dtype=jnp.int32)
     mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < kv_lens[seq][:, None])
     mask = mask & row_valid[:, None]
@@ -59,8 +79,8 @@ def ragged_paged_attention_reference(
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.exp(scores - row_max)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("thgk,htkd->thgd", probs, v_tok) / jnp.where(denom > 0, denom, 1.0)
-    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+    out = jnp.einsum("thgk,htkd->thgd", probs, v_tok.astype(jnp.float32)) / jnp.where(denom > 0, denom, 1.0)
+    return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
 
 
 def write_kv_reference(

@@ -1,0 +1,95 @@
+"""Offline throughput on Mini-SGLang's / nano-vLLM's bench.py workload, against the decode roofline.
+
+256 requests, random.seed(0), prompts of randint(100, 1024) random token ids, max_tokens
+randint(100, 1024) drawn after all prompts, ignore_eos, temperature 0.6; through `LLM.generate`.
+
+    python benchmarks/offline.py --model Qwen/Qwen3-0.6B --load-format dummy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
+
+from minisgl_jax import LLM, SamplingParams  # noqa: E402
+
+
+def workload(num_requests: int, min_len: int, max_len: int) -> tuple[list[list[int]], list[int]]:
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(min_len, max_len))] for _ in range(num_requests)]
+    output_lens = [random.randint(min_len, max_len) for _ in range(num_requests)]
+    return prompts, output_lens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--max-running-requests", type=int, default=256)
+    parser.add_argument("--attention-backend", default="pallas")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--num-pages", type=int, default=None)
+    parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    copy_bw = measure_copy_bandwidth() if os.environ.get("JAX_PLATFORMS") != "cpu" else 0.0
+    started = time.perf_counter()
+    llm = LLM(
+        args.model, load_format=args.load_format, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
+        max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
+        overlap=not args.no_overlap, num_pages=args.num_pages, compile_cache_dir=args.compile_cache_dir,
+    )
+    startup = time.perf_counter() - started
+    prompts, output_lens = workload(args.num_requests, args.min_len, args.max_len)
+    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in output_lens]
+
+    llm.generate(prompts[:2], [SamplingParams(temperature=0.6, max_tokens=8, ignore_eos=True)] * 2)  # prefill compiles
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+
+    engine = llm.engine
+    out_tokens = sum(len(r.token_ids) for r in results)
+    assert out_tokens == sum(output_lens), (out_tokens, sum(output_lens))
+    engine.check_kv_invariant()
+    roof_bytes = decode_roofline_bytes(
+        [len(p) for p in prompts], output_lens, engine.model_config.kv_bytes_per_token, engine.weights_bytes
+    )
+    roof_seconds = roof_bytes / copy_bw if copy_bw else float("nan")
+    report = dict(
+        model=args.model, device=str(engine.mesh.devices.flat[0].device_kind), requests=args.num_requests,
+        prompt_tokens=sum(len(p) for p in prompts), output_tokens=out_tokens, seconds=seconds,
+        output_tokens_per_s=out_tokens / seconds, copy_bandwidth_gbs=copy_bw / 1e9, roofline_seconds=roof_seconds,
+        fraction_of_roofline=roof_seconds / seconds, startup_seconds=startup, load_seconds=engine.load_seconds,
+        warmup_seconds=engine.warmup_seconds, steps=engine.stats()["steps"],
+        retractions=engine.stats()["num_retractions"], overlap=not args.no_overlap,
+        attention_backend=args.attention_backend, page_size=args.page_size,
+        max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,
+    )
+    print("\n| what | value |\n| --- | --- |")
+    for key, value in report.items():
+        print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
