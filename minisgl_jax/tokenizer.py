@@ -51,14 +51,17 @@ def has_tokenizer_files(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, n)) for n in names)
 
 
-def load_tokenizer(path: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer at `path` (local folder or hub id), else the byte-level fallback."""
+def load_tokenizer(path: str, chat_template: str | None = None, local_only: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer at `path` (local folder or hub id), else the byte-level fallback.
+
+    local_only looks in the local hub cache without touching the network (dummy weights).
+    """
     if os.path.isdir(path) and not has_tokenizer_files(path):
         logger.warning("no tokenizer files in %s: using the byte-level fallback tokenizer", path)
         tokenizer = byte_level_tokenizer()
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         except (OSError, ValueError) as err:
             logger.warning("could not load a tokenizer for %s (%s): using the byte-level fallback", path, err)
             tokenizer = byte_level_tokenizer()

@@ -55,7 +55,7 @@ class Engine:
         self.weights_bytes = sum(
             int(np.prod(x.shape)) * x.dtype.itemsize for x in _leaves(model)
         )
-        self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+        self.tokenizer = load_tokenizer(args.tokenizer or args.model, local_only=args.load_format == "dummy")
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
