@@ -1,5 +1,12 @@
 """Attention kernels over the paged KV cache, each beside its pure-jnp reference."""
 
+from .paged_decode_attention import paged_decode_attention
+from .ragged_paged_attention import ragged_paged_attention
 from .reference import ragged_paged_attention_reference, write_kv_reference
 
-__all__ = ["ragged_paged_attention_reference", "write_kv_reference"]
+__all__ = [
+    "paged_decode_attention",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "write_kv_reference",
+]

@@ -1,0 +1,191 @@
+"""Decode attention over the paged KV cache: one query token per sequence, flash-decoding split-K.
+
+One program per (sequence, kv head, split) reads its share of the sequence's keys once, block_k
+tokens per loop step, for all q heads of its group at once (GQA: the group's rows are padded to
+the 16 rows a tensor-core dot needs; they cost no extra memory traffic). Decode is bound by
+reading the KV cache, so the layout of work is about keeping loads in flight: block_k tokens of
+K and V per step, Triton's software pipelining over steps, and, when sequences x kv heads are too
+few to fill the GPU, splitting each sequence's keys over `num_splits` programs whose partial
+results a small second pass combines.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from .paged_blocks import (
+    LOG2E,
+    attend_block,
+    compiler_params,
+    init_carry,
+    load_rows,
+    normalise,
+    resolve_interpret,
+    store_rows,
+    token_slots,
+)
+
+TARGET_PROGRAMS = 4 * 132  # a few programs per H100 multiprocessor
+MIN_SPLIT_TOKENS = 512  # a split shorter than this costs more in the combine than it gains
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_k: int) -> int:
+    """Splits per sequence so that seqs x kv_heads x splits programs fill the GPU."""
+    programs = num_seqs * num_kv_heads
+    by_occupancy = max(1, TARGET_PROGRAMS // programs)
+    by_length = max(1, max_kv_len // max(MIN_SPLIT_TOKENS, block_k))
+    return min(by_occupancy, by_length)
+
+
+def _decode_kernel(
+    kv_lens_ref,
+    cu_q_lens_ref,
+    table_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *out_refs,
+    sm_scale: float,
+    page_size: int,
+    pages_per_seq: int,
+    group: int,
+    group_rows: int,
+    block_k: int,
+    num_splits: int,
+    rows_are_seqs: bool,
+):
+    """q_ref: [tokens * q_heads, d]; k_ref, v_ref: [kv_heads, pages * page_size, d].
+
+    out_refs: (out [tokens * q_heads, d],) normalised, or with splits
+    (acc [splits, seqs * q_heads, d] f32, row max [splits, seqs * q_heads], row sum [splits, seqs * q_heads]).
+    """
+    seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_q_heads = k_ref.shape[0] * group
+    q_start = cu_q_lens_ref[seq]
+    is_decode = cu_q_lens_ref[seq + 1] - q_start == 1
+    kv_len = jnp.where(is_decode, kv_lens_ref[seq], 0)
+    row = seq if rows_are_seqs else q_start
+
+    g = jnp.arange(group_rows, dtype=jnp.int32)
+    first_head_row = row * num_q_heads + head * group
+    q = load_rows(q_ref, first_head_row + jnp.minimum(g, group - 1))
+
+    split_len = pl.cdiv(pl.cdiv(kv_len, num_splits), block_k) * block_k
+    start = split * split_len
+    end = jnp.minimum(kv_len, start + split_len)
+    offsets = jnp.arange(block_k, dtype=jnp.int32)
+    table_base = seq * pages_per_seq
+
+    def body(i, carry):
+        tokens = start + i * block_k + offsets
+        slots = token_slots(table_ref, table_base, jnp.minimum(tokens, kv_len - 1), page_size)
+        k = load_rows(k_ref, slots, head)
+        v = load_rows(v_ref, slots, head)
+        mask = jnp.broadcast_to((tokens < end)[None, :], (group_rows, block_k))
+        return attend_block(q, k, v, carry, sm_scale * LOG2E, mask)
+
+    num_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
+    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init_carry(group_rows, q.shape[1]))
+
+    out_rows = first_head_row + g
+    ok = g < group
+    if num_splits == 1:
+        (out_ref,) = out_refs
+        store_rows(out_ref, out_rows, ok & (is_decode | rows_are_seqs), normalise(acc, l))
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        store_rows(acc_ref, out_rows, ok, acc, split)
+        store_rows(m_ref, out_rows, ok, m, split)
+        store_rows(l_ref, out_rows, ok, l, split)
+
+
+def _combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:
+    """Merge per-split softmax states: acc [splits, rows, d], m, l [splits, rows] -> [rows, d]."""
+    m_all = jnp.max(m, axis=0)
+    weight = jnp.exp2(m - m_all[None])
+    total = jnp.sum(l * weight, axis=0)
+    out = jnp.sum(acc * weight[..., None], axis=0)
+    return (out / jnp.where(total > 0, total, 1.0)[:, None]).astype(dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "rows_are_seqs", "block_k", "num_splits", "num_warps", "num_stages", "interpret"
+    ),
+)
+def paged_decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    cu_q_lens: jax.Array,
+    *,
+    sm_scale: float,
+    rows_are_seqs: bool = True,
+    block_k: int = 64,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention of the q_len == 1 rows; layouts as in `reference.py`. Returns [tokens, q_heads, d].
+
+    rows_are_seqs=True: a decode bucket, row i is sequence i (tokens == seqs); every row is written
+    (padding rows as zeros) and long sequences may be split. False: a mixed batch; only rows of
+    sequences with q_len == 1 are written (at cu_q_lens[i]); the rest is left for the ragged kernel.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_table.shape
+    group = num_q_heads // num_kv_heads
+    group_rows = max(16, pl.next_power_of_2(group))
+    if num_splits is None:
+        num_splits = default_num_splits(num_seqs, num_kv_heads, pages_per_seq * page_size, block_k)
+    if rows_are_seqs and num_tokens != num_seqs:
+        raise ValueError(f"rows_are_seqs needs one row per sequence: q has {num_tokens} rows, page_table {num_seqs}")
+    if num_splits > 1 and not rows_are_seqs:
+        raise ValueError(f"num_splits={num_splits} needs rows_are_seqs=True (a pure decode bucket)")
+
+    kernel = functools.partial(
+        _decode_kernel,
+        sm_scale=sm_scale,
+        page_size=page_size,
+        pages_per_seq=pages_per_seq,
+        group=group,
+        group_rows=group_rows,
+        block_k=block_k,
+        num_splits=num_splits,
+        rows_are_seqs=rows_are_seqs,
+    )
+    rows = num_tokens * num_q_heads
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((num_splits, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, rows), jnp.float32),
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(num_seqs, num_kv_heads, num_splits),
+        out_shape=out_shape,
+        compiler_params=compiler_params(num_warps, num_stages),
+        interpret=resolve_interpret(interpret),
+        name=f"paged_decode_bk{block_k}_s{num_splits}",
+    )(
+        kv_lens,
+        cu_q_lens,
+        page_table.reshape(-1),
+        q.reshape(rows, head_dim),
+        k_pages.reshape(num_kv_heads, num_pages * page_size, head_dim),
+        v_pages.reshape(num_kv_heads, num_pages * page_size, head_dim),
+    )
+    out = outs[0] if num_splits == 1 else _combine_splits(*outs, q.dtype)
+    return out.reshape(num_tokens, num_q_heads, head_dim)
