@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
 
 from minisgl_jax import LLM, SamplingParams  # noqa: E402
+from minisgl_jax.engine.setup import enable_compile_cache  # noqa: E402
 
 
 def workload(num_requests: int, min_len: int, max_len: int) -> tuple[list[list[int]], list[int]]:
@@ -52,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    enable_compile_cache(args.compile_cache_dir)  # before the first compile, or JAX ignores it
     copy_bw = measure_copy_bandwidth() if os.environ.get("JAX_PLATFORMS") != "cpu" else 0.0
     started = time.perf_counter()
     llm = LLM(

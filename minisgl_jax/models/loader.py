@@ -7,6 +7,7 @@ receiving only its shard (`jax.device_put` with the parameter's `NamedSharding`)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -106,16 +107,21 @@ def _hf_source(path: tuple, cfg: ModelConfig) -> Callable[[SafetensorsCheckpoint
     return table[tuple(rest)]
 
 
-def _dummy_value(path: tuple, shape: tuple[int, ...], dtype, sharding: NamedSharding, key: jax.Array) -> jax.Array:
-    """Random weights with the scale of a trained model's, made on the devices."""
-    is_norm = path[-1] == "weight"
+@functools.lru_cache(maxsize=None)
+def _dummy_maker(shape: tuple[int, ...], dtype, sharding: NamedSharding, is_norm: bool) -> Callable:
+    """One compiled initializer per distinct (shape, dtype, sharding): layers share them."""
     std = 0.02 if len(shape) > 1 else 0.01
 
-    def make(k: jax.Array) -> jax.Array:
-        noise = jax.random.normal(k, shape, jnp.float32) * std
+    def make(key: jax.Array) -> jax.Array:
+        noise = jax.random.normal(key, shape, jnp.float32) * std
         return ((1.0 + noise) if is_norm else noise).astype(dtype)
 
-    return jax.jit(make, out_shardings=sharding)(key)
+    return jax.jit(make, out_shardings=sharding)
+
+
+def _dummy_value(path: tuple, shape: tuple[int, ...], dtype, sharding: NamedSharding, key: jax.Array) -> jax.Array:
+    """Random weights with the scale of a trained model's, made on the devices."""
+    return _dummy_maker(tuple(shape), jnp.dtype(dtype), sharding, path[-1] == "weight")(key)
 
 
 def load_model(
