@@ -1,0 +1,272 @@
+"""GPU benchmark of the paged-attention kernels against the measured floors and the baselines.
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernels.py [--out DIR]
+
+One run: copy-bandwidth ceiling; correctness of every kernel path against the reference on fresh
+random inputs; decode (ours, tuned variants, vs jax's bundled Pallas paged_attention) in GB/s of
+KV read; prefill vs cuDNN in TFLOP/s; a mixed batch vs its two halves; the KV scatter write.
+Prints the table last and writes every number to DIR/kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from roofline import measure_copy_bandwidth
+
+from minisgl_jax.kernels import (
+    paged_decode_attention,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv_reference,
+)
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
+SCALE = 1.0 / math.sqrt(HEAD_DIM)
+
+
+def timed(fn, *args, reps: int = 30, inner: int = 10) -> float:
+    """Median seconds per call: `inner` back-to-back calls per sample, so launch gaps stay hidden."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return float(np.median(samples))
+
+
+def make_batch(seed: int, q_lens, kv_lens, page_size: int, dtype=jnp.bfloat16, pages_per_seq: int | None = None,
+               q_heads: int = Q_HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM):
+    """Random q and pool, a shuffled page table sized to the lengths; returns the kernel's six inputs."""
+    rng = np.random.default_rng(seed)
+    need = [-(-int(k) // page_size) for k in kv_lens]
+    num_pages = sum(need) + 1
+    width = pages_per_seq or max(need)
+    perm = rng.permutation(np.arange(1, num_pages)).astype(np.int32)
+    table = np.zeros((len(kv_lens), width), np.int32)
+    offset = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[offset:offset + n]
+        offset += n
+    key = jax.random.key(seed)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (int(sum(q_lens)), q_heads, head_dim), dtype)
+    k = jax.random.normal(kk, (kv_heads, num_pages, page_size, head_dim), dtype)
+    v = jax.random.normal(kv, (kv_heads, num_pages, page_size, head_dim), dtype)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    return q, k, v, jnp.asarray(np.asarray(kv_lens, np.int32)), jnp.asarray(table), jnp.asarray(cu)
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    if not np.isfinite(out).all():
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def check_correctness(results: dict) -> None:
+    """Every path on fresh random bf16 inputs vs the reference (which upcasts to f32)."""
+    cases = {
+        "decode p16 B37": dict(q_lens=[1] * 37, kv_lens=np.random.default_rng(1).integers(1, 700, 37), page_size=16, mq=1),
+        "decode p1 B9": dict(q_lens=[1] * 9, kv_lens=[1, 2, 15, 16, 17, 100, 129, 300, 64], page_size=1, mq=1),
+        "decode p64 B8 long": dict(q_lens=[1] * 8, kv_lens=[3000, 1, 65, 64, 2047, 4100, 128, 999], page_size=64, mq=1),
+        "decode p256 B5": dict(q_lens=[1] * 5, kv_lens=[1, 256, 257, 1000, 2000], page_size=256, mq=1),
+        "mixed p16": dict(q_lens=[1, 37, 1, 200, 1, 2], kv_lens=[50, 37, 700, 1000, 16, 300], page_size=16, mq=None),
+        "prefix p64": dict(q_lens=[129, 64, 300], kv_lens=[1500, 64, 301], page_size=64, mq=None),
+        "ragged p1": dict(q_lens=[5, 1, 33], kv_lens=[20, 7, 33], page_size=1, mq=None),
+    }
+    for i, (name, c) in enumerate(cases.items()):
+        args = make_batch(100 + i, c["q_lens"], c["kv_lens"], c["page_size"])
+        try:
+            out = ragged_paged_attention(*args, sm_scale=SCALE, max_q_len=c["mq"])
+            ref = ragged_paged_attention_reference(*args, sm_scale=SCALE)
+            results["correctness"][name] = rel_err(out, ref)
+        except Exception:
+            traceback.print_exc()
+            results["correctness"][name] = "error"
+        print(f"correctness {name}: {results['correctness'][name]}")
+
+
+def bench_decode(results: dict, copy_bw: float) -> None:
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    for batch, ctx in [(256, 1024), (64, 4096), (8, 16384), (256, 128)]:
+        args = make_batch(batch, [1] * batch, [ctx] * batch, 16)
+        kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+        row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes, "ours": {}, "jax_bundled": {}}
+        variants = [dict()]
+        variants += [dict(block_k=bk, num_stages=st, num_warps=w) for bk, st, w in
+                     [(32, 3, 4), (128, 3, 4), (64, 2, 4), (64, 4, 4), (128, 2, 8), (64, 3, 8)]]
+        variants += [dict(num_splits=s) for s in (1, 2, 4, 8, 16) if batch * KV_HEADS * s <= 8192]
+        for var in variants:
+            name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
+            fn = jax.jit(functools.partial(paged_decode_attention, sm_scale=SCALE, **var))
+            try:
+                row["ours"][name] = timed(fn, *args)
+            except Exception:
+                traceback.print_exc()
+        q, k, v, lens, table, _ = args
+        for splits in (1, 4, 8, 16):
+            if table.shape[1] % splits:
+                continue
+            fn = jax.jit(functools.partial(paged_attention, k_splits=splits))
+            try:
+                row["jax_bundled"][f"k_splits={splits}"] = timed(fn, q * SCALE, k, v, table, lens)
+            except Exception:
+                traceback.print_exc()
+        best = min(row["ours"].values())
+        best_bundled = min(row["jax_bundled"].values()) if row["jax_bundled"] else float("nan")
+        row.update(best_s=best, default_s=row["ours"].get("default"), best_bundled_s=best_bundled,
+                   gbps=kv_bytes / best / 1e9, frac_copy=kv_bytes / best / copy_bw,
+                   vs_bundled=best_bundled / best)
+        print(f"decode B={batch} ctx={ctx}: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["ours"].items()}))
+        print(f"  bundled: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["jax_bundled"].items()}))
+        results["decode"].append(row)
+        if (batch, ctx) == (256, 1024):
+            wide = make_batch(batch, [1] * batch, [ctx] * batch, 16, pages_per_seq=2560)
+            fn = jax.jit(functools.partial(paged_decode_attention, sm_scale=SCALE))
+            results["decode_table_2560_wide_s"] = timed(fn, *wide)
+
+
+def attention_flops(q_lens, kv_lens) -> float:
+    """2 matmuls x 2 flops x heads x d per (query, visible key) pair; causal inside the new tokens."""
+    pairs = sum(q * (k - q) + q * (q + 1) / 2 for q, k in zip(q_lens, kv_lens))
+    return 4.0 * Q_HEADS * HEAD_DIM * pairs
+
+
+def bench_prefill(results: dict) -> None:
+    batch, t = 4, 2048
+    args = make_batch(7, [t] * batch, [t] * batch, 16)
+    flops = attention_flops([t] * batch, [t] * batch)
+    ours = {}
+    for var in [dict(), dict(block_k=128), dict(num_stages=2), dict(block_m=64, num_warps=4),
+                dict(block_k=128, num_warps=8, num_stages=2), dict(block_m=128, block_k=32)]:
+        name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
+        fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE, **var))
+        try:
+            ours[name] = timed(fn, *args, reps=20)
+        except Exception:
+            traceback.print_exc()
+    kq, kk, kv = jax.random.split(jax.random.key(8), 3)
+    q = jax.random.normal(kq, (batch, t, Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, t, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, t, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=SCALE, implementation="cudnn"))
+    cudnn_s = timed(cudnn, q, k, v, reps=20)
+    best = min(ours.values())
+    results["prefill"] = dict(variants=ours, best_s=best, cudnn_s=cudnn_s, flops=flops,
+                              tflops=flops / best / 1e12, cudnn_tflops=flops / cudnn_s / 1e12, vs_cudnn=cudnn_s / best)
+    print("prefill: " + json.dumps({k: round(v * 1e6, 1) for k, v in ours.items()}) + f" cudnn {cudnn_s * 1e6:.1f}")
+
+    new, cached = 512, 2048
+    args = make_batch(9, [new] * batch, [new + cached] * batch, 16)
+    fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE))
+    prefix_s = timed(fn, *args, reps=20)
+    flops = attention_flops([new] * batch, [new + cached] * batch)
+    results["prefix"] = dict(s=prefix_s, flops=flops, tflops=flops / prefix_s / 1e12)
+
+
+def bench_mixed(results: dict) -> None:
+    decodes, ctx, chunk = 255, 1024, 512
+    mixed = make_batch(11, [1] * decodes + [chunk], [ctx] * decodes + [chunk], 16)
+    q, k, v, lens, table, cu = mixed
+    fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE))
+    mixed_s = timed(fn, *mixed)
+    dec = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE, max_q_len=1))
+    decode_s = timed(dec, q[:decodes], k, v, lens[:decodes], table[:decodes], cu[:decodes + 1])
+    chunk_cu = jnp.asarray([0, chunk], jnp.int32)
+    chunk_s = timed(fn, q[decodes:], k, v, lens[decodes:], table[decodes:], chunk_cu)
+    results["mixed"] = dict(mixed_s=mixed_s, decode_s=decode_s, chunk_s=chunk_s, separate_s=decode_s + chunk_s)
+
+
+def bench_kv_write(results: dict) -> None:
+    """The reference scatter with donated pools: in place, so its cost is the new rows, not the pool."""
+    tokens, num_pages, page_size = 256, 65536, 16
+    k_pages = jnp.zeros((KV_HEADS, num_pages, page_size, HEAD_DIM), jnp.bfloat16)
+    v_pages = jnp.zeros_like(k_pages)
+    new = jax.random.normal(jax.random.key(3), (tokens, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    slots = jnp.asarray(np.random.default_rng(3).permutation(num_pages * page_size)[:tokens].astype(np.int32))
+    write = jax.jit(write_kv_reference, donate_argnums=(0, 1))
+    hlo = write.lower(k_pages, v_pages, new, new, slots).compile().as_text()
+    for _ in range(3):
+        k_pages, v_pages = write(k_pages, v_pages, new, new, slots)
+    jax.block_until_ready(k_pages)
+    samples = []
+    for _ in range(30):
+        start = time.perf_counter()
+        for _ in range(10):
+            k_pages, v_pages = write(k_pages, v_pages, new, new, slots)
+        jax.block_until_ready(k_pages)
+        samples.append((time.perf_counter() - start) / 10)
+    results["kv_write"] = dict(tokens=tokens, pool_bytes=2 * k_pages.size * 2, s=float(np.median(samples)),
+                               aliased="input_output_alias" in hlo)
+
+
+def print_table(r: dict) -> None:
+    copy = r["copy_bw"]
+    print(f"\n== paged attention kernels, {r['device']}, jax {r['jax']}, {r['date']} ==")
+    print(f"copy ceiling: {copy / 1e9:.0f} GB/s (read + written)")
+    print("correctness (rel err vs reference, bf16): " + ", ".join(f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in r["correctness"].items()))
+    print(f"{'decode':24s} {'ours us':>8s} {'GB/s':>7s} {'%copy':>6s} {'bundled us':>10s} {'x bundled':>9s}  best variant")
+    for row in r["decode"]:
+        best_name = min(row["ours"], key=row["ours"].get)
+        print(f"B={row['batch']:<4d} ctx={row['ctx']:<6d}       {row['best_s'] * 1e6:8.1f} {row['gbps']:7.0f} "
+              f"{100 * row['frac_copy']:5.1f}% {row['best_bundled_s'] * 1e6:10.1f} {row['vs_bundled']:8.2f}x  {best_name} "
+              f"(default {row['default_s'] * 1e6:.1f} us)")
+    if "decode_table_2560_wide_s" in r:
+        print(f"B=256 ctx=1024 with a 2560-wide page table (engine's 40k ctx): {r['decode_table_2560_wide_s'] * 1e6:.1f} us")
+    p = r.get("prefill")
+    if p:
+        best_name = min(p["variants"], key=p["variants"].get)
+        print(f"prefill causal B=4 T=2048: ours {p['best_s'] * 1e6:.1f} us {p['tflops']:.0f} TFLOP/s ({best_name}); "
+              f"cuDNN {p['cudnn_s'] * 1e6:.1f} us {p['cudnn_tflops']:.0f} TFLOP/s; ours/cuDNN {100 * p['vs_cudnn']:.0f}%")
+    if "prefix" in r:
+        print(f"prefill B=4 T=512 new + 2048 cached: {r['prefix']['s'] * 1e6:.1f} us, {r['prefix']['tflops']:.0f} TFLOP/s")
+    if "mixed" in r:
+        m = r["mixed"]
+        print(f"mixed 255 decodes ctx1024 + 512 chunk: {m['mixed_s'] * 1e6:.1f} us vs separate "
+              f"{m['decode_s'] * 1e6:.1f} + {m['chunk_s'] * 1e6:.1f} = {m['separate_s'] * 1e6:.1f} us")
+    if "kv_write" in r:
+        w = r["kv_write"]
+        print(f"kv write (jnp scatter, donated, {w['tokens']} tokens into a {w['pool_bytes'] / 2**30:.1f} GiB pool): "
+              f"{w['s'] * 1e6:.1f} us, input_output_alias in HLO: {w['aliased']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for kernels.json")
+    parser.add_argument("--only", default="correctness,decode,prefill,mixed,kv_write", help="comma-separated parts")
+    args = parser.parse_args()
+    parts = args.only.split(",")
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "date": time.strftime("%Y-%m-%d"), "correctness": {}, "decode": []}
+    results["copy_bw"] = measure_copy_bandwidth()
+    print(f"copy ceiling {results['copy_bw'] / 1e9:.0f} GB/s")
+    steps = {"correctness": check_correctness, "decode": lambda r: bench_decode(r, r["copy_bw"]),
+             "prefill": bench_prefill, "mixed": bench_mixed, "kv_write": bench_kv_write}
+    for part in parts:
+        try:
+            steps[part](results)
+        except Exception:
+            traceback.print_exc()
+        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
