@@ -20,7 +20,7 @@ from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenL
 from minisgl_jax.engine import setup
 from minisgl_jax.engine.attention import AttentionBackend
 from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
-from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, seq_buckets, token_buckets
+from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, prefill_buckets
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.scheduler import Scheduler
 from minisgl_jax.kvcache.allocator import PageAllocator
@@ -75,8 +75,7 @@ class Engine:
             args.max_prefill_tokens, args.lpm_min_queue,
         )
         self.decode_buckets = args.decode_buckets or decode_buckets(args.max_running_requests)
-        self.token_buckets = token_buckets(args.max_prefill_tokens)
-        self.seq_buckets = seq_buckets(args.max_running_requests)
+        self.prefill_buckets = prefill_buckets(args.max_prefill_tokens)
         self.requests: dict[str, Req] = {}
         self._finals: list[RequestOutput] = []
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
@@ -158,13 +157,16 @@ class Engine:
         self._maybe_log_status()
         return outputs
 
-    def _dispatch(self, batch: ScheduledBatch) -> StepOutput:
-        num_seqs = len(batch.rows)
+    def _bucket(self, batch: ScheduledBatch) -> tuple[int, int]:
+        """(tokens, sequences) of the compiled step that runs `batch`: one bucket per token count."""
         if batch.is_decode:
-            tokens = seqs = pad_bucket(num_seqs, self.decode_buckets)
-        else:
-            tokens = pad_bucket(batch.num_tokens, self.token_buckets)
-            seqs = pad_bucket(num_seqs, self.seq_buckets)
+            size = pad_bucket(len(batch.rows), self.decode_buckets)
+            return size, size
+        tokens = pad_bucket(batch.num_tokens, self.prefill_buckets)
+        return tokens, min(tokens, self.args.max_running_requests)
+
+    def _dispatch(self, batch: ScheduledBatch) -> StepOutput:
+        tokens, seqs = self._bucket(batch)
         step_batch = build_step_batch(
             batch, tokens, seqs, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
             self.model_config.vocab_size,
@@ -296,18 +298,20 @@ class Engine:
         self._last_status, self._status_tokens = now, 0
 
     def warmup(self) -> float:
-        """Compile every decode bucket now ("capture"), so serving never waits on a compile."""
+        """Compile every decode and prefill bucket now ("capture"), so serving never waits on a compile."""
         started = time.perf_counter()
-        for size in tqdm(self.decode_buckets, desc="compiling decode buckets", disable=None):
-            batch = ScheduledBatch(rows=[], is_decode=True)
+        shapes = [(True, size) for size in self.decode_buckets] + [(False, size) for size in self.prefill_buckets]
+        for is_decode, size in tqdm(shapes, desc="compiling step buckets", disable=None):
+            batch = ScheduledBatch(rows=[], is_decode=is_decode)
+            seqs = size if is_decode else min(size, self.args.max_running_requests)
             step_batch = build_step_batch(
-                batch, size, size, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
+                batch, size, seqs, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
                 self.model_config.vocab_size,
             )
-            out = self.runner.run(step_batch, is_decode=True, sample_mode=batch.sample_mode, num_logprobs=0)
+            out = self.runner.run(step_batch, is_decode=is_decode, sample_mode=batch.sample_mode, num_logprobs=0)
             out.ids.block_until_ready()
         seconds = time.perf_counter() - started
-        logger.info("compiled %d decode buckets in %.1fs", len(self.decode_buckets), seconds)
+        logger.info("compiled %d step buckets in %.1fs", len(shapes), seconds)
         return seconds
 
 
