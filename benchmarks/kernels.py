@@ -27,6 +27,7 @@ from minisgl_jax.kernels import (
     paged_decode_attention,
     ragged_paged_attention,
     ragged_paged_attention_reference,
+    write_kv,
     write_kv_reference,
 )
 
@@ -108,10 +109,8 @@ def bench_decode(results: dict, copy_bw: float) -> None:
         args = make_batch(batch, [1] * batch, [ctx] * batch, 16)
         kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
         row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes, "ours": {}, "jax_bundled": {}}
-        variants = [dict()]
-        variants += [dict(block_k=bk, num_stages=st, num_warps=w) for bk, st, w in
-                     [(32, 3, 4), (128, 3, 4), (64, 2, 4), (64, 4, 4), (128, 2, 8), (64, 3, 8)]]
-        variants += [dict(num_splits=s) for s in (1, 2, 4, 8, 16) if batch * KV_HEADS * s <= 8192]
+        variants = [dict(), dict(block_k=128, num_stages=3), dict(block_k=32, num_stages=4)]
+        variants += [dict(num_splits=s) for s in (1, 2, 4, 8, 16) if batch * KV_HEADS * s <= 1024]
         for var in variants:
             name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
             fn = jax.jit(functools.partial(paged_decode_attention, sm_scale=SCALE, **var))
@@ -120,7 +119,7 @@ def bench_decode(results: dict, copy_bw: float) -> None:
             except Exception:
                 traceback.print_exc()
         q, k, v, lens, table, _ = args
-        for splits in (1, 4, 8, 16):
+        for splits in (1, 16):
             if table.shape[1] % splits:
                 continue
             fn = jax.jit(functools.partial(paged_attention, k_splits=splits))
@@ -130,9 +129,10 @@ def bench_decode(results: dict, copy_bw: float) -> None:
                 traceback.print_exc()
         best = min(row["ours"].values())
         best_bundled = min(row["jax_bundled"].values()) if row["jax_bundled"] else float("nan")
+        default_bundled = row["jax_bundled"].get("k_splits=16", float("nan"))
         row.update(best_s=best, default_s=row["ours"].get("default"), best_bundled_s=best_bundled,
                    gbps=kv_bytes / best / 1e9, frac_copy=kv_bytes / best / copy_bw,
-                   vs_bundled=best_bundled / best)
+                   vs_bundled=best_bundled / best, vs_bundled_default=default_bundled / best)
         print(f"decode B={batch} ctx={ctx}: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["ours"].items()}))
         print(f"  bundled: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["jax_bundled"].items()}))
         results["decode"].append(row)
@@ -148,19 +148,30 @@ def attention_flops(q_lens, kv_lens) -> float:
     return 4.0 * Q_HEADS * HEAD_DIM * pairs
 
 
+PREFILL_VARIANTS = [  # (block_m, block_k, num_warps, num_stages)
+    (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (128, 32, 8, 4), (128, 32, 4, 4), (128, 32, 8, 2),
+    (64, 32, 4, 3), (64, 64, 4, 3), (256, 32, 8, 3), (256, 64, 8, 3), (128, 16, 4, 3), (128, 16, 8, 3),
+    (64, 16, 4, 4), (128, 64, 4, 3),
+]
+
+
+def sweep_prefill(args) -> dict:
+    times = {}
+    for bm, bk, warps, stages in PREFILL_VARIANTS:
+        fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE, block_m=bm, block_k=bk,
+                                       num_warps=warps, num_stages=stages))
+        try:
+            times[f"bm={bm},bk={bk},w={warps},st={stages}"] = timed(fn, *args, reps=20)
+        except Exception:
+            traceback.print_exc()
+    return times
+
+
 def bench_prefill(results: dict) -> None:
     batch, t = 4, 2048
     args = make_batch(7, [t] * batch, [t] * batch, 16)
     flops = attention_flops([t] * batch, [t] * batch)
-    ours = {}
-    for var in [dict(), dict(block_k=128), dict(num_stages=2), dict(block_m=64, num_warps=4),
-                dict(block_k=128, num_warps=8, num_stages=2), dict(block_m=128, block_k=32)]:
-        name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
-        fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE, **var))
-        try:
-            ours[name] = timed(fn, *args, reps=20)
-        except Exception:
-            traceback.print_exc()
+    ours = sweep_prefill(args)
     kq, kk, kv = jax.random.split(jax.random.key(8), 3)
     q = jax.random.normal(kq, (batch, t, Q_HEADS, HEAD_DIM), jnp.bfloat16)
     k = jax.random.normal(kk, (batch, t, KV_HEADS, HEAD_DIM), jnp.bfloat16)
@@ -174,10 +185,11 @@ def bench_prefill(results: dict) -> None:
 
     new, cached = 512, 2048
     args = make_batch(9, [new] * batch, [new + cached] * batch, 16)
-    fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE))
-    prefix_s = timed(fn, *args, reps=20)
+    variants = sweep_prefill(args)
+    prefix_s = min(variants.values())
     flops = attention_flops([new] * batch, [new + cached] * batch)
-    results["prefix"] = dict(s=prefix_s, flops=flops, tflops=flops / prefix_s / 1e12)
+    results["prefix"] = dict(variants=variants, s=prefix_s, flops=flops, tflops=flops / prefix_s / 1e12)
+    print("prefix: " + json.dumps({k: round(v * 1e6, 1) for k, v in variants.items()}))
 
 
 def bench_mixed(results: dict) -> None:
@@ -194,26 +206,32 @@ def bench_mixed(results: dict) -> None:
 
 
 def bench_kv_write(results: dict) -> None:
-    """The reference scatter with donated pools: in place, so its cost is the new rows, not the pool."""
+    """Both writes with donated pools (in place): their cost should be the new rows, not the pool."""
     tokens, num_pages, page_size = 256, 65536, 16
-    k_pages = jnp.zeros((KV_HEADS, num_pages, page_size, HEAD_DIM), jnp.bfloat16)
-    v_pages = jnp.zeros_like(k_pages)
+    pools = (jnp.zeros((KV_HEADS, num_pages, page_size, HEAD_DIM), jnp.bfloat16),) * 2
     new = jax.random.normal(jax.random.key(3), (tokens, KV_HEADS, HEAD_DIM), jnp.bfloat16)
     slots = jnp.asarray(np.random.default_rng(3).permutation(num_pages * page_size)[:tokens].astype(np.int32))
-    write = jax.jit(write_kv_reference, donate_argnums=(0, 1))
-    hlo = write.lower(k_pages, v_pages, new, new, slots).compile().as_text()
-    for _ in range(3):
-        k_pages, v_pages = write(k_pages, v_pages, new, new, slots)
-    jax.block_until_ready(k_pages)
-    samples = []
-    for _ in range(30):
-        start = time.perf_counter()
-        for _ in range(10):
+    ref_out = write_kv_reference(pools[0], jnp.ones_like(pools[0]), new, new, slots)
+    pallas_out = write_kv(pools[0], jnp.ones_like(pools[0]), new, new, slots)
+    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(ref_out, pallas_out))
+    del ref_out, pallas_out
+    results["kv_write"] = dict(tokens=tokens, pool_bytes=2 * pools[0].size * 2, pallas_matches_reference=same)
+    for name, fn in (("reference", write_kv_reference), ("pallas", write_kv)):
+        write = jax.jit(fn, donate_argnums=(0, 1))
+        k_pages, v_pages = jnp.zeros_like(pools[0]), jnp.zeros_like(pools[0])
+        hlo = write.lower(k_pages, v_pages, new, new, slots).compile().as_text()
+        for _ in range(3):
             k_pages, v_pages = write(k_pages, v_pages, new, new, slots)
         jax.block_until_ready(k_pages)
-        samples.append((time.perf_counter() - start) / 10)
-    results["kv_write"] = dict(tokens=tokens, pool_bytes=2 * k_pages.size * 2, s=float(np.median(samples)),
-                               aliased="input_output_alias" in hlo)
+        samples = []
+        for _ in range(30):
+            start = time.perf_counter()
+            for _ in range(10):
+                k_pages, v_pages = write(k_pages, v_pages, new, new, slots)
+            jax.block_until_ready(k_pages)
+            samples.append((time.perf_counter() - start) / 10)
+        results["kv_write"][name] = dict(s=float(np.median(samples)), aliased="input_output_alias" in hlo)
+        del k_pages, v_pages
 
 
 def print_table(r: dict) -> None:
@@ -221,11 +239,12 @@ def print_table(r: dict) -> None:
     print(f"\n== paged attention kernels, {r['device']}, jax {r['jax']}, {r['date']} ==")
     print(f"copy ceiling: {copy / 1e9:.0f} GB/s (read + written)")
     print("correctness (rel err vs reference, bf16): " + ", ".join(f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in r["correctness"].items()))
-    print(f"{'decode':24s} {'ours us':>8s} {'GB/s':>7s} {'%copy':>6s} {'bundled us':>10s} {'x bundled':>9s}  best variant")
+    print(f"{'decode':24s} {'ours us':>8s} {'GB/s':>7s} {'%copy':>6s} {'bundled us':>10s} {'x bundled':>9s} (best k_splits)")
     for row in r["decode"]:
         best_name = min(row["ours"], key=row["ours"].get)
         print(f"B={row['batch']:<4d} ctx={row['ctx']:<6d}       {row['best_s'] * 1e6:8.1f} {row['gbps']:7.0f} "
-              f"{100 * row['frac_copy']:5.1f}% {row['best_bundled_s'] * 1e6:10.1f} {row['vs_bundled']:8.2f}x  {best_name} "
+              f"{100 * row['frac_copy']:5.1f}% {row['best_bundled_s'] * 1e6:10.1f} {row['vs_bundled']:8.2f}x "
+              f"(vs its default k_splits=16: {row['vs_bundled_default']:.2f}x)  {best_name} "
               f"(default {row['default_s'] * 1e6:.1f} us)")
     if "decode_table_2560_wide_s" in r:
         print(f"B=256 ctx=1024 with a 2560-wide page table (engine's 40k ctx): {r['decode_table_2560_wide_s'] * 1e6:.1f} us")
@@ -235,15 +254,19 @@ def print_table(r: dict) -> None:
         print(f"prefill causal B=4 T=2048: ours {p['best_s'] * 1e6:.1f} us {p['tflops']:.0f} TFLOP/s ({best_name}); "
               f"cuDNN {p['cudnn_s'] * 1e6:.1f} us {p['cudnn_tflops']:.0f} TFLOP/s; ours/cuDNN {100 * p['vs_cudnn']:.0f}%")
     if "prefix" in r:
-        print(f"prefill B=4 T=512 new + 2048 cached: {r['prefix']['s'] * 1e6:.1f} us, {r['prefix']['tflops']:.0f} TFLOP/s")
+        best_name = min(r["prefix"]["variants"], key=r["prefix"]["variants"].get)
+        print(f"prefill B=4 T=512 new + 2048 cached: {r['prefix']['s'] * 1e6:.1f} us, {r['prefix']['tflops']:.0f} TFLOP/s ({best_name})")
     if "mixed" in r:
         m = r["mixed"]
         print(f"mixed 255 decodes ctx1024 + 512 chunk: {m['mixed_s'] * 1e6:.1f} us vs separate "
               f"{m['decode_s'] * 1e6:.1f} + {m['chunk_s'] * 1e6:.1f} = {m['separate_s'] * 1e6:.1f} us")
     if "kv_write" in r:
         w = r["kv_write"]
-        print(f"kv write (jnp scatter, donated, {w['tokens']} tokens into a {w['pool_bytes'] / 2**30:.1f} GiB pool): "
-              f"{w['s'] * 1e6:.1f} us, input_output_alias in HLO: {w['aliased']}")
+        for name in ("reference", "pallas"):
+            if name in w:
+                print(f"kv write {name} (donated, {w['tokens']} tokens into a {w['pool_bytes'] / 2**30:.1f} GiB pool): "
+                      f"{w[name]['s'] * 1e6:.1f} us, input_output_alias in HLO: {w[name]['aliased']}")
+        print(f"kv write pallas == reference: {w.get('pallas_matches_reference')}")
 
 
 def main() -> None:

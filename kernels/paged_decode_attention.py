@@ -131,7 +131,7 @@ def paged_decode_attention(
     block_k: int = 64,
     num_splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 4,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Attention of the q_len == 1 rows; layouts as in `reference.py`. Returns [tokens, q_heads, d].
