@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from minisgl_jax import kernels
 
@@ -48,9 +50,13 @@ BACKENDS: dict[str, AttendFn] = {"reference": _reference, "pallas": _pallas}
 
 
 class AttentionBackend:
-    """Writes a step's new K/V into the pool, then attends with the backend chosen for the phase."""
+    """Writes a step's new K/V into the pool, then attends with the backend chosen for the phase.
 
-    def __init__(self, prefill: str, decode: str, sm_scale: float) -> None:
+    With a mesh of more than one device, both run per shard under `shard_map`: each device holds
+    its KV heads' pages and its q heads, so attention needs no communication at all.
+    """
+
+    def __init__(self, prefill: str, decode: str, sm_scale: float, mesh: Mesh | None = None) -> None:
         for name in (prefill, decode):
             if name not in BACKENDS:
                 raise ValueError(f"attention backend must be one of {sorted(BACKENDS)}, got {name!r}")
@@ -58,14 +64,26 @@ class AttentionBackend:
                 raise ValueError("attention backend 'pallas' is not available in this build")
         self.prefill_name, self.decode_name = prefill, decode
         self.sm_scale = sm_scale
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+
+    def _per_shard(self, fn, in_specs, out_specs):
+        if self.mesh is None:
+            return fn
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
     def write_kv(self, k_pages, v_pages, k, v, meta: AttentionMetadata):
         """k, v: [tokens, kv_heads, head_dim] into their slots; in place under donation."""
-        return kernels.write_kv_reference(k_pages, v_pages, k, v, meta.slot_mapping)
+        pool, new = P("tp", None, None, None), P(None, "tp", None)
+        write = self._per_shard(kernels.write_kv_reference, (pool, pool, new, new, P()), (pool, pool))
+        return write(k_pages, v_pages, k, v, meta.slot_mapping)
 
     def attend(self, q, k_pages, v_pages, meta: AttentionMetadata, *, is_decode: bool) -> jax.Array:
         """q: [tokens, q_heads, head_dim] -> [tokens, q_heads, head_dim]."""
-        name = self.decode_name if is_decode else self.prefill_name
-        return BACKENDS[name](
-            q, k_pages, v_pages, meta, sm_scale=self.sm_scale, max_q_len=1 if is_decode else None
-        )
+        backend = BACKENDS[self.decode_name if is_decode else self.prefill_name]
+
+        def attend_local(q, k_pages, v_pages, meta):
+            return backend(q, k_pages, v_pages, meta, sm_scale=self.sm_scale, max_q_len=1 if is_decode else None)
+
+        heads, pool = P(None, "tp", None), P("tp", None, None, None)
+        meta_spec = AttentionMetadata(cu_q_lens=P(), kv_lens=P(), page_table=P(), slot_mapping=P())
+        return self._per_shard(attend_local, (heads, pool, pool, meta_spec), heads)(q, k_pages, v_pages, meta)

@@ -45,9 +45,8 @@ class Engine:
         self.args = args
         setup.enable_compile_cache(args.compile_cache_dir)
         started = time.perf_counter()
-        self.model_config, weights_dir = setup.resolve_model(args)
-        cfg = self.model_config
-        setup.check_tp(cfg, args.tp)
+        hf_config, weights_dir = setup.resolve_model(args)
+        self.model_config = cfg = hf_config.for_tp(args.tp)
         self.model_name = args.model
         self.mesh = setup.make_mesh(args.tp)
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -64,7 +63,7 @@ class Engine:
         self.pages_per_seq = -(-self.max_model_len // args.page_size)
         num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(dtype).itemsize)
         prefill_backend, decode_backend = args.attention_backends
-        backend = AttentionBackend(prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5)
+        backend = AttentionBackend(prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5, mesh=self.mesh)
         self.runner = ModelRunner(
             model, self.mesh, backend, num_pages, args.page_size, args.max_running_requests, self.pages_per_seq, dtype
         )

@@ -55,13 +55,6 @@ def make_mesh(tp: int) -> Mesh:
     return Mesh(np.array(devices[:tp]), ("tp",))
 
 
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-    for name, count in (("attention heads", cfg.num_q_heads), ("key/value heads", cfg.num_kv_heads),
-                        ("intermediate size", cfg.intermediate_size), ("vocab size", cfg.vocab_size)):
-        if count % tp:
-            raise ValueError(f"--tp {tp} must divide the model's {name} ({count})")
-
-
 def enable_compile_cache(path: str | None) -> None:
     if path is None:
         return
@@ -80,7 +73,7 @@ def plan_kv_pages(args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq:
     if not stats or "bytes_limit" not in stats:
         return min(CPU_DEFAULT_KV_PAGES, most_useful)
     free = stats["bytes_limit"] * args.mem_fraction - stats["bytes_in_use"]
-    per_page = cfg.num_layers * 2 * max(1, cfg.num_kv_heads // args.tp) * args.page_size * cfg.head_dim * itemsize
+    per_page = cfg.num_layers * 2 * (cfg.num_kv_heads // args.tp) * args.page_size * cfg.head_dim * itemsize
     pages = int(free // per_page)
     if pages < 2:
         raise ValueError(f"no device memory left for the KV cache (free {free / 2**30:.1f} GiB after weights)")

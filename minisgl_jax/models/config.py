@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,6 +36,22 @@ class ModelConfig:
     o_bias: bool  # Llama's attention_bias: bias on q/k/v and o
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k
     eos_token_ids: list[int] = field(default_factory=list)
+    kv_head_replicas: int = 1  # >1 when tensor parallelism has more devices than KV heads
+
+    def for_tp(self, tp: int) -> "ModelConfig":
+        """The config as sharded over `tp` devices: KV heads repeated when there are fewer than tp."""
+        for name, count in (("attention heads", self.num_q_heads), ("intermediate size", self.intermediate_size),
+                            ("vocab size", self.vocab_size)):
+            if count % tp:
+                raise ValueError(f"--tp {tp} must divide the model's {name} ({count})")
+        if self.num_kv_heads % tp == 0:
+            return self
+        if tp % self.num_kv_heads:
+            raise ValueError(
+                f"--tp {tp} must divide the model's key/value heads ({self.num_kv_heads}) or be a multiple of them"
+            )
+        replicas = tp // self.num_kv_heads
+        return dataclasses.replace(self, num_kv_heads=tp, kv_head_replicas=replicas)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -75,7 +75,9 @@ class SafetensorsCheckpoint:
 
 def _hf_source(path: tuple, cfg: ModelConfig) -> Callable[[SafetensorsCheckpoint], np.ndarray]:
     """How to build our parameter at `path` from the Hugging Face tensors."""
-    h, nq, nkv, d = cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+    h, nq, d = cfg.hidden_size, cfg.num_q_heads, cfg.head_dim
+    replicas = cfg.kv_head_replicas
+    nkv = cfg.num_kv_heads // replicas  # as stored in the checkpoint
     if path == ("embed",):
         return lambda ck: ck.get("model.embed_tokens.weight")
     if path == ("lm_head",):
@@ -88,14 +90,14 @@ def _hf_source(path: tuple, cfg: ModelConfig) -> Callable[[SafetensorsCheckpoint
         ("input_norm", "weight"): lambda ck: ck.get(pre + "input_layernorm.weight"),
         ("post_attn_norm", "weight"): lambda ck: ck.get(pre + "post_attention_layernorm.weight"),
         ("attn", "q_proj"): lambda ck: ck.get(pre + "self_attn.q_proj.weight").T.reshape(h, nq, d),
-        ("attn", "kv_proj"): lambda ck: np.stack(
+        ("attn", "kv_proj"): lambda ck: np.repeat(np.stack(
             [ck.get(pre + f"self_attn.{x}_proj.weight").T.reshape(h, nkv, d) for x in "kv"], axis=1
-        ),
+        ), replicas, axis=2),
         ("attn", "o_proj"): lambda ck: ck.get(pre + "self_attn.o_proj.weight").T.reshape(nq, d, h),
         ("attn", "q_bias"): lambda ck: ck.get(pre + "self_attn.q_proj.bias").reshape(nq, d),
-        ("attn", "kv_bias"): lambda ck: np.stack(
+        ("attn", "kv_bias"): lambda ck: np.repeat(np.stack(
             [ck.get(pre + f"self_attn.{x}_proj.bias").reshape(nkv, d) for x in "kv"], axis=0
-        ),
+        ), replicas, axis=1),
         ("attn", "o_bias"): lambda ck: ck.get(pre + "self_attn.o_proj.bias"),
         ("attn", "q_norm", "weight"): lambda ck: ck.get(pre + "self_attn.q_norm.weight"),
         ("attn", "k_norm", "weight"): lambda ck: ck.get(pre + "self_attn.k_norm.weight"),
