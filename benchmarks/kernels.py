@@ -109,8 +109,9 @@ def bench_decode(results: dict, copy_bw: float) -> None:
         args = make_batch(batch, [1] * batch, [ctx] * batch, 16)
         kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
         row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes, "ours": {}, "jax_bundled": {}}
-        variants = [dict(), dict(block_k=128, num_stages=3), dict(block_k=32, num_stages=4)]
-        variants += [dict(num_splits=s) for s in (1, 2, 4, 8, 16) if batch * KV_HEADS * s <= 1024]
+        variants = [dict(), dict(prefetch_slots=False), dict(block_k=128, num_stages=3),
+                    dict(block_k=128, num_stages=3, prefetch_slots=False), dict(block_k=32, num_stages=4)]
+        variants += [dict(num_splits=s) for s in (4, 8, 16) if batch * KV_HEADS * s <= 1024]
         for var in variants:
             name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
             fn = jax.jit(functools.partial(paged_decode_attention, sm_scale=SCALE, **var))
@@ -148,20 +149,20 @@ def attention_flops(q_lens, kv_lens) -> float:
     return 4.0 * Q_HEADS * HEAD_DIM * pairs
 
 
-PREFILL_VARIANTS = [  # (block_m, block_k, num_warps, num_stages)
-    (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (128, 32, 8, 4), (128, 32, 4, 4), (128, 32, 8, 2),
-    (64, 32, 4, 3), (64, 64, 4, 3), (256, 32, 8, 3), (256, 64, 8, 3), (128, 16, 4, 3), (128, 16, 8, 3),
-    (64, 16, 4, 4), (128, 64, 4, 3),
+PREFILL_VARIANTS = [  # (block_m, block_k, num_warps, num_stages, prefetch_slots)
+    (128, 32, 8, 2, True), (128, 32, 8, 3, True), (256, 64, 8, 3, True), (128, 64, 8, 3, True),
+    (256, 32, 8, 2, True), (128, 64, 8, 2, True), (256, 64, 8, 2, True),
+    (128, 32, 8, 2, False), (256, 64, 8, 3, False), (128, 64, 8, 3, False),
 ]
 
 
-def sweep_prefill(args) -> dict:
+def sweep_prefill(args, variants=PREFILL_VARIANTS) -> dict:
     times = {}
-    for bm, bk, warps, stages in PREFILL_VARIANTS:
+    for bm, bk, warps, stages, prefetch in variants:
         fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE, block_m=bm, block_k=bk,
-                                       num_warps=warps, num_stages=stages))
+                                       num_warps=warps, num_stages=stages, prefetch_slots=prefetch))
         try:
-            times[f"bm={bm},bk={bk},w={warps},st={stages}"] = timed(fn, *args, reps=20)
+            times[f"bm={bm},bk={bk},w={warps},st={stages},pf={int(prefetch)}"] = timed(fn, *args, reps=20)
         except Exception:
             traceback.print_exc()
     return times
@@ -185,7 +186,7 @@ def bench_prefill(results: dict) -> None:
 
     new, cached = 512, 2048
     args = make_batch(9, [new] * batch, [new + cached] * batch, 16)
-    variants = sweep_prefill(args)
+    variants = sweep_prefill(args, [v for v in PREFILL_VARIANTS if v[4]])
     prefix_s = min(variants.values())
     flops = attention_flops([new] * batch, [new + cached] * batch)
     results["prefix"] = dict(variants=variants, s=prefix_s, flops=flops, tflops=flops / prefix_s / 1e12)
@@ -205,9 +206,8 @@ def bench_mixed(results: dict) -> None:
     results["mixed"] = dict(mixed_s=mixed_s, decode_s=decode_s, chunk_s=chunk_s, separate_s=decode_s + chunk_s)
 
 
-def bench_kv_write(results: dict) -> None:
+def bench_kv_write(results: dict, tokens: int = 256, num_pages: int = 65536, page_size: int = 16) -> None:
     """Both writes with donated pools (in place): their cost should be the new rows, not the pool."""
-    tokens, num_pages, page_size = 256, 65536, 16
     pools = (jnp.zeros((KV_HEADS, num_pages, page_size, HEAD_DIM), jnp.bfloat16),) * 2
     new = jax.random.normal(jax.random.key(3), (tokens, KV_HEADS, HEAD_DIM), jnp.bfloat16)
     slots = jnp.asarray(np.random.default_rng(3).permutation(num_pages * page_size)[:tokens].astype(np.int32))
@@ -216,20 +216,28 @@ def bench_kv_write(results: dict) -> None:
     same = all(bool(jnp.array_equal(a, b)) for a, b in zip(ref_out, pallas_out))
     del ref_out, pallas_out
     results["kv_write"] = dict(tokens=tokens, pool_bytes=2 * pools[0].size * 2, pallas_matches_reference=same)
+    reps = 16
+    all_slots = jnp.asarray(np.random.default_rng(4).permutation(num_pages * page_size)[: reps * tokens]
+                            .astype(np.int32).reshape(reps, tokens))
     for name, fn in (("reference", write_kv_reference), ("pallas", write_kv)):
-        write = jax.jit(fn, donate_argnums=(0, 1))
+        def many_writes(k_pages, v_pages, new, all_slots, fn=fn):
+            # inside one program, as in the engine's step: no dispatch cost in the number
+            def body(i, pools):
+                return fn(*pools, new, new, all_slots[i])
+            return jax.lax.fori_loop(0, reps, body, (k_pages, v_pages))
+
+        write = jax.jit(many_writes, donate_argnums=(0, 1))
         k_pages, v_pages = jnp.zeros_like(pools[0]), jnp.zeros_like(pools[0])
-        hlo = write.lower(k_pages, v_pages, new, new, slots).compile().as_text()
+        hlo = write.lower(k_pages, v_pages, new, all_slots).compile().as_text()
         for _ in range(3):
-            k_pages, v_pages = write(k_pages, v_pages, new, new, slots)
+            k_pages, v_pages = write(k_pages, v_pages, new, all_slots)
         jax.block_until_ready(k_pages)
         samples = []
-        for _ in range(30):
+        for _ in range(20):
             start = time.perf_counter()
-            for _ in range(10):
-                k_pages, v_pages = write(k_pages, v_pages, new, new, slots)
+            k_pages, v_pages = write(k_pages, v_pages, new, all_slots)
             jax.block_until_ready(k_pages)
-            samples.append((time.perf_counter() - start) / 10)
+            samples.append((time.perf_counter() - start) / reps)
         results["kv_write"][name] = dict(s=float(np.median(samples)), aliased="input_output_alias" in hlo)
         del k_pages, v_pages
 

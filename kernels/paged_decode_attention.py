@@ -57,6 +57,7 @@ def _decode_kernel(
     block_k: int,
     num_splits: int,
     rows_are_seqs: bool,
+    prefetch_slots: bool,
 ):
     """q_ref: [tokens * q_heads, d]; k_ref, v_ref: [kv_heads, pages * page_size, d].
 
@@ -80,16 +81,24 @@ def _decode_kernel(
     offsets = jnp.arange(block_k, dtype=jnp.int32)
     table_base = seq * pages_per_seq
 
-    def body(i, carry):
+    def slots_at(i):
         tokens = start + i * block_k + offsets
-        slots = token_slots(table_ref, table_base, jnp.minimum(tokens, kv_len - 1), page_size)
+        return token_slots(table_ref, table_base, jnp.minimum(tokens, jnp.maximum(kv_len - 1, 0)), page_size)
+
+    def body(i, carry):
+        *state, slots = carry
+        if prefetch_slots:  # next block's page ids load while this block computes
+            next_slots = slots_at(i + 1)
+        else:
+            slots, next_slots = slots_at(i), slots
+        tokens = start + i * block_k + offsets
         k = load_rows(k_ref, slots, head)
         v = load_rows(v_ref, slots, head)
         mask = jnp.broadcast_to((tokens < end)[None, :], (group_rows, block_k))
-        return attend_block(q, k, v, carry, sm_scale * LOG2E, mask)
+        return (*attend_block(q, k, v, tuple(state), sm_scale * LOG2E, mask), next_slots)
 
     num_blocks = pl.cdiv(jnp.maximum(end - start, 0), block_k)
-    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init_carry(group_rows, q.shape[1]))
+    acc, m, l, _ = jax.lax.fori_loop(0, num_blocks, body, (*init_carry(group_rows, q.shape[1]), slots_at(0)))
 
     out_rows = first_head_row + g
     ok = g < group
@@ -115,7 +124,8 @@ def _combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Ar
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "rows_are_seqs", "block_k", "num_splits", "num_warps", "num_stages", "interpret"
+        "sm_scale", "rows_are_seqs", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
+        "prefetch_slots",
     ),
 )
 def paged_decode_attention(
@@ -133,6 +143,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 4,
     interpret: bool | None = None,
+    prefetch_slots: bool = True,
 ) -> jax.Array:
     """Attention of the q_len == 1 rows; layouts as in `reference.py`. Returns [tokens, q_heads, d].
 
@@ -162,6 +173,7 @@ def paged_decode_attention(
         block_k=block_k,
         num_splits=num_splits,
         rows_are_seqs=rows_are_seqs,
+        prefetch_slots=prefetch_slots,
     )
     rows = num_tokens * num_q_heads
     if num_splits == 1:

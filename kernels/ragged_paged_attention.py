@@ -52,6 +52,7 @@ def _block_kernel(
     group: int,
     block_m: int,
     block_k: int,
+    prefetch_slots: bool,
 ):
     """q_ref, out_ref: [tokens * q_heads, d]; k_ref, v_ref: [kv_heads, pages * page_size, d].
 
@@ -88,22 +89,26 @@ def _block_kernel(
         offsets = jnp.arange(block_k, dtype=jnp.int32)
         table_base = seq * pages_per_seq
 
-        def kv_block(i):
+        def slots_at(i):
             keys = i * block_k + offsets
-            slots = token_slots(table_ref, table_base, jnp.minimum(keys, kv_len - 1), page_size)
-            return keys, load_rows(k_ref, slots, head), load_rows(v_ref, slots, head)
+            return token_slots(table_ref, table_base, jnp.minimum(keys, kv_len - 1), page_size)
 
-        def unmasked(i, carry):
-            _, k, v = kv_block(i)
-            return attend_block(q, k, v, carry, sm_scale * LOG2E, None)
-
-        def causal(i, carry):
-            keys, k, v = kv_block(i)
-            return attend_block(q, k, v, carry, sm_scale * LOG2E, keys[None, :] <= positions[:, None])
+        def step(i, carry, causal: bool):
+            *state, slots = carry
+            if prefetch_slots:  # next block's page ids load while this block computes
+                next_slots = slots_at(i + 1)
+            else:
+                slots, next_slots = slots_at(i), slots
+            k, v = load_rows(k_ref, slots, head), load_rows(v_ref, slots, head)
+            mask = (i * block_k + offsets)[None, :] <= positions[:, None] if causal else None
+            return (*attend_block(q, k, v, tuple(state), sm_scale * LOG2E, mask), next_slots)
 
         num_full = (first_pos + 1) // block_k  # blocks every row of this block sees whole
-        carry = jax.lax.fori_loop(0, num_full, unmasked, init_carry(block_m, q.shape[1]))
-        acc, _, l = jax.lax.fori_loop(num_full, pl.cdiv(last_pos + 1, block_k), causal, carry)
+        carry = (*init_carry(block_m, q.shape[1]), slots_at(0))
+        carry = jax.lax.fori_loop(0, num_full, functools.partial(step, causal=False), carry)
+        carry = jax.lax.fori_loop(num_full, pl.cdiv(last_pos + 1, block_k), functools.partial(step, causal=True),
+                                  carry[:3] + (slots_at(num_full),))
+        acc, _, l, _ = carry
         store_rows(out_ref, out_rows, ok, normalise(acc, l))
 
 
@@ -153,7 +158,8 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens) -> None:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sm_scale", "max_q_len", "interpret", "block_m", "block_k", "num_warps", "num_stages")
+    jax.jit,
+    static_argnames=("sm_scale", "max_q_len", "interpret", "block_m", "block_k", "num_warps", "num_stages", "prefetch_slots"),
 )
 def ragged_paged_attention(
     q: jax.Array,
@@ -170,6 +176,7 @@ def ragged_paged_attention(
     block_k: int = 64,
     num_warps: int = 8,
     num_stages: int = 3,
+    prefetch_slots: bool = True,
 ) -> jax.Array:
     """Attention of ragged new tokens over paged K/V (layouts and semantics: `reference.py`).
 
@@ -186,7 +193,8 @@ def ragged_paged_attention(
     interpret = resolve_interpret(interpret)
     if max_q_len == 1:
         return paged_decode_attention(
-            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale, interpret=interpret
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale, interpret=interpret,
+            prefetch_slots=prefetch_slots,
         )
     if max_q_len is not None and max_q_len < 1:
         raise ValueError(f"max_q_len must be None or >= 1, got {max_q_len}")
@@ -198,7 +206,7 @@ def ragged_paged_attention(
         raise ValueError(f"block_m ({block_m}) must hold at least one token's {group} q heads per kv head")
     decoded = paged_decode_attention(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-        sm_scale=sm_scale, rows_are_seqs=False, num_splits=1, interpret=interpret,
+        sm_scale=sm_scale, rows_are_seqs=False, num_splits=1, interpret=interpret, prefetch_slots=prefetch_slots,
     )
     block_seq, block_rows = _block_schedule(cu_q_lens, num_tokens, block_m // group)
     kernel = functools.partial(
@@ -209,6 +217,7 @@ def ragged_paged_attention(
         group=group,
         block_m=block_m,
         block_k=block_k,
+        prefetch_slots=prefetch_slots,
     )
     rows = num_tokens * num_q_heads
     out = pl.pallas_call(
