@@ -1,0 +1,116 @@
+"""Decode latency per step at batch 1..N, the same step with no host in the loop, and prefill latency.
+
+    python benchmarks/latency.py --model Qwen/Qwen3-0.6B --load-format dummy
+
+"device-only" replays the last decode batch through the compiled step back to back, so the
+difference to "engine" is host time the overlap did not hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+
+from minisgl_jax import LLM, SamplingParams
+from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, build_step_batch
+from minisgl_jax.engine.request import Phase
+
+
+def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, float]:
+    engine = llm.engine
+    rng = np.random.default_rng(batch)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"lat-{batch}-{i}", rng.integers(0, min(10000, engine.model_config.vocab_size), context).tolist(), params)
+    while any(r.phase is not Phase.DECODE for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(4):
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    engine_ms = (time.perf_counter() - start) / steps * 1e3
+
+    rows = [ScheduledRow(r, r.kv_len - 1, 1, samples=True, token_index=0) for r in engine.scheduler.running]
+    scheduled = ScheduledBatch(rows=rows, is_decode=True)
+    size = engine._bucket(scheduled)[0]
+    step_batch = build_step_batch(
+        scheduled, size, size, engine.page_size, engine.pages_per_seq, engine.runner.scratch_slot,
+        engine.model_config.vocab_size,
+    )
+    run = lambda: engine.runner.run(step_batch, is_decode=True, sample_mode=scheduled.sample_mode, num_logprobs=0)
+    run().ids.block_until_ready()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = run()
+    out.ids.block_until_ready()
+    device_ms = (time.perf_counter() - start) / steps * 1e3
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        build_step_batch(
+            scheduled, size, size, engine.page_size, engine.pages_per_seq, engine.runner.scratch_slot,
+            engine.model_config.vocab_size,
+        )
+    build_ms = (time.perf_counter() - start) / steps * 1e3
+
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    while engine.has_unfinished():
+        engine.step()
+    engine.check_kv_invariant()
+    return dict(batch=batch, context=context, engine_ms_per_step=engine_ms, device_only_ms_per_step=device_ms,
+                host_build_ms=build_ms)
+
+
+def prefill_latency(llm: LLM, length: int, reps: int = 3) -> dict[str, float]:
+    """Time to first token of one request with a `length`-token prompt."""
+    rng = np.random.default_rng(length)
+    times = []
+    for _ in range(reps + 1):
+        prompt = rng.integers(0, min(10000, llm.engine.model_config.vocab_size), length).tolist()
+        start = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
+        times.append(time.perf_counter() - start)
+    return dict(prompt_len=length, ttft_ms=float(np.median(times[1:])) * 1e3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--attention-backend", default="pallas")
+    parser.add_argument("--batches", default="1,8,64,256")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt-lens", default="128,512,2048,8192")
+    parser.add_argument("--max-model-len", type=int, default=9216)
+    parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
+    parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llm = LLM(
+        args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
+        max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
+    )
+    decode = [decode_latency(llm, int(b), args.context, args.steps) for b in args.batches.split(",")]
+    prefill = [prefill_latency(llm, int(n)) for n in args.prompt_lens.split(",")]
+    print("\n| batch | context | engine ms/step | device-only ms/step | host batch build ms |\n| --- | --- | --- | --- | --- |")
+    for d in decode:
+        print(f"| {d['batch']} | {d['context']} | {d['engine_ms_per_step']:.2f} | {d['device_only_ms_per_step']:.2f} "
+              f"| {d['host_build_ms']:.2f} |")
+    print("\n| prompt tokens | time to first token ms |\n| --- | --- |")
+    for p in prefill:
+        print(f"| {p['prompt_len']} | {p['ttft_ms']:.1f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(decode=decode, prefill=prefill, overlap=not args.no_overlap), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
