@@ -109,9 +109,8 @@ def bench_decode(results: dict, copy_bw: float) -> None:
         args = make_batch(batch, [1] * batch, [ctx] * batch, 16)
         kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
         row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes, "ours": {}, "jax_bundled": {}}
-        variants = [dict(), dict(prefetch_slots=False), dict(block_k=128, num_stages=3),
-                    dict(block_k=128, num_stages=3, prefetch_slots=False), dict(block_k=32, num_stages=4)]
-        variants += [dict(num_splits=s) for s in (4, 8, 16) if batch * KV_HEADS * s <= 1024]
+        variants = [dict(), dict(block_k=128, num_stages=3), dict(block_k=32, num_stages=4)]
+        variants += [dict(num_splits=s) for s in (4, 16) if batch * KV_HEADS * s <= 1024]
         for var in variants:
             name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
             fn = jax.jit(functools.partial(paged_decode_attention, sm_scale=SCALE, **var))
@@ -149,20 +148,18 @@ def attention_flops(q_lens, kv_lens) -> float:
     return 4.0 * Q_HEADS * HEAD_DIM * pairs
 
 
-PREFILL_VARIANTS = [  # (block_m, block_k, num_warps, num_stages, prefetch_slots)
-    (128, 32, 8, 2, True), (128, 32, 8, 3, True), (256, 64, 8, 3, True), (128, 64, 8, 3, True),
-    (256, 32, 8, 2, True), (128, 64, 8, 2, True), (256, 64, 8, 2, True),
-    (128, 32, 8, 2, False), (256, 64, 8, 3, False), (128, 64, 8, 3, False),
+PREFILL_VARIANTS = [  # (block_m, block_k, num_warps, num_stages); the first is the default
+    (256, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (256, 64, 8, 4), (256, 64, 16, 3), (256, 32, 16, 3),
 ]
 
 
-def sweep_prefill(args, variants=PREFILL_VARIANTS) -> dict:
+def sweep_prefill(args) -> dict:
     times = {}
-    for bm, bk, warps, stages, prefetch in variants:
+    for bm, bk, warps, stages in PREFILL_VARIANTS:
         fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE, block_m=bm, block_k=bk,
-                                       num_warps=warps, num_stages=stages, prefetch_slots=prefetch))
+                                       num_warps=warps, num_stages=stages))
         try:
-            times[f"bm={bm},bk={bk},w={warps},st={stages},pf={int(prefetch)}"] = timed(fn, *args, reps=20)
+            times[f"bm={bm},bk={bk},w={warps},st={stages}"] = timed(fn, *args, reps=20)
         except Exception:
             traceback.print_exc()
     return times
@@ -186,7 +183,7 @@ def bench_prefill(results: dict) -> None:
 
     new, cached = 512, 2048
     args = make_batch(9, [new] * batch, [new + cached] * batch, 16)
-    variants = sweep_prefill(args, [v for v in PREFILL_VARIANTS if v[4]])
+    variants = sweep_prefill(args)
     prefix_s = min(variants.values())
     flops = attention_flops([new] * batch, [new + cached] * batch)
     results["prefix"] = dict(variants=variants, s=prefix_s, flops=flops, tflops=flops / prefix_s / 1e12)
@@ -219,12 +216,23 @@ def bench_kv_write(results: dict, tokens: int = 256, num_pages: int = 65536, pag
     reps = 16
     all_slots = jnp.asarray(np.random.default_rng(4).permutation(num_pages * page_size)[: reps * tokens]
                             .astype(np.int32).reshape(reps, tokens))
-    for name, fn in (("reference", write_kv_reference), ("pallas", write_kv)):
+
+    def unique_scatter(k_pages, v_pages, k, v, slot_mapping):
+        # as write_kv_reference, but promising XLA distinct in-bounds slots
+        flat = (k_pages.shape[0], -1, k_pages.shape[3])
+        k_flat = k_pages.reshape(flat).at[:, slot_mapping].set(
+            k.transpose(1, 0, 2), unique_indices=True, indices_are_sorted=False, mode="promise_in_bounds")
+        v_flat = v_pages.reshape(flat).at[:, slot_mapping].set(
+            v.transpose(1, 0, 2), unique_indices=True, indices_are_sorted=False, mode="promise_in_bounds")
+        return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+
+    for name, fn in (("reference", write_kv_reference), ("unique_scatter", unique_scatter), ("pallas", write_kv)):
         def many_writes(k_pages, v_pages, new, all_slots, fn=fn):
-            # inside one program, as in the engine's step: no dispatch cost in the number
-            def body(i, pools):
-                return fn(*pools, new, new, all_slots[i])
-            return jax.lax.fori_loop(0, reps, body, (k_pages, v_pages))
+            # straight-line inside one program, as in the engine's step: no dispatch or loop cost
+            pools = (k_pages, v_pages)
+            for i in range(reps):
+                pools = fn(*pools, new, new, all_slots[i])
+            return pools
 
         write = jax.jit(many_writes, donate_argnums=(0, 1))
         k_pages, v_pages = jnp.zeros_like(pools[0]), jnp.zeros_like(pools[0])
@@ -270,7 +278,7 @@ def print_table(r: dict) -> None:
               f"{m['decode_s'] * 1e6:.1f} + {m['chunk_s'] * 1e6:.1f} = {m['separate_s'] * 1e6:.1f} us")
     if "kv_write" in r:
         w = r["kv_write"]
-        for name in ("reference", "pallas"):
+        for name in ("reference", "unique_scatter", "pallas"):
             if name in w:
                 print(f"kv write {name} (donated, {w['tokens']} tokens into a {w['pool_bytes'] / 2**30:.1f} GiB pool): "
                       f"{w[name]['s'] * 1e6:.1f} us, input_output_alias in HLO: {w[name]['aliased']}")

@@ -57,7 +57,6 @@ def _decode_kernel(
     block_k: int,
     num_splits: int,
     rows_are_seqs: bool,
-    prefetch_slots: bool,
 ):
     """q_ref: [tokens * q_heads, d]; k_ref, v_ref: [kv_heads, pages * page_size, d].
 
@@ -87,10 +86,7 @@ def _decode_kernel(
 
     def body(i, carry):
         *state, slots = carry
-        if prefetch_slots:  # next block's page ids load while this block computes
-            next_slots = slots_at(i + 1)
-        else:
-            slots, next_slots = slots_at(i), slots
+        next_slots = slots_at(i + 1)  # the next block's page ids load while this block computes
         tokens = start + i * block_k + offsets
         k = load_rows(k_ref, slots, head)
         v = load_rows(v_ref, slots, head)
@@ -125,7 +121,6 @@ def _combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Ar
     jax.jit,
     static_argnames=(
         "sm_scale", "rows_are_seqs", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
-        "prefetch_slots",
     ),
 )
 def paged_decode_attention(
@@ -143,7 +138,6 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 4,
     interpret: bool | None = None,
-    prefetch_slots: bool = True,
 ) -> jax.Array:
     """Attention of the q_len == 1 rows; layouts as in `reference.py`. Returns [tokens, q_heads, d].
 
@@ -173,7 +167,6 @@ def paged_decode_attention(
         block_k=block_k,
         num_splits=num_splits,
         rows_are_seqs=rows_are_seqs,
-        prefetch_slots=prefetch_slots,
     )
     rows = num_tokens * num_q_heads
     if num_splits == 1:

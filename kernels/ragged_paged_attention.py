@@ -52,7 +52,6 @@ def _block_kernel(
     group: int,
     block_m: int,
     block_k: int,
-    prefetch_slots: bool,
 ):
     """q_ref, out_ref: [tokens * q_heads, d]; k_ref, v_ref: [kv_heads, pages * page_size, d].
 
@@ -95,10 +94,7 @@ def _block_kernel(
 
         def step(i, carry, causal: bool):
             *state, slots = carry
-            if prefetch_slots:  # next block's page ids load while this block computes
-                next_slots = slots_at(i + 1)
-            else:
-                slots, next_slots = slots_at(i), slots
+            next_slots = slots_at(i + 1)  # the next block's page ids load while this block computes
             k, v = load_rows(k_ref, slots, head), load_rows(v_ref, slots, head)
             mask = (i * block_k + offsets)[None, :] <= positions[:, None] if causal else None
             return (*attend_block(q, k, v, tuple(state), sm_scale * LOG2E, mask), next_slots)
@@ -159,7 +155,7 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "max_q_len", "interpret", "block_m", "block_k", "num_warps", "num_stages", "prefetch_slots"),
+    static_argnames=("sm_scale", "max_q_len", "interpret", "block_m", "block_k", "num_warps", "num_stages"),
 )
 def ragged_paged_attention(
     q: jax.Array,
@@ -172,11 +168,10 @@ def ragged_paged_attention(
     sm_scale: float,
     max_q_len: int | None = None,
     interpret: bool | None = None,
-    block_m: int = 128,
+    block_m: int = 256,
     block_k: int = 64,
     num_warps: int = 8,
     num_stages: int = 3,
-    prefetch_slots: bool = True,
 ) -> jax.Array:
     """Attention of ragged new tokens over paged K/V (layouts and semantics: `reference.py`).
 
@@ -193,8 +188,7 @@ def ragged_paged_attention(
     interpret = resolve_interpret(interpret)
     if max_q_len == 1:
         return paged_decode_attention(
-            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale, interpret=interpret,
-            prefetch_slots=prefetch_slots,
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale=sm_scale, interpret=interpret
         )
     if max_q_len is not None and max_q_len < 1:
         raise ValueError(f"max_q_len must be None or >= 1, got {max_q_len}")
@@ -206,7 +200,7 @@ def ragged_paged_attention(
         raise ValueError(f"block_m ({block_m}) must hold at least one token's {group} q heads per kv head")
     decoded = paged_decode_attention(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-        sm_scale=sm_scale, rows_are_seqs=False, num_splits=1, interpret=interpret, prefetch_slots=prefetch_slots,
+        sm_scale=sm_scale, rows_are_seqs=False, num_splits=1, interpret=interpret,
     )
     block_seq, block_rows = _block_schedule(cu_q_lens, num_tokens, block_m // group)
     kernel = functools.partial(
@@ -217,7 +211,6 @@ def ragged_paged_attention(
         group=group,
         block_m=block_m,
         block_k=block_k,
-        prefetch_slots=prefetch_slots,
     )
     rows = num_tokens * num_q_heads
     out = pl.pallas_call(
