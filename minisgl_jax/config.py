@@ -38,6 +38,9 @@ class EngineArgs:
     status_interval_s: float = 10.0
     lpm_min_queue: int = 8
     decode_buckets: list[int] = field(default_factory=list)
+    nnodes: int = 1
+    node_rank: int = 0
+    coordinator: str | None = None  # host:port of node 0, for jax.distributed
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and the allowed values."""
@@ -64,6 +67,10 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not self.coordinator:
+            raise ValueError("coordinator (host:port of node 0) is required when nnodes > 1")
 
     @property
     def attention_backends(self) -> tuple[str, str]:

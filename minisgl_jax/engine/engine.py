@@ -6,6 +6,7 @@ so the host's bookkeeping runs while the device computes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -17,9 +18,10 @@ from tqdm import tqdm
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
-from minisgl_jax.engine import setup
+from minisgl_jax.engine import multihost, setup
 from minisgl_jax.engine.attention import AttentionBackend
 from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
+from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, prefill_buckets
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.scheduler import Scheduler
@@ -43,6 +45,9 @@ class Engine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
+        multihost.init_distributed(args)
+        self.channel = CommandChannel(is_leader=args.node_rank == 0) if args.nnodes > 1 else None
+        self.stopped = False
         setup.enable_compile_cache(args.compile_cache_dir)
         started = time.perf_counter()
         hf_config, weights_dir = setup.resolve_model(args)
@@ -95,9 +100,18 @@ class Engine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError with a user-facing message when it cannot be served."""
-        params.validate()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_request(prompt_token_ids, params)
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
+        if self.channel is not None:
+            self.channel.add(request_id, prompt_token_ids, params)  # applied by every node at the next step
+        else:
+            self._admit(request_id, prompt_token_ids, params)
+
+    def _check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -106,7 +120,7 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if n >= self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens; the context length is {self.max_model_len}")
-        max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        max_new = self._max_new_tokens(n, params)
         if n + max_new > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({max_new}) is {n + max_new}, "
@@ -118,27 +132,56 @@ class Engine:
                 f"prompt plus max_tokens needs {pages_alone * self.page_size} KV tokens, "
                 f"more than the whole KV cache ({self.allocator.num_usable * self.page_size})"
             )
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+
+    def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        return params.max_tokens if params.max_tokens is not None else self.max_model_len - prompt_len
+
+    def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._arrivals += 1
-        req = Req(request_id, list(prompt_token_ids), params, seed, max_new, arrival=self._arrivals)
+        max_new = self._max_new_tokens(len(prompt_token_ids), params)
+        req = Req(request_id, list(prompt_token_ids), params, params.seed, max_new, arrival=self._arrivals)
         self.requests[request_id] = req
         self.scheduler.add(req)
-        self._counters["prompt_tokens"] += n
+        self._counters["prompt_tokens"] += len(prompt_token_ids)
 
     def abort_request(self, request_id: str) -> None:
+        if self.channel is not None:
+            self.channel.abort(request_id)
+        else:
+            self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return
         self.scheduler.finish(req, FinishReason.ABORT)
         self._finals.append(self._output(req))
 
+    def shutdown(self) -> None:
+        """Multi-host: tell the other nodes to leave their follower loop (node 0 only)."""
+        if self.channel is not None:
+            self.channel.stop()
+            self.step()
+
+    def _apply_commands(self) -> None:
+        for command in self.channel.exchange():
+            if command[0] == ADD:
+                self._admit(command[1], command[2], command[3])
+            elif command[0] == ABORT:
+                self._abort(command[1])
+            elif command[0] == STOP:
+                self.stopped = True
+
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or self._in_flight is not None
+        pending = self.channel.pending if self.channel is not None else 0
+        return bool(self.requests) or self._in_flight is not None or pending > 0
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Dispatch the next batch, then read the previous one's tokens; returns the new outputs."""
+        if self.channel is not None:
+            self._apply_commands()
         outputs, self._finals = self._finals, []
         batch = self.scheduler.schedule()
         launched = None
@@ -178,10 +221,7 @@ class Engine:
         return out
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
-        ids = np.asarray(out.ids)
-        logprob = None if out.logprob is None else np.asarray(out.logprob)
-        top_ids = None if out.top_ids is None else np.asarray(out.top_ids)
-        top_lps = None if out.top_logprobs is None else np.asarray(out.top_logprobs)
+        ids, logprob, top_ids, top_lps = map(StepOutput.to_host, (out.ids, out.logprob, out.top_ids, out.top_logprobs))
         outputs = []
         for i, row in enumerate(batch.rows):
             req = row.req

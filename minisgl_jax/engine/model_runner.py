@@ -69,6 +69,11 @@ class StepOutput:
             if array is not None:
                 array.copy_to_host_async()
 
+    @staticmethod
+    def to_host(array: jax.Array | None) -> np.ndarray | None:
+        """The value of a replicated output, read from this host's first shard."""
+        return None if array is None else np.asarray(array.addressable_data(0))
+
 
 def pad_bucket(n: int, buckets: list[int]) -> int:
     for b in buckets:
@@ -123,11 +128,11 @@ class ModelRunner:
         pool_sharding = NamedSharding(mesh, P("tp", None, None, None))
         zeros = jax.jit(lambda: jnp.zeros(pool_shape, kv_dtype), out_shardings=pool_sharding)
         self.kv_pool: KVPool = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
-        replicated = NamedSharding(mesh, P())
-        self.state = DeviceState(
-            tokens=jax.device_put(np.zeros(max_slots + 1, np.int32), replicated),
-            page_table=jax.device_put(np.zeros((max_slots + 1, pages_per_seq), np.int32), replicated),
-        )
+        self.replicated = NamedSharding(mesh, P())
+        self.state = self.to_device(DeviceState(
+            tokens=np.zeros(max_slots + 1, np.int32),
+            page_table=np.zeros((max_slots + 1, pages_per_seq), np.int32),
+        ))
         self._step = jax.jit(
             self._step_fn,
             static_argnames=("is_decode", "sample_mode", "num_logprobs"),
@@ -157,9 +162,20 @@ class ModelRunner:
         logits = model.logits(hidden[last])
         ids, logprob, top_ids, top_logprobs = sample(logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs)
         state = DeviceState(tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table)
-        return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
+        # Replicated outputs: every host reads the whole of them from its own first device.
+        out = jax.lax.with_sharding_constraint(StepOutput(ids, logprob, top_ids, top_logprobs), self.replicated)
+        return kv_pool, state, out
+
+    def to_device(self, tree):
+        """Host arrays as replicated arrays of the mesh. On one host jit takes numpy as it is; across
+        hosts every input must be a global array, made here from each host's identical copy."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+        return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(self.replicated, a), tree)
 
     def run(self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int) -> StepOutput:
+        if jax.process_count() > 1:
+            batch = self.to_device(batch)
         key = (batch.input_ids.shape[0], batch.seq_slots.shape[0], is_decode, sample_mode, num_logprobs)
         first = key not in self.compiled_keys
         started = time.perf_counter()

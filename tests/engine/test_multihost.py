@@ -1,0 +1,43 @@
+"""Two processes as two hosts (jax.distributed on CPU): tp=2 across them gives the tp=1 tokens."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from minisgl_jax.config import EngineArgs
+from minisgl_jax.core import SamplingParams
+from minisgl_jax.engine import Engine
+from tiny_models import save_tiny_checkpoint
+
+PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_hosts_follow_node_zero(tmp_path):
+    path = save_tiny_checkpoint(str(tmp_path / "m"), "qwen3", seed=4)
+    single = Engine(EngineArgs(
+        model=path, dtype="float32", attention_backend="reference", cache="naive", num_pages=64,
+        max_running_requests=4, max_prefill_tokens=64, compile_cache_dir=None, warmup=False,
+    )).generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+
+    port, out = free_port(), tmp_path / "out.json"
+    node = os.path.join(os.path.dirname(__file__), "multihost_node.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen([sys.executable, node, str(rank), str(port), path, str(out), json.dumps(PROMPTS)], env=env)
+        for rank in (0, 1)
+    ]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0]
+    assert json.loads(out.read_text()) == single
