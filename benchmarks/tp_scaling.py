@@ -1,0 +1,77 @@
+"""Throughput of the offline workload at several tensor-parallel sizes, in one call, and greedy agreement.
+
+    NCCL_NVLS_ENABLE=0 python benchmarks/tp_scaling.py --model meta-llama/Llama-3.1-8B --tps 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from offline import workload  # noqa: E402
+
+from minisgl_jax import SamplingParams  # noqa: E402
+from minisgl_jax.config import EngineArgs  # noqa: E402
+from minisgl_jax.engine import Engine  # noqa: E402
+from minisgl_jax.engine.setup import enable_compile_cache  # noqa: E402
+
+
+def run(args: argparse.Namespace, tp: int) -> dict:
+    started = time.perf_counter()
+    engine = Engine(EngineArgs(
+        model=args.model, load_format="dummy", tp=tp, cache="naive", max_model_len=args.max_model_len,
+        compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
+    ))
+    startup = time.perf_counter() - started
+    greedy_prompts = [[(7 * i + 13 * j) % 10000 for j in range(128)] for i in range(8)]
+    greedy = engine.generate(greedy_prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    prompts, output_lens = workload(args.num_requests, args.min_len, args.max_len)
+    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in output_lens]
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o) for o in outputs)
+    engine.check_kv_invariant()
+    result = dict(tp=tp, seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds, startup_s=startup,
+                  kv_pages=engine.allocator.num_usable, greedy=greedy)
+    del engine
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="meta-llama/Llama-3.1-8B")
+    parser.add_argument("--tps", default="1,2")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--max-running-requests", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    enable_compile_cache(args.compile_cache_dir)
+    results = [run(args, int(tp)) for tp in args.tps.split(",")]
+    base = results[0]
+    print(f"\n{args.model}, {args.num_requests} requests\n| tp | seconds | output tok/s | speed-up | start-up s | "
+          f"KV pages | greedy = tp{base['tp']} |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        same = sum(a == b for a, b in zip(r["greedy"], base["greedy"]))
+        print(f"| {r['tp']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+              f"| {r['startup_s']:.0f} | {r['kv_pages']} | {same}/8 |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
