@@ -68,7 +68,8 @@ def _decode_kernel(
     q_start = cu_q_lens_ref[seq]
     is_decode = cu_q_lens_ref[seq + 1] - q_start == 1
     kv_len = jnp.where(is_decode, kv_lens_ref[seq], 0)
-    row = seq if rows_are_seqs else q_start
+    # a sequence with q_len 0 may start at row `tokens`: clamp so its (unused) q load stays in bounds
+    row = seq if rows_are_seqs else jnp.minimum(q_start, q_ref.shape[0] // num_q_heads - 1)
 
     g = jnp.arange(group_rows, dtype=jnp.int32)
     first_head_row = row * num_q_heads + head * group

@@ -102,8 +102,7 @@ def _block_kernel(
         num_full = (first_pos + 1) // block_k  # blocks every row of this block sees whole
         carry = (*init_carry(block_m, q.shape[1]), slots_at(0))
         carry = jax.lax.fori_loop(0, num_full, functools.partial(step, causal=False), carry)
-        carry = jax.lax.fori_loop(num_full, pl.cdiv(last_pos + 1, block_k), functools.partial(step, causal=True),
-                                  carry[:3] + (slots_at(num_full),))
+        carry = jax.lax.fori_loop(num_full, pl.cdiv(last_pos + 1, block_k), functools.partial(step, causal=True), carry)
         acc, _, l, _ = carry
         store_rows(out_ref, out_rows, ok, normalise(acc, l))
 
