@@ -89,6 +89,7 @@ def check_correctness(results: dict) -> None:
         "mixed p16": dict(q_lens=[1, 37, 1, 200, 1, 2], kv_lens=[50, 37, 700, 1000, 16, 300], page_size=16, mq=None),
         "prefix p64": dict(q_lens=[129, 64, 300], kv_lens=[1500, 64, 301], page_size=64, mq=None),
         "ragged p1": dict(q_lens=[5, 1, 33], kv_lens=[20, 7, 33], page_size=1, mq=None),
+        "mixed + empty seqs": dict(q_lens=[1, 20, 1, 0, 0], kv_lens=[30, 40, 9, 0, 0], page_size=16, mq=None),
     }
     for i, (name, c) in enumerate(cases.items()):
         args = make_batch(100 + i, c["q_lens"], c["kv_lens"], c["page_size"])
