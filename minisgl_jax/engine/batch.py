@@ -46,6 +46,17 @@ class ScheduledBatch:
         return MAX_LOGPROBS if any(r.req.params.logprobs is not None for r in self.rows) else 0
 
 
+def sampling_row(req: Req, vocab_size: int) -> tuple:
+    """(temperature, top_k, top_p, min_p, seed_lo, seed_hi) of a request, computed once."""
+    if req.sampling_row is None:
+        p = req.params
+        req.sampling_row = (
+            p.temperature, p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p,
+            req.seed & 0xFFFFFFFF, (req.seed >> 32) & 0xFFFFFFFF,
+        )
+    return req.sampling_row
+
+
 def build_step_batch(
     batch: ScheduledBatch,
     token_bucket: int,
@@ -73,29 +84,35 @@ def build_step_batch(
     seed_hi = np.zeros(seq_bucket, np.uint32)
     token_index = np.zeros(seq_bucket, np.int32)
 
-    t = 0
-    for i, row in enumerate(batch.rows):
-        req, end = row.req, row.start + row.num_tokens
-        pos = np.arange(row.start, end, dtype=np.int32)
-        if not batch.is_decode:
-            input_ids[t : t + row.num_tokens] = req.all_ids[row.start : end]
+    rows, n = batch.rows, len(batch.rows)
+    if batch.is_decode:  # one token a row: plain Python over the rows, no per-row numpy calls
+        starts = [r.start for r in rows]
+        positions[:n] = starts
+        token_slots[:n] = [r.req.slot for r in rows]
+        slot_mapping[:n] = [r.req.pages[p // page_size] * page_size + p % page_size for r, p in zip(rows, starts)]
+        cu_q_lens[1 : n + 1] = np.arange(1, n + 1, dtype=np.int32)
+        cu_q_lens[n + 1 :] = n
+    else:
+        t = 0
+        for i, row in enumerate(rows):
+            req, end = row.req, row.start + row.num_tokens
+            pos = np.arange(row.start, end, dtype=np.int32)
+            input_ids[t:t + row.num_tokens] = req.all_ids[row.start:end]
             page_rows[i, : len(req.pages)] = req.pages
-        positions[t : t + row.num_tokens] = pos
-        token_slots[t : t + row.num_tokens] = req.slot
-        pages = np.asarray(req.pages, np.int32)
-        slot_mapping[t : t + row.num_tokens] = pages[pos // page_size] * page_size + pos % page_size
-        t += row.num_tokens
-        cu_q_lens[i + 1] = t
-        kv_lens[i] = end
-        seq_slots[i] = req.slot
-        p = req.params
-        temperature[i] = p.temperature
-        if p.top_k > 0:
-            top_k[i] = p.top_k
-        top_p[i], min_p[i] = p.top_p, p.min_p
-        seed_lo[i], seed_hi[i] = req.seed & 0xFFFFFFFF, (req.seed >> 32) & 0xFFFFFFFF
-        token_index[i] = row.token_index
-    cu_q_lens[len(batch.rows) + 1 :] = t
+            positions[t:t + row.num_tokens] = pos
+            token_slots[t:t + row.num_tokens] = req.slot
+            pages = np.asarray(req.pages, np.int32)
+            slot_mapping[t:t + row.num_tokens] = pages[pos // page_size] * page_size + pos % page_size
+            t += row.num_tokens
+            cu_q_lens[i + 1] = t
+        cu_q_lens[n + 1 :] = t
+    kv_lens[:n] = [r.start + r.num_tokens for r in rows]
+    seq_slots[:n] = [r.req.slot for r in rows]
+    token_index[:n] = [r.token_index for r in rows]
+    if n:
+        columns = list(zip(*(sampling_row(r.req, vocab_size) for r in rows)))
+        for array, column in zip((temperature, top_k, top_p, min_p, seed_lo, seed_hi), columns):
+            array[:n] = column
 
     arrays = dict(
         input_ids=input_ids, positions=positions, token_slots=token_slots, seq_slots=seq_slots, page_rows=page_rows

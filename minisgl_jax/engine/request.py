@@ -44,6 +44,7 @@ class Req:
     in_flight: int = 0  # dispatched steps with rows of this request not yet processed
     num_emitted: int = 0
     finish_reason: FinishReason | None = None
+    sampling_row: tuple | None = None  # cached per-request sampling values of the step batch
 
     @property
     def all_ids(self) -> list[int]:

@@ -186,20 +186,22 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         rows: list[ScheduledRow] = []
+        page_size = self.page_size
         candidates = [r for r in self.running if r.phase is Phase.DECODE and r.num_sampled < r.max_new_tokens]
         for req in candidates:
             if req.phase is not Phase.DECODE:
                 continue  # retracted while making room for an earlier row
-            pages = self._obtain_pages(self._pages_needed(req, req.kv_len + 1))
-            while pages is None:
-                victim = self.running[-1]
-                self.retract(victim)
-                if victim is req:
-                    break
-                pages = self._obtain_pages(self._pages_needed(req, req.kv_len + 1))
-            if pages is None:
-                continue
-            req.pages += pages
+            if req.kv_len >= len(req.pages) * page_size:  # this token opens a new page
+                pages = self._obtain_pages(1)
+                while pages is None:
+                    victim = self.running[-1]
+                    self.retract(victim)
+                    if victim is req:
+                        break
+                    pages = self._obtain_pages(1)
+                if pages is None:
+                    continue
+                req.pages += pages
             rows.append(ScheduledRow(req, req.kv_len, 1, samples=True, token_index=req.num_sampled))
             req.kv_len += 1
             req.num_sampled += 1
