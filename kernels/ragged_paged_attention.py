@@ -142,6 +142,8 @@ def _check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens) -> None:
         raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k_pages.shape[0]})")
     if q.shape[2] != k_pages.shape[3]:
         raise ValueError(f"head_dim of q ({q.shape[2]}) and k_pages ({k_pages.shape[3]}) differ")
+    if q.shape[2] & (q.shape[2] - 1):
+        raise ValueError(f"head_dim must be a power of two (Triton tiles), got {q.shape[2]}")
     num_seqs = kv_lens.shape[0]
     if page_table.ndim != 2 or page_table.shape[0] != num_seqs:
         raise ValueError(f"page_table must be [seqs={num_seqs}, pages_per_seq], got {page_table.shape}")
@@ -177,6 +179,7 @@ def ragged_paged_attention(
     q: [tokens, q_heads, head_dim]; k_pages, v_pages: [kv_heads, pages, page_size, head_dim];
     kv_lens: [seqs] int32; page_table: [seqs, pages_per_seq] int32; cu_q_lens: [seqs + 1] int32.
     Returns [tokens, q_heads, head_dim] in q.dtype; padding rows come out as zeros.
+    Any page size works (page ids are looked up per key); any q_heads / kv_heads ratio.
 
     max_q_len: static hint. 1 promises a decode bucket (tokens == seqs, every q_len 0 or 1) and
     runs the split-K decode kernel alone; None allows any mix. interpret: None interprets unless

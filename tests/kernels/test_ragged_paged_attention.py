@@ -110,5 +110,7 @@ def test_bad_inputs_name_the_argument():
         ragged_paged_attention(q, k, v, lens, table, cu[:1], sm_scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="page_table must be int32"):
         ragged_paged_attention(q, k, v, lens, table.astype(jnp.int16), cu, sm_scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        ragged_paged_attention(q[..., :48], k[..., :48], v[..., :48], lens, table, cu, sm_scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="rows_are_seqs"):
         ragged_paged_attention(q, k, v, lens, table, cu, sm_scale=1.0, max_q_len=1, interpret=True)
