@@ -88,6 +88,7 @@ def main() -> None:
         retractions=engine.stats()["num_retractions"], overlap=not args.no_overlap,
         attention_backend=args.attention_backend, page_size=args.page_size,
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,
+        host_s=engine.timing["step_s"] - engine.timing["wait_s"], wait_for_device_s=engine.timing["wait_s"],
     )
     print("\n| what | value |\n| --- | --- |")
     for key, value in report.items():

@@ -64,7 +64,7 @@ class LLM:
         results: dict[int, Completion] = {}
         bar = None
         started = time.perf_counter()
-        for delta in self.stream(prompts, sampling_params, _results=results):
+        for delta in self.stream(prompts, sampling_params, _results=results, _incremental=False):
             if use_tqdm and bar is None:
                 bar = tqdm(total=len(results), desc="generating", unit="req")
             if bar is not None and delta.finished:
@@ -80,29 +80,35 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         _results: dict[int, Completion] | None = None,
+        _incremental: bool = True,
     ) -> Iterator[Delta]:
-        """Yield text deltas as tokens are produced, for all prompts together."""
+        """Yield text deltas as tokens are produced, for all prompts together.
+
+        generate() passes _incremental=False: then only requests with stop strings are detokenized
+        step by step, and the others once at their end, so text costs no host time between steps.
+        """
         prompt_list = _as_prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompt_list)
         if len(params_list) != len(prompt_list):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
         results = {} if _results is None else _results
-        detoks: dict[str, tuple[int, IncrementalDetokenizer]] = {}
+        detoks: dict[str, tuple[int, IncrementalDetokenizer, bool]] = {}
         for index, (prompt, p) in enumerate(zip(prompt_list, params_list)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"llm-{next(self._ids)}"
             self.engine.add_request(rid, ids, p)
             results[index] = Completion(request_id=rid, prompt_token_ids=ids)
-            detoks[rid] = (index, IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop))
+            live = _incremental or bool(p.stop)
+            detoks[rid] = (index, IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop), live)
         try:
             while detoks:
                 for out in self.engine.step():
                     if out.request_id not in detoks:
                         continue
-                    index, detok = detoks[out.request_id]
+                    index, detok, live = detoks[out.request_id]
                     result = results[index]
-                    text = detok.add(out.new_token_ids) if not detok.stopped else ""
+                    text = detok.add(out.new_token_ids) if live and not detok.stopped else ""
                     result.token_ids += out.new_token_ids
                     result.logprobs += out.new_logprobs
                     result.cached_tokens = out.cached_tokens
@@ -113,7 +119,7 @@ class LLM:
                     elif detok.stopped:
                         reason = FinishReason.STOP
                     if finished and not detok.stopped:
-                        text += detok.flush()
+                        text += detok.flush() if live else detok.add(result.token_ids) + detok.flush()
                     result.text += text
                     if finished:
                         result.finish_reason = reason

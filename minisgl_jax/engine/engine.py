@@ -86,6 +86,9 @@ class Engine:
         self._rng = random.Random(args.seed)
         self._arrivals = 0
         self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0)
+        # Seconds in step() and, of those, waiting for the device's tokens: the rest is host work
+        # that the overlap must hide.
+        self.timing = dict(step_s=0.0, wait_s=0.0)
         self._last_status = time.perf_counter()
         self._status_tokens = 0
         self.load_seconds = time.perf_counter() - started
@@ -180,6 +183,12 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Dispatch the next batch, then read the previous one's tokens; returns the new outputs."""
+        started = time.perf_counter()
+        outputs = self._step()
+        self.timing["step_s"] += time.perf_counter() - started
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self.channel is not None:
             self._apply_commands()
         outputs, self._finals = self._finals, []
@@ -221,7 +230,9 @@ class Engine:
         return out
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
+        waited = time.perf_counter()
         ids, logprob, top_ids, top_lps = map(StepOutput.to_host, (out.ids, out.logprob, out.top_ids, out.top_logprobs))
+        self.timing["wait_s"] += time.perf_counter() - waited
         outputs = []
         for i, row in enumerate(batch.rows):
             req = row.req
