@@ -127,6 +127,9 @@ class Scheduler:
         rows: list[ScheduledRow] = []
         for req in self.running:
             if req.phase is Phase.PREFILL and budget > 0:
+                # Share the chunks computed so far; the chunk about to run stays private until
+                # it is written, so no step writes into a page another request may read.
+                self._cache_computed(req)
                 row = self._prefill_row(req, budget)
                 if row is None:
                     break
@@ -163,8 +166,6 @@ class Scheduler:
             reserve += 1
         if not rows:
             return None
-        for row in rows:
-            self._cache_computed(row.req)
         self.prefill_tokens += sum(r.num_tokens for r in rows)
         return ScheduledBatch(rows=rows, is_decode=False)
 
