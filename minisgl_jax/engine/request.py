@@ -44,6 +44,7 @@ class Req:
     in_flight: int = 0  # dispatched steps with rows of this request not yet processed
     num_emitted: int = 0
     finish_reason: FinishReason | None = None
+    prompt_cached: bool = False  # its prefill's pages went to the prefix cache
     sampling_row: tuple | None = None  # cached per-request sampling values of the step batch
 
     @property

@@ -105,7 +105,7 @@ class Scheduler:
     def retract(self, req: Req) -> None:
         """Free a running request's pages and requeue it at the front, to recompute later."""
         self.release(req)
-        req.phase, req.kv_len = Phase.WAITING, 0
+        req.phase, req.kv_len, req.prompt_cached = Phase.WAITING, 0, False
         self.waiting.appendleft(req)
         self.num_retractions += 1
         logger.info("retracted request %s (KV pool full); it will be recomputed", req.request_id)
@@ -114,6 +114,10 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         """Prefill if any request needs it and fits, else decode every running request."""
+        for req in self.running:
+            if req.phase is Phase.DECODE and not req.prompt_cached:
+                self._cache_computed(req)  # its whole prompt is written: others may reuse it now
+                req.prompt_cached = True
         return self._schedule_prefill() or self._schedule_decode()
 
     def _order_waiting(self) -> None:
@@ -122,14 +126,19 @@ class Scheduler:
         hits = {id(r): self.cache.match(r.all_ids[:-1]).num_pages for r in self.waiting}
         self.waiting = deque(sorted(self.waiting, key=lambda r: (-hits[id(r)], r.arrival)))
 
+    def _page_key(self, req: Req, start: int) -> tuple[int, ...]:
+        return tuple(req.all_ids[start : start + self.page_size])
+
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.max_prefill_tokens
         rows: list[ScheduledRow] = []
+        computing: set[tuple[int, ...]] = set()  # first page each prefill of this step computes
         for req in self.running:
             if req.phase is Phase.PREFILL and budget > 0:
                 # Share the chunks computed so far; the chunk about to run stays private until
                 # it is written, so no step writes into a page another request may read.
                 self._cache_computed(req)
+                computing.add(self._page_key(req, req.kv_len))
                 row = self._prefill_row(req, budget)
                 if row is None:
                     break
@@ -137,21 +146,26 @@ class Scheduler:
                 budget -= row.num_tokens
         self._order_waiting()
         reserve = len(self.running)  # keep a page per running request for its next decode token
-        while self.waiting and budget > 0 and self.free_slots:
-            req = self.waiting[0]
+        for req in list(self.waiting):
+            if budget <= 0 or not self.free_slots:
+                break
             if req.in_flight:
-                break  # its last tokens are still on the device; admit it once they are read
+                continue  # its last tokens are still on the device; admit it once they are read
             match = self.cache.match(req.all_ids[:-1])
-            first_chunk = min(req.target_len - match.num_pages * self.page_size, budget)
-            need = -(-(match.num_pages * self.page_size + first_chunk) // self.page_size) - match.num_pages
+            start = match.num_pages * self.page_size
+            key = self._page_key(req, start)
+            if self.cache.shares and len(key) == self.page_size and key in computing:
+                continue  # another request computes this prefix now: wait, then reuse its pages
+            first_chunk = min(req.target_len - start, budget)
+            need = -(-(start + first_chunk) // self.page_size) - match.num_pages
             if self.allocator.num_free + self.cache.num_evictable_pages < need + reserve:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.cache.lock(match.handle)
             req.cache_handle, req.pages = match.handle, list(match.pages)
             req.num_cache_pages = match.num_pages
-            req.kv_len = req.cached_tokens = match.num_pages * self.page_size
-            self.cache_hit_tokens += req.cached_tokens
+            req.kv_len = req.cached_tokens = start
+            self.cache_hit_tokens += start
             req.slot = self.free_slots.pop()
             req.phase = Phase.PREFILL
             self.running.append(req)
@@ -161,6 +175,7 @@ class Scheduler:
                 req.phase, req.kv_len = Phase.WAITING, 0
                 self.waiting.appendleft(req)
                 break
+            computing.add(key)
             rows.append(row)
             budget -= row.num_tokens
             reserve += 1

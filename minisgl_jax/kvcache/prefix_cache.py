@@ -28,6 +28,8 @@ class PrefixMatch:
 
 
 class PrefixCache(ABC):
+    shares = True  # whether requests can reuse each other's pages
+
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
         self.allocator = allocator
         self.page_size = page_size
@@ -77,6 +79,8 @@ class PrefixCache(ABC):
 
 class NaiveCache(PrefixCache):
     """`--cache naive`: nothing is shared; every request keeps and frees its own pages."""
+
+    shares = False
 
     def match(self, token_ids: list[int]) -> PrefixMatch:
         return PrefixMatch(pages=[], handle=None)

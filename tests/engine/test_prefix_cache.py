@@ -74,3 +74,13 @@ def test_eviction_under_a_tiny_pool_keeps_outputs(checkpoint):
     assert engine.generate(prompts, GREEDY) == want
     assert engine.stats()["num_evicted_pages"] > 0
     engine.check_kv_invariant()
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once(checkpoint):
+    rng = np.random.default_rng(2)
+    system = rng.integers(0, 256, 3 * PAGE).tolist()
+    prompts = [system + rng.integers(0, 256, 5).tolist() for _ in range(6)]
+    engine = make_engine(checkpoint, "radix")
+    assert engine.generate(prompts, GREEDY) == make_engine(checkpoint, "naive").generate(prompts, GREEDY)
+    assert engine.stats()["cache_hit_tokens"] == 5 * 3 * PAGE  # all but the first reuse its pages
+    engine.check_kv_invariant()
