@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import time
@@ -102,6 +103,7 @@ def main() -> None:
         for name, sessions in workloads(args).items():
             results[(name, cache)] = run_sessions(engine, sessions, args.output_len)
         del engine
+        gc.collect()  # free the first engine's KV pool before the second sizes its own
     print("\n| workload | cache | seconds | output tok/s | mean TTFT ms | prefill tokens | cache hit tokens |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (name, cache), r in results.items():
