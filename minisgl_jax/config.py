@@ -35,6 +35,7 @@ class EngineArgs:
     seed: int = 0
     compile_cache_dir: str | None = "~/.cache/minisgl_jax/xla"
     warmup: bool = True
+    compile_workers: int = 0  # buckets compiled at once at start-up; 0: one per CPU core
     status_interval_s: float = 10.0
     lpm_min_queue: int = 8
     decode_buckets: list[int] = field(default_factory=list)
@@ -65,6 +66,8 @@ class EngineArgs:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.compile_workers < 0:
+            raise ValueError(f"compile_workers must be >= 0, got {self.compile_workers}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
 from typing import Iterable
@@ -24,6 +25,7 @@ from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, prefill_buckets
 from minisgl_jax.engine.request import Req
+from minisgl_jax.engine.sampler import SAMPLE_PLAIN
 from minisgl_jax.engine.scheduler import Scheduler
 from minisgl_jax.kvcache.allocator import PageAllocator
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
@@ -350,18 +352,19 @@ class Engine:
     def warmup(self) -> float:
         """Compile every decode and prefill bucket now ("capture"), so serving never waits on a compile."""
         started = time.perf_counter()
-        shapes = [(True, size) for size in self.decode_buckets] + [(False, size) for size in self.prefill_buckets]
-        for is_decode, size in tqdm(shapes, desc="compiling step buckets", disable=None):
-            batch = ScheduledBatch(rows=[], is_decode=is_decode)
+        batches = []
+        for is_decode, size in [(True, n) for n in self.decode_buckets] + [(False, n) for n in self.prefill_buckets]:
             seqs = size if is_decode else min(size, self.args.max_running_requests)
-            step_batch = build_step_batch(
-                batch, size, seqs, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
-                self.model_config.vocab_size,
-            )
-            out = self.runner.run(step_batch, is_decode=is_decode, sample_mode=batch.sample_mode, num_logprobs=0)
-            out.ids.block_until_ready()
+            batches.append((build_step_batch(
+                ScheduledBatch(rows=[], is_decode=is_decode), size, seqs, self.page_size, self.pages_per_seq,
+                self.runner.scratch_slot, self.model_config.vocab_size,
+            ), is_decode))
+        workers = self.args.compile_workers or os.cpu_count() or 1
+        self.runner.compile(batches, workers=min(len(batches), workers))
+        for batch, is_decode in tqdm(batches, desc="warming step buckets", disable=None):
+            self.runner.run(batch, is_decode=is_decode, sample_mode=SAMPLE_PLAIN, num_logprobs=0).ids.block_until_ready()
         seconds = time.perf_counter() - started
-        logger.info("compiled %d step buckets in %.1fs", len(shapes), seconds)
+        logger.info("compiled %d step buckets in %.1fs", len(batches), seconds)
         return seconds
 
 

@@ -12,8 +12,9 @@ has read step N's tokens (overlap scheduling).
 from __future__ import annotations
 
 import logging
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
-from minisgl_jax.engine.sampler import SamplingArrays, sample
+from minisgl_jax.engine.sampler import SAMPLE_PLAIN, SamplingArrays, sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class ModelRunner:
             static_argnames=("is_decode", "sample_mode", "num_logprobs"),
             donate_argnames=("kv_pool", "state"),
         )
-        self.compiled_keys: set[tuple] = set()
+        self._compiled: dict[tuple, Any] = {}  # bucket key -> ahead-of-time compiled step
 
     def _step_fn(self, params, kv_pool, state: DeviceState, batch: StepBatch, *, is_decode, sample_mode, num_logprobs):
         model = nnx.merge(self.graphdef, params)
@@ -177,21 +178,34 @@ class ModelRunner:
         if jax.process_count() > 1:
             batch = self.to_device(batch)
         key = (batch.input_ids.shape[0], batch.seq_slots.shape[0], is_decode, sample_mode, num_logprobs)
-        first = key not in self.compiled_keys
-        started = time.perf_counter()
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, batch)
+            return out
         self.kv_pool, self.state, out = self._step(
-            self.params,
-            self.kv_pool,
-            self.state,
-            batch,
-            is_decode=is_decode,
-            sample_mode=sample_mode,
-            num_logprobs=num_logprobs,
+            self.params, self.kv_pool, self.state, batch,
+            is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs,
         )
-        if first:
-            self.compiled_keys.add(key)
-            logger.debug("compiled step %s in %.1fs", key, time.perf_counter() - started)
         return out
+
+    def compile(self, batches: list[tuple[StepBatch, bool]], workers: int) -> None:
+        """Compile the step for each (example batch, is_decode) ahead of time, `workers` at once.
+
+        XLA compiles outside the GIL, so threads overlap the buckets' compiles; `run` then calls
+        the compiled executables directly.
+        """
+
+        def compile_one(item: tuple[StepBatch, bool]) -> tuple[tuple, Any]:
+            batch, is_decode = item
+            lowered = self._step.lower(
+                self.params, self.kv_pool, self.state, batch, is_decode=is_decode, sample_mode=SAMPLE_PLAIN,
+                num_logprobs=0,
+            )
+            key = (batch.input_ids.shape[0], batch.seq_slots.shape[0], is_decode, SAMPLE_PLAIN, 0)
+            return key, lowered.compile()
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            self._compiled.update(pool.map(compile_one, batches))
 
     def lower_text(self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int) -> str:
         """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""
