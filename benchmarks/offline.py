@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
+    parser.add_argument("--compile-workers", type=int, default=0, help="buckets compiled at once (0: one per core)")
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--mem-fraction", type=float, default=0.85)
     parser.add_argument("--max-model-len", type=int, default=2048, help="context length (the workload needs 2048)")
@@ -60,7 +61,7 @@ def main() -> None:
         args.model, load_format=args.load_format, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
         overlap=not args.no_overlap, num_pages=args.num_pages, compile_cache_dir=args.compile_cache_dir,
-        mem_fraction=args.mem_fraction, cache=args.cache, max_model_len=args.max_model_len,
+        mem_fraction=args.mem_fraction, cache=args.cache, compile_workers=args.compile_workers, max_model_len=args.max_model_len,
     )
     startup = time.perf_counter() - started
     prompts, output_lens = workload(args.num_requests, args.min_len, args.max_len)

@@ -343,9 +343,10 @@ class Engine:
         used = 1 - s["kv_pages_free"] / max(1, s["kv_pages_total"])
         hit = s["cache_hit_tokens"] / max(1, s["prompt_tokens"])
         logger.info(
-            "running %d, queued %d, KV %.0f%% used (%d cached pages), %.0f tok/s, cache hit %.0f%%, retractions %d",
+            "running %d, queued %d, KV %.0f%% used (%d cached pages), %.0f tok/s, cache hit %.0f%%, "
+            "evicted pages %d, retractions %d",
             s["num_running"], s["num_waiting"], 100 * used, s["kv_pages_cached"],
-            self._status_tokens / elapsed, 100 * hit, s["num_retractions"],
+            self._status_tokens / elapsed, 100 * hit, s["num_evicted_pages"], s["num_retractions"],
         )
         self._last_status, self._status_tokens = now, 0
 
