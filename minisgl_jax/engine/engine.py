@@ -125,6 +125,10 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if n >= self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens; the context length is {self.max_model_len}")
+        if n >= self.allocator.num_usable * self.page_size:
+            raise ValueError(
+                f"the prompt has {n} tokens; the whole KV cache holds {self.allocator.num_usable * self.page_size}"
+            )
         max_new = self._max_new_tokens(n, params)
         if n + max_new > self.max_model_len:
             raise ValueError(
@@ -139,7 +143,10 @@ class Engine:
             )
 
     def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        return params.max_tokens if params.max_tokens is not None else self.max_model_len - prompt_len
+        """max_tokens, or without one, up to the context length or what the whole KV pool holds."""
+        if params.max_tokens is not None:
+            return params.max_tokens
+        return min(self.max_model_len, self.allocator.num_usable * self.page_size) - prompt_len
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._arrivals += 1

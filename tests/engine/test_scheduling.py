@@ -113,3 +113,14 @@ def test_stop_conditions(checkpoint):
     with pytest.raises(ValueError, match="top_p"):
         engine.add_request("bad", prompt, SamplingParams(top_p=0.0))
     engine.check_kv_invariant()
+
+
+def test_requests_larger_than_the_pool_are_refused_or_capped(checkpoint):
+    engine = make_engine(checkpoint, num_pages=5)  # 4 usable pages: 64 tokens
+    with pytest.raises(ValueError, match="whole KV cache"):
+        engine.add_request("big", list(range(50)), SamplingParams(max_tokens=30))
+    with pytest.raises(ValueError, match="whole KV cache"):
+        engine.add_request("huge", list(range(70)) * 1, SamplingParams(max_tokens=None))
+    out = engine.generate([list(range(50))], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
+    assert len(out[0]) == 64 - 50  # without max_tokens: as far as the pool goes
+    engine.check_kv_invariant()
