@@ -99,6 +99,8 @@ class RadixCache(PrefixCache):
         return PrefixMatch(pages=cached, handle=None if node is self.root else node)
 
     def lock(self, handle: Any) -> None:
+        if handle is not None and not self._attached(handle):
+            raise RuntimeError("radix cache: lock of a path that was evicted; lock a match before evicting")
         node = handle
         while node is not None and node is not self.root:
             if node.lock_count == 0:
@@ -124,6 +126,7 @@ class RadixCache(PrefixCache):
             _, _, node = heapq.heappop(leaves)
             parent = node.parent
             del parent.children[self._page_key(node.key, 0)]
+            node.parent = None
             self.allocator.free(node.pages)
             freed += len(node.pages)
             if parent is not self.root and not parent.children and parent.lock_count == 0:
@@ -143,6 +146,11 @@ class RadixCache(PrefixCache):
     @property
     def num_evictable_pages(self) -> int:
         return self._num_evictable
+
+    def _attached(self, node: Node) -> bool:
+        while node.parent is not None:
+            node = node.parent
+        return node is self.root
 
     def _nodes(self):
         stack = list(self.root.children.values())

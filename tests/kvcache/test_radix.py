@@ -121,3 +121,12 @@ class RadixModel(RuleBasedStateMachine):
 
 RadixModel.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None, derandomize=True)
 test_radix_against_model = RadixModel.TestCase
+
+
+def test_locking_an_evicted_path_is_an_error():
+    allocator, cache = make(num_pages=8, page_size=1)
+    cache.insert([1, 2], allocator.allocate(2))
+    m = cache.match([1, 2])
+    cache.evict(2)
+    with pytest.raises(RuntimeError, match="evicted"):
+        cache.lock(m.handle)
