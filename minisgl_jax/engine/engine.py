@@ -11,10 +11,9 @@ import logging
 import os
 import random
 import time
-from typing import Iterable
 
 import jax.numpy as jnp
-import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from minisgl_jax.config import EngineArgs
@@ -29,6 +28,7 @@ from minisgl_jax.engine.sampler import SAMPLE_PLAIN
 from minisgl_jax.engine.scheduler import Scheduler
 from minisgl_jax.kvcache.allocator import PageAllocator
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
+from minisgl_jax.kvcache.radix import RadixCache
 from minisgl_jax.models.loader import load_model
 from minisgl_jax.tokenizer import load_tokenizer
 
@@ -36,11 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 def make_prefix_cache(kind: str, allocator: PageAllocator, page_size: int) -> PrefixCache:
-    if kind == "naive":
-        return NaiveCache(allocator, page_size)
-    from minisgl_jax.kvcache.radix import RadixCache
-
-    return RadixCache(allocator, page_size)
+    return NaiveCache(allocator, page_size) if kind == "naive" else RadixCache(allocator, page_size)
 
 
 class Engine:
@@ -58,13 +54,11 @@ class Engine:
         self.mesh = setup.make_mesh(args.tp)
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)
-        self.weights_bytes = sum(
-            int(np.prod(x.shape)) * x.dtype.itemsize for x in _leaves(model)
-        )
+        self.weights_bytes = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
         self.tokenizer = load_tokenizer(args.tokenizer or args.model, local_only=args.load_format == "dummy")
-        self.eos_token_ids = set(cfg.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        # The config's EOS ids; the tokenizer's only when the config names none (a fallback
+        # tokenizer's ids mean nothing to the model).
+        self.eos_token_ids = set(cfg.eos_token_ids) or {self.tokenizer.eos_token_id} - {None}
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         self.page_size = args.page_size
         self.pages_per_seq = -(-self.max_model_len // args.page_size)
@@ -374,9 +368,3 @@ class Engine:
         seconds = time.perf_counter() - started
         logger.info("compiled %d step buckets in %.1fs", len(batches), seconds)
         return seconds
-
-
-def _leaves(model) -> Iterable:
-    from flax import nnx
-
-    return [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]

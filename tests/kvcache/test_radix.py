@@ -43,7 +43,7 @@ def test_partial_last_page_is_not_cached():
 
 def test_locked_paths_survive_eviction_and_lru_order():
     allocator, cache = make(num_pages=9, page_size=1)
-    old = cache.insert([1, 2], allocator.allocate(2))
+    cache.insert([1, 2], allocator.allocate(2))  # least recently used: evicted first
     locked = cache.insert([3, 4], allocator.allocate(2))
     new = cache.insert([5, 6], allocator.allocate(2))
     cache.lock(locked.handle)
