@@ -135,7 +135,7 @@ def bench_decode(results: dict, copy_bw: float) -> None:
                    gbps=kv_bytes / best / 1e9, frac_copy=kv_bytes / best / copy_bw,
                    vs_bundled=best_bundled / best, vs_bundled_default=default_bundled / best)
         print(f"decode B={batch} ctx={ctx}: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["ours"].items()}))
-        print(f"  bundled: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["jax_bundled"].items()}))
+        print("  bundled: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["jax_bundled"].items()}))
         results["decode"].append(row)
         if (batch, ctx) == (256, 1024):
             wide = make_batch(batch, [1] * batch, [ctx] * batch, 16, pages_per_seq=2560)
