@@ -14,7 +14,6 @@ import time
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm import tqdm
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
@@ -363,7 +362,7 @@ class Engine:
             ), is_decode))
         workers = self.args.compile_workers or os.cpu_count() or 1
         self.runner.compile(batches, workers=min(len(batches), workers))
-        for batch, is_decode in tqdm(batches, desc="warming step buckets", disable=None):
+        for batch, is_decode in batches:
             self.runner.run(batch, is_decode=is_decode, sample_mode=SAMPLE_PLAIN, num_logprobs=0).ids.block_until_ready()
         seconds = time.perf_counter() - started
         logger.info("compiled %d step buckets in %.1fs", len(batches), seconds)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -205,7 +206,8 @@ class ModelRunner:
             return key, lowered.compile()
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            self._compiled.update(pool.map(compile_one, batches))
+            compiled = pool.map(compile_one, batches)
+            self._compiled.update(tqdm(compiled, total=len(batches), desc="compiling step buckets", disable=None))
 
     def lower_text(self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int) -> str:
         """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""
