@@ -9,7 +9,6 @@ randint(100, 1024) drawn after all prompts, ignore_eos, temperature 0.6; through
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -18,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from report import emit  # noqa: E402
 from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
 
 from minisgl_jax import LLM, SamplingParams  # noqa: E402
@@ -91,12 +91,7 @@ def main() -> None:
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,
         host_s=engine.timing["step_s"] - engine.timing["wait_s"], wait_for_device_s=engine.timing["wait_s"],
     )
-    print("\n| what | value |\n| --- | --- |")
-    for key, value in report.items():
-        print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

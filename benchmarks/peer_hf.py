@@ -10,7 +10,6 @@ its own max_new_tokens through the continuous-batching manager.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from offline import workload  # noqa: E402
+from report import emit  # noqa: E402
 
 from minisgl_jax.models.config import bundled_config_path, read_hf_config  # noqa: E402
 
@@ -81,12 +81,7 @@ def main() -> None:
         raise RuntimeError(f"the peer produced {tokens} tokens, the workload asks for {sum(output_lens)}")
     report = dict(peer="transformers continuous batching (paged|sdpa)", model=args.model, requests=len(prompts),
                   output_tokens=tokens, seconds=seconds, output_tokens_per_s=tokens / seconds)
-    print("\n| what | value |\n| --- | --- |")
-    for key, value in report.items():
-        print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
