@@ -100,7 +100,7 @@ class Engine:
         """Queue a request; raises ValueError with a user-facing message when it cannot be served."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_request(prompt_token_ids, params)
+        self.check_request(prompt_token_ids, params)
         if params.seed is None:
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
         if self.channel is not None:
@@ -108,7 +108,8 @@ class Engine:
         else:
             self._admit(request_id, prompt_token_ids, params)
 
-    def _check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, with the numbers, when this request can never be served."""
         params.validate()
         n = len(prompt_token_ids)
         if n == 0:

@@ -1,0 +1,247 @@
+"""The HTTP API: OpenAI-compatible endpoints, native /generate, health, metrics and admin routes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from minisgl_jax.core import SamplingParams
+from minisgl_jax.server import responses
+from minisgl_jax.server.client import EngineClient
+from minisgl_jax.server.messages import AbortReq, FlushCacheReq, GenerateReq, TextChunk, TokenizeReq
+from minisgl_jax.server.middleware import APIKeyCheck, BodyLimit
+from minisgl_jax.server.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, TokenizeRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class APIConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    watchdog_timeout_s: float = 120.0
+    children_alive: Callable[[], bool] = lambda: True
+    allow_origins: list[str] = field(default_factory=list)
+
+
+def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
+    app = FastAPI(title="minisgl-jax", description="OpenAI-compatible LLM server")
+    live: dict[str, int] = {}  # API request id -> number of engine requests, for /abort/{id}
+
+    # ---- errors: OpenAI-shaped bodies, 400 for validation (never 422) ------------------------
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return JSONResponse(APIError(400, message, param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    # ---- health and metrics ------------------------------------------------------------------
+
+    def not_ready_reason() -> str | None:
+        if not config.children_alive():
+            return "a worker process has exited"
+        if client.ready is None:
+            return "the model is still loading and compiling"
+        silent = time.monotonic() - client.stats_at
+        if silent > config.watchdog_timeout_s:
+            return f"the scheduler has sent no heartbeat for {silent:.0f}s"
+        stats = client.stats
+        if stats is not None and stats.has_work and stats.seconds_since_step > config.watchdog_timeout_s:
+            return f"the scheduler has work but has not finished a step for {stats.seconds_since_step:.0f}s"
+        return None
+
+    def require_ready() -> None:
+        reason = not_ready_reason()
+        if reason is not None:
+            raise APIError(503, f"the server is not ready: {reason}", kind="service_unavailable")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not config.children_alive():
+            return JSONResponse({"status": "a worker process has exited"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        reason = not_ready_reason()
+        if reason is not None:
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(client.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        max_len = client.ready.max_model_len if client.ready else None
+        card = {"id": config.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "minisgl-jax", "max_model_len": max_len}
+        return {"object": "list", "data": [card]}
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != config.served_model_name:
+            raise APIError(400, f"model {name!r} is not served here; this server serves "
+                                f"{config.served_model_name!r}", "model")
+
+    async def run(
+        request: Request, message: GenerateReq, num_choices: int, stream: bool,
+        render_stream: Callable[[TextChunk | None, responses.Choices], list[str]],
+        render_final: Callable[[responses.Choices], dict[str, Any]],
+    ) -> Response:
+        """Send one generation request and answer it, streamed (SSE) or whole."""
+        require_ready()
+        live[message.rid] = num_choices
+        chunks = client.generate(message, num_choices)
+        watcher = asyncio.create_task(abort_on_disconnect(request, message.rid, num_choices))
+        choices = responses.Choices(num_choices, message.n)
+        try:
+            first = await anext(chunks)
+        except BaseException:
+            watcher.cancel()
+            live.pop(message.rid, None)
+            await chunks.aclose()
+            raise
+        if not stream:
+            try:
+                choices.add(first)
+                async for chunk in chunks:
+                    choices.add(chunk)
+            finally:
+                watcher.cancel()
+                live.pop(message.rid, None)
+            return JSONResponse(render_final(choices))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for line in render_stream(None, choices):
+                    yield line
+                choices.add(first)
+                for line in render_stream(first, choices):
+                    yield line
+                async for chunk in chunks:
+                    choices.add(chunk)
+                    for line in render_stream(chunk, choices):
+                        yield line
+                yield "data: [DONE]\n\n"
+            finally:
+                watcher.cancel()
+                live.pop(message.rid, None)
+                await chunks.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def abort_on_disconnect(request: Request, rid: str, num_choices: int) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        logger.info("client of %s disconnected: aborting it", rid)
+        client.send(AbortReq([f"{rid}/{i}" for i in range(num_choices)]))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        params = body.to_sampling_params()
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        message = GenerateReq(rid, messages=messages, chat_template_kwargs=body.chat_template_kwargs,
+                              params=_wire(params), n=body.n)
+        view = responses.ChatView(rid, config.served_model_name, body.stream_options)
+        return await run(request, message, body.n, body.stream, view.stream, view.final)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        params = body.to_sampling_params()
+        prompts = body.prompts()
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        message = GenerateReq(rid, prompts=prompts, params=_wire(params), n=body.n)
+        view = responses.CompletionView(rid, config.served_model_name, body.stream_options)
+        return await run(request, message, len(prompts) * body.n, body.stream, view.stream, view.final)
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        prompt = body.prompt()
+        params = body.to_sampling_params()
+        rid = f"gen-{uuid.uuid4().hex}"
+        message = GenerateReq(rid, prompts=[prompt], params=_wire(params), n=1)
+        view = responses.NativeView(rid)
+        return await run(request, message, 1, body.stream, view.stream, view.final)
+
+    # ---- tokens and admin ----------------------------------------------------------------------
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        require_ready()
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else None
+        rid = f"tok-{uuid.uuid4().hex}"
+        reply = await client.call(rid, TokenizeReq(rid, text=body.prompt, messages=messages,
+                                                   add_special_tokens=body.add_special_tokens))
+        return {"tokens": reply.token_ids, "count": len(reply.token_ids), "max_model_len": client.ready.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        require_ready()
+        if any(t < 0 for t in body.tokens):
+            raise APIError(400, "tokens must be non-negative ids", "tokens")
+        rid = f"detok-{uuid.uuid4().hex}"
+        reply = await client.call(rid, TokenizeReq(rid, token_ids=body.tokens))
+        return {"prompt": reply.text}
+
+    @app.post("/abort/{rid}")
+    async def abort(rid: str) -> dict[str, Any]:
+        if rid not in live:
+            raise APIError(404, f"no running request with id {rid!r}", "rid")
+        client.send(AbortReq([f"{rid}/{i}" for i in range(live[rid])]))
+        return {"id": rid, "aborted": True}
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> dict[str, Any]:
+        require_ready()
+        rid = f"flush-{uuid.uuid4().hex}"
+        reply = await client.call(rid, FlushCacheReq(rid))
+        return {"flushed_pages": reply.pages}
+
+    if config.allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=config.allow_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    if config.api_key:
+        app.add_middleware(APIKeyCheck, api_key=config.api_key)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    return app
+
+
+def _wire(params: SamplingParams) -> dict[str, Any]:
+    """SamplingParams as the plain map that travels in a GenerateReq."""
+    return dataclasses.asdict(params)

@@ -1,0 +1,134 @@
+"""`python -m minisgl_jax` flags: the engine's (EngineArgs) and the server's own."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from minisgl_jax.config import ATTENTION_BACKENDS, CACHE_KINDS, DTYPES, LOAD_FORMATS, EngineArgs
+
+
+@dataclass
+class ServerArgs:
+    host: str = "127.0.0.1"
+    port: int = 1919
+    served_model_name: str | None = None
+    api_key: str | None = None
+    chat_template: str | None = None  # the template itself, read from --chat-template
+    max_request_bytes: int = 8 * 2**20
+    watchdog_timeout: float = 120.0
+    shutdown_timeout: float = 5.0
+    allow_origins: list[str] | None = None
+    shell: bool = False
+    log_level: str = "info"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EngineArgs(model="")
+    s = ServerArgs()
+    p = argparse.ArgumentParser(
+        prog="python -m minisgl_jax",
+        description="Serve a model with an OpenAI-compatible API (or chat with it in the terminal: --shell).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--model", required=True, help="local folder (config.json, *.safetensors) or Hugging Face id; "
+                                                      "with --load-format dummy also a bundled config name")
+    model.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: the model's)")
+    model.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format,
+                       help="auto reads the weights; dummy makes random ones (benchmarks)")
+    model.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights, activations and KV cache")
+    model.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    model.add_argument("--chat-template", default=None,
+                       help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
+    model.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    model.add_argument("--seed", type=int, default=d.seed, help="seeds dummy weights and requests without a seed")
+
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel GPUs (a jax.sharding mesh axis)")
+    engine.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (a power of two)")
+    engine.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized by --mem-fraction)")
+    engine.add_argument("--mem-fraction", type=float, default=d.mem_fraction,
+                        help="fraction of GPU memory for weights plus KV cache")
+    engine.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
+                        help="requests decoded together (the largest decode batch)")
+    engine.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+                        help="tokens per prefill step (longer prompts are chunked)")
+    engine.add_argument("--cache", choices=CACHE_KINDS, default=d.cache,
+                        help="radix shares KV pages of common prefixes across requests; naive does not")
+    engine.add_argument("--attention-backend", default=d.attention_backend,
+                        help=f"one of {ATTENTION_BACKENDS}, or PREFILL,DECODE (e.g. reference,pallas)")
+    engine.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next step")
+    engine.add_argument("--decode-buckets", default=None,
+                        help="comma-separated decode batch sizes to compile (default: powers of two)")
+    engine.add_argument("--compile-cache-dir", default=d.compile_cache_dir,
+                        help="persistent XLA compilation cache ('' to disable)")
+    engine.add_argument("--compile-workers", type=int, default=d.compile_workers,
+                        help="step buckets compiled at once at start-up (0: one per CPU core)")
+    engine.add_argument("--status-interval", type=float, default=d.status_interval_s,
+                        help="seconds between engine status lines while busy")
+
+    nodes = p.add_argument_group("multi-host")
+    nodes.add_argument("--nnodes", type=int, default=d.nnodes, help="hosts in the job")
+    nodes.add_argument("--node-rank", type=int, default=d.node_rank, help="this host's rank; 0 serves the API")
+    nodes.add_argument("--coordinator", default=None, help="host:port of node 0 for jax.distributed")
+
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default=s.host, help="address to bind (0.0.0.0 to listen on every interface)")
+    server.add_argument("--port", type=int, default=s.port)
+    server.add_argument("--api-key", default=os.environ.get("MINISGL_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $MINISGL_API_KEY, else none)")
+    server.add_argument("--max-request-bytes", type=int, default=s.max_request_bytes,
+                        help="larger request bodies get 413")
+    server.add_argument("--watchdog-timeout", type=float, default=s.watchdog_timeout,
+                        help="readiness fails when the scheduler has work but no step finished for this long (s)")
+    server.add_argument("--shutdown-timeout", type=float, default=s.shutdown_timeout,
+                        help="on SIGTERM/Ctrl-C, seconds to let in-flight requests finish before aborting them")
+    server.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (default: CORS off)")
+    server.add_argument("--log-level", default=s.log_level, choices=["debug", "info", "warning", "error"])
+    server.add_argument("--shell", action="store_true", help="chat in this terminal instead of serving HTTP")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        decode_buckets = [int(x) for x in a.decode_buckets.split(",")] if a.decode_buckets else []
+    except ValueError:
+        parser.error(f"--decode-buckets must be comma-separated integers, got {a.decode_buckets!r}")
+    engine = EngineArgs(
+        model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, load_format=a.load_format, page_size=a.page_size,
+        num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
+        max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
+        attention_backend=a.attention_backend, tp=a.tp, overlap=not a.no_overlap, seed=a.seed,
+        compile_cache_dir=a.compile_cache_dir or None, compile_workers=a.compile_workers,
+        status_interval_s=a.status_interval, decode_buckets=decode_buckets, nnodes=a.nnodes,
+        node_rank=a.node_rank, coordinator=a.coordinator,
+    )
+    try:
+        engine.validate()
+    except ValueError as err:
+        parser.error(str(err))
+    server = ServerArgs(
+        host=a.host, port=a.port, served_model_name=a.served_model_name or a.model, api_key=a.api_key or None,
+        chat_template=read_chat_template(parser, a.chat_template), max_request_bytes=a.max_request_bytes,
+        watchdog_timeout=a.watchdog_timeout, shutdown_timeout=a.shutdown_timeout, allow_origins=a.allow_origins,
+        shell=a.shell, log_level=a.log_level,
+    )
+    if not 0 < server.port < 65536:
+        parser.error(f"--port must be in 1..65535, got {server.port}")
+    return engine, server
+
+
+def read_chat_template(parser: argparse.ArgumentParser, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    parser.error(f"--chat-template: no such file {value!r}")
+    return None

@@ -1,0 +1,183 @@
+"""Start the server: the worker processes, the API on uvicorn, and a clean stop of all of them.
+
+The API process never imports JAX. It watches its children; one that dies takes the server down
+with a log line naming it and a non-zero exit. Children get SIGKILL if this process dies
+(PR_SET_PDEATHSIG), so nothing is left behind even then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from minisgl_jax.config import EngineArgs
+from minisgl_jax.server import ipc
+from minisgl_jax.server.api import APIConfig, build_app
+from minisgl_jax.server.cli import ServerArgs, parse_args
+from minisgl_jax.server.client import EngineClient
+from minisgl_jax.server.detokenizer_worker import run_detokenizer
+from minisgl_jax.server.metrics import ServerMetrics
+from minisgl_jax.server.scheduler_worker import run_scheduler
+from minisgl_jax.server.tokenizer_worker import run_tokenizer
+
+logger = logging.getLogger("minisgl_jax.server")
+
+LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
+PR_SET_PDEATHSIG = 1
+CHILD_STOP_S = 3.0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+
+
+def child_main(level: str, target: Callable[..., None], *args: Any) -> None:
+    """Every worker process starts here: logs like the parent, dies with it, leaves Ctrl-C to it."""
+    setup_logging(level)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        target(*args)
+    except Exception:
+        logging.getLogger(__name__).exception("%s failed", multiprocessing.current_process().name)
+        sys.exit(1)
+
+
+class Launcher:
+    def __init__(self, engine_args: EngineArgs, server_args: ServerArgs) -> None:
+        self.engine_args, self.server_args = engine_args, server_args
+        self.run_dir = ipc.RunDir(tempfile.mkdtemp(prefix="minisgl-jax-"))  # mode 0700
+        self.exit_code = 0
+        self.uvicorn: uvicorn.Server | None = None
+        spawn = multiprocessing.get_context("spawn")
+        tokenizer_path = engine_args.tokenizer or engine_args.model
+        local_only = engine_args.load_format == "dummy"
+        level = server_args.log_level
+        self.children = {
+            "tokenizer": spawn.Process(name="tokenizer", target=child_main, args=(
+                level, run_tokenizer, self.run_dir.path, tokenizer_path, server_args.chat_template, local_only)),
+            "detokenizer": spawn.Process(name="detokenizer", target=child_main, args=(
+                level, run_detokenizer, self.run_dir.path, tokenizer_path, local_only)),
+            "scheduler": spawn.Process(name="scheduler", target=child_main, args=(
+                level, run_scheduler, self.run_dir.path, engine_args)),
+        }
+
+    def children_alive(self) -> bool:
+        return all(p.is_alive() for p in self.children.values())
+
+    def run(self) -> int:
+        a = self.server_args
+        client = EngineClient(self.run_dir, ServerMetrics())
+        config = APIConfig(
+            served_model_name=a.served_model_name, api_key=a.api_key, max_body_bytes=a.max_request_bytes,
+            watchdog_timeout_s=a.watchdog_timeout, children_alive=self.children_alive,
+            allow_origins=a.allow_origins or [],
+        )
+        app = build_app(client, config)
+        app.router.lifespan_context = self._lifespan(client)
+        for child in self.children.values():
+            child.start()
+        logger.info("loading %s; http://%s:%d/health/ready answers 503 until the model is compiled",
+                    self.engine_args.model, a.host, a.port)
+        self.uvicorn = uvicorn.Server(uvicorn.Config(
+            app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=a.shutdown_timeout,
+        ))
+        try:
+            self.uvicorn.run()
+        finally:
+            self.stop_children()
+        return self.exit_code
+
+    def _lifespan(self, client: EngineClient) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager]:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            tasks = [asyncio.create_task(client.receive_forever()), asyncio.create_task(self._watch(client))]
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                self.stop_children()
+
+        return lifespan
+
+    async def _watch(self, client: EngineClient) -> None:
+        """Report readiness once; from then on, take the server down if a child dies."""
+        reported = False
+        while True:
+            await asyncio.sleep(0.2)
+            for name, child in self.children.items():
+                if not child.is_alive():
+                    logger.error("the %s process exited with code %s (its error is logged above); shutting down",
+                                 name, child.exitcode)
+                    self.exit_code = 1
+                    self.uvicorn.should_exit = True
+                    return
+            if client.ready is not None and not reported:
+                reported = True
+                self._report(client)
+
+    def _report(self, client: EngineClient) -> None:
+        r, a = client.ready, self.server_args
+        logger.info(
+            "ready in %.1fs: %s, weights %.2f GiB, KV cache %d pages x %d = %d tokens, up to %d running requests, "
+            "context %d; serving on http://%s:%d (OpenAI API under /v1)",
+            r.startup_seconds, a.served_model_name, r.weights_bytes / 2**30, r.kv_pages, r.page_size, r.kv_tokens,
+            r.max_running_requests, r.max_model_len, a.host, a.port,
+        )
+
+    def stop_children(self) -> None:
+        """SIGTERM every child, SIGKILL what is left after a few seconds; remove the run folder."""
+        for child in self.children.values():
+            if child.is_alive():
+                child.terminate()
+        for child in self.children.values():
+            if child.pid is not None:
+                child.join(CHILD_STOP_S)
+            if child.is_alive():
+                logger.warning("the %s process did not stop; killing it", child.name)
+                child.kill()
+                child.join()
+        shutil.rmtree(self.run_dir.path, ignore_errors=True)
+
+
+def run_follower(engine_args: EngineArgs) -> int:
+    """A host other than node 0: the scheduler only, in lockstep with node 0's commands."""
+    from minisgl_jax.engine import Engine
+    from minisgl_jax.engine.multihost import follow
+
+    follow(Engine(engine_args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    engine_args, server_args = parse_args(argv)
+    setup_logging(server_args.log_level)
+    # SIGTERM ends the process through SystemExit, so the children are always stopped; uvicorn
+    # handles it while serving and raises it again once it has shut down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        if server_args.shell:
+            from minisgl_jax.server.shell import run_shell
+
+            code = run_shell(engine_args, server_args.chat_template)
+        elif engine_args.node_rank > 0:
+            code = run_follower(engine_args)
+        else:
+            code = Launcher(engine_args, server_args).run()
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

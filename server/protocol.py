@@ -1,0 +1,213 @@
+"""The OpenAI request schemas (and our native /generate), and their mapping to SamplingParams.
+
+Unknown fields are refused (extra="forbid"), and so are known OpenAI fields this server does not
+implement, by name: a parameter is honoured or refused, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from minisgl_jax.core import SamplingParams
+
+
+class APIError(Exception):
+    """An error for the client, with its HTTP status and the request field it is about."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class SamplingFields(StrictModel):
+    """The fields both OpenAI endpoints share, plus the vLLM/SGLang extensions people send."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def refuse_unsupported(self) -> None:
+        """Raise a 400 naming the first set field that this server cannot honour."""
+        penalties = ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)
+        for name, neutral in penalties:
+            if getattr(self, name) != neutral:
+                raise APIError(400, f"{name} is not supported by this server (its sampler has no penalties); "
+                                    f"omit it or set it to {neutral}", name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        params = SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            max_tokens=max_tokens, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        try:
+            params.validate()
+        except ValueError as err:
+            raise APIError(400, str(err), str(err).split()[0]) from None
+        return params
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", "tools")
+        if self.tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice is not supported by this server", "tool_choice")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise APIError(400, "response_format other than text is not supported by this server", "response_format")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.refuse_unsupported()
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.echo:
+            raise APIError(400, "echo is not supported by this server", "echo")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", "suffix")
+        if self.best_of not in (None, self.n):
+            raise APIError(400, "best_of other than n is not supported by this server", "best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt or any(len(p) == 0 for p in prompt):
+            raise APIError(400, "prompt must not be empty", "prompt")
+        return list(prompt)
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.refuse_unsupported()
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class NativeSamplingParams(StrictModel):
+    """/generate's sampling_params, named as SGLang's native API names them."""
+
+    max_new_tokens: int | None = Field(default=128, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+
+class GenerateRequest(StrictModel):
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
+    stream: bool = False
+
+    def prompt(self) -> str | list[int]:
+        if (self.text is None) == (self.input_ids is None):
+            raise APIError(400, "give exactly one of text and input_ids", "text")
+        prompt = self.text if self.text is not None else self.input_ids
+        if not prompt:
+            raise APIError(400, "the prompt must not be empty", "text" if self.text is not None else "input_ids")
+        return prompt
+
+    def to_sampling_params(self) -> SamplingParams:
+        p = self.sampling_params
+        stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
+        params = SamplingParams(
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, max_tokens=p.max_new_tokens,
+            stop=stop, stop_token_ids=list(p.stop_token_ids or []), ignore_eos=p.ignore_eos, seed=p.seed,
+            skip_special_tokens=p.skip_special_tokens,
+        )
+        try:
+            params.validate()
+        except ValueError as err:
+            raise APIError(400, str(err), f"sampling_params.{str(err).split()[0]}") from None
+        return params
+
+
+class TokenizeRequest(StrictModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(StrictModel):
+    model: str | None = None
+    tokens: list[int]
