@@ -52,7 +52,7 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
+        message = f"{param}: {first['msg']}" if param else f"the request body must be a JSON object: {first['msg']}"
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,9 @@ from minisgl_jax.server import messages
 logger = logging.getLogger(__name__)
 
 PROCESSES = ("api", "tokenizer", "scheduler", "detokenizer")
+# The launcher stops its children with this signal; they ignore SIGINT and SIGTERM, which a
+# terminal or a process supervisor may send to the whole process group, and leave those to it.
+STOP_SIGNAL = signal.SIGUSR1
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import multiprocessing
+import os
 import shutil
 import signal
 import sys
@@ -49,6 +50,8 @@ def child_main(level: str, target: Callable[..., None], *args: Any) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(ipc.STOP_SIGNAL, lambda *_: sys.exit(0))
     try:
         target(*args)
     except Exception:
@@ -121,8 +124,9 @@ class Launcher:
             await asyncio.sleep(0.2)
             for name, child in self.children.items():
                 if not child.is_alive():
-                    logger.error("the %s process exited with code %s (its error is logged above); shutting down",
-                                 name, child.exitcode)
+                    code = child.exitcode
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    logger.error("the %s process %s (its last log lines are above); shutting down", name, how)
                     self.exit_code = 1
                     self.uvicorn.should_exit = True
                     return
@@ -140,10 +144,10 @@ class Launcher:
         )
 
     def stop_children(self) -> None:
-        """SIGTERM every child, SIGKILL what is left after a few seconds; remove the run folder."""
+        """Ask every child to stop, SIGKILL what is left after a few seconds; remove the run folder."""
         for child in self.children.values():
             if child.is_alive():
-                child.terminate()
+                os.kill(child.pid, ipc.STOP_SIGNAL)
         for child in self.children.values():
             if child.pid is not None:
                 child.join(CHILD_STOP_S)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from minisgl_jax.server.messages import SchedulerStats
 
@@ -12,6 +12,7 @@ TOKEN_GAP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5)
 
 class ServerMetrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series only double the output
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("minisgl_requests", "Finished requests (choices) by finish reason",
@@ -31,6 +32,8 @@ class ServerMetrics:
         self.running = Gauge("minisgl_num_running_requests", "Requests in the running batch", registry=r)
         self.waiting = Gauge("minisgl_num_waiting_requests", "Requests queued for admission", registry=r)
         self.kv_usage = Gauge("minisgl_kv_cache_usage", "Fraction of KV pages not free", registry=r)
+        self.kv_total = Gauge("minisgl_kv_pages_total", "Usable KV pages", registry=r)
+        self.kv_free = Gauge("minisgl_kv_pages_free", "KV pages free", registry=r)
         self.kv_cached = Gauge("minisgl_kv_cached_pages", "KV pages held by the prefix cache", registry=r)
         self.cache_hit_rate = Gauge("minisgl_prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens",
                                     registry=r)
@@ -42,6 +45,8 @@ class ServerMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(1 - stats.kv_pages_free / max(1, stats.kv_pages_total))
+        self.kv_total.set(stats.kv_pages_total)
+        self.kv_free.set(stats.kv_pages_free)
         self.kv_cached.set(stats.kv_pages_cached)
         self.cache_hit_rate.set(stats.cache_hit_tokens / max(1, stats.prompt_tokens))
         self.retractions.set(stats.num_retractions)

@@ -40,7 +40,7 @@ class SchedulerWorker:
         self._last_heartbeat = 0.0
 
     def serve_forever(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(ipc.STOP_SIGNAL, lambda *_: setattr(self, "stopping", True))
         while not self.stopping:
             busy = self.engine.has_unfinished()
             for message in ipc.receive_all(self.inbox, timeout_ms=0 if busy else IDLE_POLL_MS):

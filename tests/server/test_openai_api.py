@@ -1,0 +1,128 @@
+"""The OpenAI endpoints end to end, through the official `openai` client, against a real server."""
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(server, client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_lists_the_served_model(client, tiny_model_dir):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [tiny_model_dir]
+    assert models.data[0].object == "model"
+
+
+def test_chat_streamed_text_equals_whole_text_and_usage_adds_up(client, model):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+    choice = whole.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    assert 1 <= whole.usage.completion_tokens <= 12
+
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == choice.message.content
+    assert finishes == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_n2_seed_reproducible_and_samples_differ(client, model):
+    def run(seed):
+        return client.completions.create(model=model, prompt="The quick brown", max_tokens=10, n=2, seed=seed,
+                                         temperature=1.0, extra_body={"ignore_eos": True})
+
+    first, again, other = run(7), run(7), run(8)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert first.usage.completion_tokens == 20
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices]
+    ids = lambda r: [c.logprobs for c in r.choices]  # noqa: E731
+    assert ids(first) == ids(again)
+    assert texts != [c.text for c in other.choices] or texts[0] != texts[1]
+
+
+def test_completion_logprobs_one_entry_per_token(client, model):
+    out = client.completions.create(model=model, prompt=[5, 6, 7, 8], max_tokens=6, logprobs=3, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens == 6
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and 1 <= len(top) <= 3  # keyed by token text: byte tokens may share one key
+
+
+def test_chat_logprobs_top_logprobs(client, model):
+    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                         temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert abs(e.top_logprobs[0].logprob - e.logprob) < 1e-4  # greedy: the chosen token is the most likely
+
+
+def test_stop_token_ids_end_the_output_at_that_token(server):
+    import httpx
+
+    body = {"input_ids": [10, 20, 30], "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}}
+    ids = httpx.post(server.url + "/generate", json=body).json()["output_ids"]
+    assert len(ids) == 16
+    stop_id = ids[5]
+    body["sampling_params"]["stop_token_ids"] = [stop_id]
+    out = httpx.post(server.url + "/generate", json=body).json()
+    assert out["output_ids"] == ids[: ids.index(stop_id) + 1]
+    assert out["meta_info"]["finish_reason"] == "stop"
+
+
+def test_stop_string_cuts_text_before_it(client, model):
+    prompt = "Once upon a time"
+    full = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    clean = [i for i in range(4, len(full) - 2) if "\ufffd" not in full[i : i + 2] and full[i : i + 2].strip()]
+    assert clean, f"the tiny model's greedy text has no usable stop string: {full!r}"
+    stop = full[clean[0] : clean[0] + 2]
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
+                                        stream=stream, extra_body={"ignore_eos": True})
+        chunks = list(out) if stream else [out]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == expected
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tokenize_detokenize_round_trip(server):
+    import httpx
+
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "héllo"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 512
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == "héllo"
+
+
+def test_metrics_parse_as_prometheus_text(server, client, model):
+    client.completions.create(model=model, prompt="metrics", max_tokens=3, extra_body={"ignore_eos": True})
+    import httpx
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    for name in ("minisgl_requests", "minisgl_generation_tokens", "minisgl_time_to_first_token_seconds",
+                 "minisgl_inter_token_latency_seconds", "minisgl_num_waiting_requests", "minisgl_kv_cache_usage",
+                 "minisgl_prefix_cache_hit_rate"):
+        assert name in families, name
+    generated = [s.value for s in families["minisgl_generation_tokens"].samples if s.name.endswith("_total")]
+    assert generated[0] >= 3
