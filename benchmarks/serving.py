@@ -155,7 +155,7 @@ async def send(client: httpx.AsyncClient, url: str, headers: dict[str, str], bod
                     break
                 now = time.perf_counter()
                 data = json.loads(payload)
-                if "error" in data:
+                if data.get("error"):
                     result.error = "error in stream"
                     return result
                 if data.get("usage"):

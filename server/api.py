@@ -14,16 +14,27 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from minisgl_jax.server import responses
+from minisgl_jax.server.client import EngineClient
+from minisgl_jax.server.messages import (
+    AbortReq,
+    FlushCacheReq,
+    GenerateReq,
+    TextChunk,
+    TokenizeReq,
+)
+from minisgl_jax.server.middleware import APIKeyCheck, BodyLimit
+from minisgl_jax.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from starlette.exceptions import HTTPException
 
 from minisgl_jax.core import SamplingParams
-from minisgl_jax.server import responses
-from minisgl_jax.server.client import EngineClient
-from minisgl_jax.server.messages import AbortReq, FlushCacheReq, GenerateReq, TextChunk, TokenizeReq
-from minisgl_jax.server.middleware import APIKeyCheck, BodyLimit
-from minisgl_jax.server.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, TokenizeRequest,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,13 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from minisgl_jax.config import ATTENTION_BACKENDS, CACHE_KINDS, DTYPES, LOAD_FORMATS, EngineArgs
+from minisgl_jax.config import (
+    ATTENTION_BACKENDS,
+    CACHE_KINDS,
+    DTYPES,
+    LOAD_FORMATS,
+    EngineArgs,
+)
 
 
 @dataclass
@@ -21,6 +27,7 @@ class ServerArgs:
     shutdown_timeout: float = 5.0
     allow_origins: list[str] | None = None
     shell: bool = False
+    shell_max_tokens: int = 1024
     log_level: str = "info"
 
 
@@ -88,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (default: CORS off)")
     server.add_argument("--log-level", default=s.log_level, choices=["debug", "info", "warning", "error"])
     server.add_argument("--shell", action="store_true", help="chat in this terminal instead of serving HTTP")
+    server.add_argument("--shell-max-tokens", type=int, default=s.shell_max_tokens,
+                        help="longest reply in the --shell chat (tokens)")
     return p
 
 
@@ -115,8 +124,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         host=a.host, port=a.port, served_model_name=a.served_model_name or a.model, api_key=a.api_key or None,
         chat_template=read_chat_template(parser, a.chat_template), max_request_bytes=a.max_request_bytes,
         watchdog_timeout=a.watchdog_timeout, shutdown_timeout=a.shutdown_timeout, allow_origins=a.allow_origins,
-        shell=a.shell, log_level=a.log_level,
+        shell=a.shell, shell_max_tokens=a.shell_max_tokens, log_level=a.log_level,
     )
+    if server.shell_max_tokens < 1:
+        parser.error(f"--shell-max-tokens must be >= 1, got {server.shell_max_tokens}")
     if not 0 < server.port < 65536:
         parser.error(f"--port must be in 1..65535, got {server.port}")
     return engine, server

@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from minisgl_jax.server import ipc, messages
 from minisgl_jax.server.messages import (
-    AbortReq, ErrorReply, FlushCacheReply, GenerateReq, SchedulerReady, SchedulerStats, TextBatch, TextChunk,
+    AbortReq,
+    ErrorReply,
+    FlushCacheReply,
+    GenerateReq,
+    SchedulerReady,
+    SchedulerStats,
+    TextBatch,
+    TextChunk,
     TokenizeReply,
 )
 from minisgl_jax.server.metrics import ServerMetrics

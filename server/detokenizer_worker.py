@@ -10,13 +10,21 @@ import logging
 from typing import Any
 
 import zmq
+from minisgl_jax.server import ipc
+from minisgl_jax.server.messages import (
+    AbortReq,
+    DetokInit,
+    ErrorReply,
+    StepTokens,
+    TextBatch,
+    TextChunk,
+    TokenBatch,
+    TokenLogprobText,
+    TopLogprob,
+)
 from transformers import PreTrainedTokenizerBase
 
 from minisgl_jax.detokenizer import IncrementalDetokenizer
-from minisgl_jax.server import ipc
-from minisgl_jax.server.messages import (
-    AbortReq, DetokInit, ErrorReply, StepTokens, TextBatch, TextChunk, TokenBatch, TokenLogprobText, TopLogprob,
-)
 from minisgl_jax.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)

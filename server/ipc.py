@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-
 from minisgl_jax.server import messages
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,6 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-
-from minisgl_jax.config import EngineArgs
 from minisgl_jax.server import ipc
 from minisgl_jax.server.api import APIConfig, build_app
 from minisgl_jax.server.cli import ServerArgs, parse_args
@@ -33,10 +31,12 @@ from minisgl_jax.server.metrics import ServerMetrics
 from minisgl_jax.server.scheduler_worker import run_scheduler
 from minisgl_jax.server.tokenizer_worker import run_tokenizer
 
+from minisgl_jax.config import EngineArgs
+
 logger = logging.getLogger("minisgl_jax.server")
 
 LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
-PR_SET_PDEATHSIG = 1
+PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
 CHILD_STOP_S = 3.0
 
 
@@ -48,7 +48,9 @@ def child_main(level: str, target: Callable[..., None], *args: Any) -> None:
     """Every worker process starts here: logs like the parent, dies with it, leaves Ctrl-C to it."""
     setup_logging(level)
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(PR_SET_NAME, f"minisgl-{multiprocessing.current_process().name}"[:15].encode())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(ipc.STOP_SIGNAL, lambda *_: sys.exit(0))
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         if server_args.shell:
             from minisgl_jax.server.shell import run_shell
 
-            code = run_shell(engine_args, server_args.chat_template)
+            code = run_shell(engine_args, server_args.chat_template, server_args.shell_max_tokens)
         elif engine_args.node_rank > 0:
             code = run_follower(engine_args)
         else:

@@ -227,10 +227,12 @@ def decode(data: bytes) -> typing.Any:
     return _from_wire(wire, "message")
 
 
-def _from_wire(wire: typing.Any, where: str) -> typing.Any:
+def _from_wire(wire: typing.Any, where: str, expected: type | None = None) -> typing.Any:
     if not isinstance(wire, dict) or wire.get("type") not in MESSAGES:
         raise MessageError(f"{where}: not a known message type")
     cls = MESSAGES[wire["type"]]
+    if expected is not None and cls is not expected:
+        raise MessageError(f"{where}: expected {expected.__name__}, got {cls.__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     extra = set(wire) - names - {"type"}
@@ -271,7 +273,7 @@ def _check(value: typing.Any, annotation: typing.Any, where: str) -> typing.Any:
         key_type, item = typing.get_args(annotation)
         return {_check(k, key_type, where): _check(v, item, where) for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
-        return _from_wire(value, where)
+        return _from_wire(value, where, annotation)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float) and isinstance(value, bool):

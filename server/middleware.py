@@ -9,9 +9,8 @@ from __future__ import annotations
 import hmac
 import json
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from minisgl_jax.server.protocol import APIError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_PATHS = ("/health", "/health/ready", "/metrics")
 

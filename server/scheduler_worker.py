@@ -13,14 +13,22 @@ import time
 from typing import Any
 
 import zmq
+from minisgl_jax.server import ipc
+from minisgl_jax.server.messages import (
+    AbortReq,
+    AddReq,
+    DetokInit,
+    ErrorReply,
+    FlushCacheReply,
+    FlushCacheReq,
+    SchedulerReady,
+    SchedulerStats,
+    StepTokens,
+    TokenBatch,
+)
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
-from minisgl_jax.server import ipc
-from minisgl_jax.server.messages import (
-    AbortReq, AddReq, DetokInit, ErrorReply, FlushCacheReply, FlushCacheReq, SchedulerReady, SchedulerStats,
-    StepTokens, TokenBatch,
-)
 
 logger = logging.getLogger(__name__)
 

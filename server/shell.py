@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+
+from minisgl_jax.server.tokenizer_worker import RequestRefused, render_chat
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
-from minisgl_jax.server.tokenizer_worker import RequestRefused, render_chat
 
-MAX_REPLY_TOKENS = 1024
 HELP = "type a message and press Enter; /reset clears the history, /exit quits"
 
 
-def run_shell(engine_args: EngineArgs, chat_template: str | None) -> int:
+def run_shell(engine_args: EngineArgs, chat_template: str | None, max_reply_tokens: int) -> int:
     from minisgl_jax.llm import LLM  # JAX is imported only now
 
     fields = dataclasses.asdict(engine_args)
@@ -51,13 +52,15 @@ def run_shell(engine_args: EngineArgs, chat_template: str | None) -> int:
             print(f"the conversation fills the context ({max_model_len} tokens): /reset to start over", flush=True)
             history.pop()
             continue
-        params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=min(MAX_REPLY_TOKENS, room))
-        reply = []
+        params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=min(max_reply_tokens, room))
+        reply, reply_tokens, started = [], 0, time.perf_counter()
         try:
             for delta in llm.stream([prompt_ids], params):
                 reply.append(delta.text)
+                reply_tokens += len(delta.token_ids)
                 print(delta.text, end="", flush=True)
         except KeyboardInterrupt:
             print(" (interrupted)", end="")
-        print(flush=True)
+        print(f"\n[{len(prompt_ids)} prompt tokens, {reply_tokens} reply tokens, "
+              f"{time.perf_counter() - started:.1f}s]", flush=True)
         history.append({"role": "assistant", "content": "".join(reply)})

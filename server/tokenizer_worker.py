@@ -10,12 +10,19 @@ import logging
 from typing import Any
 
 import zmq
-from transformers import PreTrainedTokenizerBase
-
 from minisgl_jax.server import ipc
 from minisgl_jax.server.messages import (
-    AbortReq, AddReq, ErrorReply, FlushCacheReq, GenerateReq, NewRequest, TokenizeReply, TokenizeReq,
+    AbortReq,
+    AddReq,
+    ErrorReply,
+    FlushCacheReq,
+    GenerateReq,
+    NewRequest,
+    TokenizeReply,
+    TokenizeReq,
 )
+from transformers import PreTrainedTokenizerBase
+
 from minisgl_jax.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
