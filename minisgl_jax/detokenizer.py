@@ -51,9 +51,13 @@ class IncrementalDetokenizer:
         return self._emit(final=False)
 
     def flush(self) -> str:
-        """Whatever is still held back, at the end of the request."""
+        """Whatever is still held back at the end of the request, an incomplete character as U+FFFD."""
         if self.stopped:
             return ""
+        if self._read_offset < len(self._ids):
+            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            self._pending += self._decode(self._ids[self._prefix_offset :])[len(prefix) :]
+            self._read_offset = len(self._ids)
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:

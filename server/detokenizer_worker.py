@@ -103,6 +103,6 @@ class DetokenizerWorker:
         )
 
 
-def run_detokenizer(run_dir: str, tokenizer_path: str, local_only: bool) -> None:
-    tokenizer = load_tokenizer(tokenizer_path, local_only=local_only)
+def run_detokenizer(run_dir: str, tokenizer_path: str, local_only: bool, vocab_size: int) -> None:
+    tokenizer = load_tokenizer(tokenizer_path, local_only=local_only, vocab_size=vocab_size)
     DetokenizerWorker(ipc.RunDir(run_dir), tokenizer).serve_forever()

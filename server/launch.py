@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from minisgl_jax.server.scheduler_worker import run_scheduler
 from minisgl_jax.server.tokenizer_worker import run_tokenizer
 
 from minisgl_jax.config import EngineArgs
+from minisgl_jax.models.config import bundled_config_path
 
 logger = logging.getLogger("minisgl_jax.server")
 
@@ -68,14 +70,14 @@ class Launcher:
         self.exit_code = 0
         self.uvicorn: uvicorn.Server | None = None
         spawn = multiprocessing.get_context("spawn")
-        tokenizer_path = engine_args.tokenizer or engine_args.model
-        local_only = engine_args.load_format == "dummy"
+        tokenizer = (engine_args.tokenizer or engine_args.model, engine_args.load_format == "dummy",
+                     model_vocab_size(engine_args.model))
         level = server_args.log_level
         self.children = {
             "tokenizer": spawn.Process(name="tokenizer", target=child_main, args=(
-                level, run_tokenizer, self.run_dir.path, tokenizer_path, server_args.chat_template, local_only)),
+                level, run_tokenizer, self.run_dir.path, *tokenizer, server_args.chat_template)),
             "detokenizer": spawn.Process(name="detokenizer", target=child_main, args=(
-                level, run_detokenizer, self.run_dir.path, tokenizer_path, local_only)),
+                level, run_detokenizer, self.run_dir.path, *tokenizer)),
             "scheduler": spawn.Process(name="scheduler", target=child_main, args=(
                 level, run_scheduler, self.run_dir.path, engine_args)),
         }
@@ -158,6 +160,15 @@ class Launcher:
                 child.kill()
                 child.join()
         shutil.rmtree(self.run_dir.path, ignore_errors=True)
+
+
+def model_vocab_size(model: str) -> int:
+    """The model's vocabulary size from its config.json (or the bundled one), for a fallback tokenizer."""
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else bundled_config_path(model)
+    if path is None or not os.path.exists(path):
+        return 259
+    with open(path) as f:
+        return int(json.load(f).get("vocab_size", 259))
 
 
 def run_follower(engine_args: EngineArgs) -> int:

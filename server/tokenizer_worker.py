@@ -121,6 +121,8 @@ class TokenizerWorker:
         ipc.send(self.to_api, reply)
 
 
-def run_tokenizer(run_dir: str, tokenizer_path: str, chat_template: str | None, local_only: bool) -> None:
-    tokenizer = load_tokenizer(tokenizer_path, chat_template=chat_template, local_only=local_only)
+def run_tokenizer(
+    run_dir: str, tokenizer_path: str, local_only: bool, vocab_size: int, chat_template: str | None
+) -> None:
+    tokenizer = load_tokenizer(tokenizer_path, chat_template, local_only, vocab_size)
     TokenizerWorker(ipc.RunDir(run_dir), tokenizer).serve_forever()

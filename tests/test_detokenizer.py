@@ -38,3 +38,18 @@ def test_special_tokens_skipped(tokenizer):
     ids = tokenizer.encode("ab", add_special_tokens=False) + [tokenizer.eos_token_id]
     deltas, _ = stream(tokenizer, ids)
     assert "".join(deltas) == "ab"
+
+
+def test_fallback_tokenizer_gives_every_model_id_visible_text():
+    tokenizer = byte_level_tokenizer(vocab_size=1000)
+    words = [tokenizer.decode([i]) for i in range(259, 1000)]
+    assert len(tokenizer) == 1000 and all(w.startswith(" ") and len(w) > 1 for w in words)
+    assert len(set(words)) == len(words)
+    assert tokenizer.encode("<|im_end|>") == [257]  # the specials keep their ids
+
+
+def test_an_incomplete_character_at_the_end_comes_out_as_a_replacement_character():
+    tokenizer = byte_level_tokenizer()
+    detok = IncrementalDetokenizer(tokenizer, [104])
+    assert detok.add([0xE5]) == "" and detok.add([0xE5]) == ""  # never a complete character
+    assert detok.flush() == tokenizer.decode([0xE5, 0xE5]) and "\ufffd" in detok.text

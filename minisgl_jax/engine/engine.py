@@ -54,7 +54,9 @@ class Engine:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)
         self.weights_bytes = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
-        self.tokenizer = load_tokenizer(args.tokenizer or args.model, local_only=args.load_format == "dummy")
+        self.tokenizer = load_tokenizer(
+            args.tokenizer or args.model, local_only=args.load_format == "dummy", vocab_size=cfg.vocab_size
+        )
         # The config's EOS ids; the tokenizer's only when the config names none (a fallback
         # tokenizer's ids mean nothing to the model).
         self.eos_token_ids = set(cfg.eos_token_ids) or {self.tokenizer.eos_token_id} - {None}
