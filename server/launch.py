@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import multiprocessing
@@ -27,10 +28,7 @@ from minisgl_jax.server import ipc
 from minisgl_jax.server.api import APIConfig, build_app
 from minisgl_jax.server.cli import ServerArgs, parse_args
 from minisgl_jax.server.client import EngineClient
-from minisgl_jax.server.detokenizer_worker import run_detokenizer
 from minisgl_jax.server.metrics import ServerMetrics
-from minisgl_jax.server.scheduler_worker import run_scheduler
-from minisgl_jax.server.tokenizer_worker import run_tokenizer
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.models.config import bundled_config_path
@@ -40,14 +38,19 @@ logger = logging.getLogger("minisgl_jax.server")
 LOG_FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
 PR_SET_NAME, PR_SET_PDEATHSIG = 15, 1
 CHILD_STOP_S = 3.0
+WORKERS = "minisgl_jax.server"
 
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
 
 
-def child_main(level: str, target: Callable[..., None], *args: Any) -> None:
-    """Every worker process starts here: logs like the parent, dies with it, leaves Ctrl-C to it."""
+def child_main(level: str, target: str, *args: Any) -> None:
+    """Every worker process starts here: logs like the parent, dies with it, leaves Ctrl-C to it.
+
+    target is "module:function", imported here, so each process imports only what it uses
+    (the API process neither JAX nor transformers).
+    """
     setup_logging(level)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -56,8 +59,9 @@ def child_main(level: str, target: Callable[..., None], *args: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(ipc.STOP_SIGNAL, lambda *_: sys.exit(0))
+    module, function = target.split(":")
     try:
-        target(*args)
+        getattr(importlib.import_module(module), function)(*args)
     except Exception:
         logging.getLogger(__name__).exception("%s failed", multiprocessing.current_process().name)
         sys.exit(1)
@@ -74,12 +78,13 @@ class Launcher:
                      model_vocab_size(engine_args.model))
         level = server_args.log_level
         self.children = {
-            "tokenizer": spawn.Process(name="tokenizer", target=child_main, args=(
-                level, run_tokenizer, self.run_dir.path, *tokenizer, server_args.chat_template)),
-            "detokenizer": spawn.Process(name="detokenizer", target=child_main, args=(
-                level, run_detokenizer, self.run_dir.path, *tokenizer)),
-            "scheduler": spawn.Process(name="scheduler", target=child_main, args=(
-                level, run_scheduler, self.run_dir.path, engine_args)),
+            name: spawn.Process(name=name, target=child_main, args=(level, f"{WORKERS}.{name}_worker:run_{name}",
+                                                                    self.run_dir.path, *args))
+            for name, args in (
+                ("tokenizer", (*tokenizer, server_args.chat_template)),
+                ("detokenizer", tokenizer),
+                ("scheduler", (engine_args,)),
+            )
         }
 
     def children_alive(self) -> bool:

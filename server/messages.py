@@ -16,6 +16,7 @@ The ways they travel (each process binds one PULL socket, its inbox; the others 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -206,10 +207,17 @@ def encode(message: typing.Any) -> bytes:
     return msgpack.packb(_to_wire(message))
 
 
+@functools.cache
+def _schema(cls: type) -> dict[str, typing.Any]:
+    """Field name -> type of a message class; evaluated once, as messages travel every step."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _to_wire(value: typing.Any) -> typing.Any:
-    if dataclasses.is_dataclass(value):
+    if type(value).__name__ in MESSAGES:
         wire = {"type": type(value).__name__}
-        wire.update({f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        wire.update({name: _to_wire(getattr(value, name)) for name in _schema(type(value))})
         return wire
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
@@ -233,21 +241,23 @@ def _from_wire(wire: typing.Any, where: str, expected: type | None = None) -> ty
     cls = MESSAGES[wire["type"]]
     if expected is not None and cls is not expected:
         raise MessageError(f"{where}: expected {expected.__name__}, got {cls.__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    extra = set(wire) - names - {"type"}
-    if extra:
-        raise MessageError(f"{where}: unknown fields {sorted(extra)} in {cls.__name__}")
+    schema = _schema(cls)
+    if len(wire) != len(schema) + 1:
+        extra = set(wire) - set(schema) - {"type"}
+        if extra:
+            raise MessageError(f"{where}: unknown fields {sorted(extra)} in {cls.__name__}")
     values = {}
-    for name in names:
+    for name, hint in schema.items():
         if name not in wire:
             raise MessageError(f"{where}: {cls.__name__} lacks field {name!r}")
-        values[name] = _check(wire[name], hints[name], f"{cls.__name__}.{name}")
+        values[name] = _check(wire[name], hint, cls.__name__)
     return cls(**values)
 
 
 def _check(value: typing.Any, annotation: typing.Any, where: str) -> typing.Any:
     """`value` converted to `annotation` (nested messages), or MessageError."""
+    if type(value) is annotation:  # the common case, first: most fields are plain str/int/bool
+        return value
     origin = typing.get_origin(annotation)
     if annotation is typing.Any:
         return value
@@ -266,6 +276,8 @@ def _check(value: typing.Any, annotation: typing.Any, where: str) -> typing.Any:
         if not isinstance(value, list):
             raise MessageError(f"{where}: expected a list, got {type(value).__name__}")
         (item,) = typing.get_args(annotation)
+        if item in (int, str) and all(type(v) is item for v in value):
+            return value
         return [_check(v, item, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):

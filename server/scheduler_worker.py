@@ -58,7 +58,10 @@ class SchedulerWorker:
             else:
                 self._last_step = time.monotonic()
             self._maybe_heartbeat()
-        logger.info("scheduler stopping")
+        steps, timing = self.engine.stats()["steps"], self.engine.timing
+        logger.info("scheduler stopping after %d steps: %.2f ms host and %.2f ms waiting for the device per step",
+                    steps, 1e3 * (timing["step_s"] - timing["wait_s"]) / max(1, steps),
+                    1e3 * timing["wait_s"] / max(1, steps))
         self.engine.shutdown()
 
     def handle(self, message: Any) -> None:

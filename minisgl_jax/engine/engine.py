@@ -7,10 +7,12 @@ so the host's bookkeeping runs while the device computes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
 import time
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 from flax import nnx
@@ -29,7 +31,9 @@ from minisgl_jax.kvcache.allocator import PageAllocator
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
 from minisgl_jax.models.loader import load_model
-from minisgl_jax.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +58,6 @@ class Engine:
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)
         self.weights_bytes = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
-        self.tokenizer = load_tokenizer(
-            args.tokenizer or args.model, local_only=args.load_format == "dummy", vocab_size=cfg.vocab_size
-        )
         # The config's EOS ids; the tokenizer's only when the config names none (a fallback
         # tokenizer's ids mean nothing to the model).
         self.eos_token_ids = set(cfg.eos_token_ids) or {self.tokenizer.eos_token_id} - {None}
@@ -95,6 +96,17 @@ class Engine:
             args.max_running_requests,
         )
         self.warmup_seconds = self.warmup() if args.warmup else 0.0
+
+    @functools.cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """Loaded on first use: the server's scheduler process never needs it (nor transformers' import time)."""
+        from minisgl_jax.tokenizer import load_tokenizer
+
+        args = self.args
+        return load_tokenizer(
+            args.tokenizer or args.model, local_only=args.load_format == "dummy",
+            vocab_size=self.model_config.vocab_size,
+        )
 
     # ---- requests ----------------------------------------------------------------------------
 
