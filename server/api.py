@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from minisgl_jax.server import responses
 from minisgl_jax.server.client import EngineClient
+from minisgl_jax.server.limits import RequestLimits, admit
 from minisgl_jax.server.messages import (
     AbortReq,
     FlushCacheReq,
@@ -47,6 +48,7 @@ class APIConfig:
     watchdog_timeout_s: float = 120.0
     children_alive: Callable[[], bool] = lambda: True
     allow_origins: list[str] = field(default_factory=list)
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
@@ -57,7 +59,7 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -122,31 +124,38 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
                                 f"{config.served_model_name!r}", "model")
 
     async def run(
-        request: Request, message: GenerateReq, num_choices: int, stream: bool,
+        request: Request, message: GenerateReq, num_choices: int, stream: bool, timeout_s: float | None,
         render_stream: Callable[[TextChunk | None, responses.Choices], list[str]],
         render_final: Callable[[responses.Choices], dict[str, Any]],
     ) -> Response:
-        """Send one generation request and answer it, streamed (SSE) or whole."""
+        """Send one generation request and answer it, streamed (SSE) or whole, within its timeout."""
         require_ready()
+        admit(sum(live.values()), num_choices, client.ready.max_running_requests, config.limits)
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         live[message.rid] = num_choices
         chunks = client.generate(message, num_choices)
         watcher = asyncio.create_task(abort_on_disconnect(request, message.rid, num_choices))
         choices = responses.Choices(num_choices, message.n)
-        try:
-            first = await anext(chunks)
-        except BaseException:
+
+        async def end() -> None:
             watcher.cancel()
             live.pop(message.rid, None)
-            await chunks.aclose()
+            await chunks.aclose()  # aborts every choice that has not finished
+
+        try:
+            first = await next_chunk(chunks, deadline)
+            if not stream:
+                choices.add(first)
+                async for chunk in until(chunks, deadline):
+                    choices.add(chunk)
+        except TimeoutError:
+            await end()
+            raise timed_out(timeout_s) from None
+        except BaseException:
+            await end()
             raise
         if not stream:
-            try:
-                choices.add(first)
-                async for chunk in chunks:
-                    choices.add(chunk)
-            finally:
-                watcher.cancel()
-                live.pop(message.rid, None)
+            await end()
             return JSONResponse(render_final(choices))
 
         async def events() -> AsyncIterator[str]:
@@ -156,17 +165,25 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
                 choices.add(first)
                 for line in render_stream(first, choices):
                     yield line
-                async for chunk in chunks:
-                    choices.add(chunk)
-                    for line in render_stream(chunk, choices):
-                        yield line
+                try:
+                    async for chunk in until(chunks, deadline):
+                        choices.add(chunk)
+                        for line in render_stream(chunk, choices):
+                            yield line
+                except TimeoutError:
+                    yield responses.sse(timed_out(timeout_s).body())
+                except APIError as err:  # the request failed after its first token: say so in the stream
+                    yield responses.sse(err.body())
                 yield "data: [DONE]\n\n"
             finally:
-                watcher.cancel()
-                live.pop(message.rid, None)
-                await chunks.aclose()
+                await end()
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def timed_out(timeout_s: float | None) -> APIError:
+        client.metrics.errors.labels("504").inc()
+        return APIError(504, f"the request did not finish within its timeout of {timeout_s:g}s and was aborted",
+                        "timeout", kind="timeout_error")
 
     async def abort_on_disconnect(request: Request, rid: str, num_choices: int) -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -178,31 +195,38 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         params = body.to_sampling_params()
+        config.limits.check(params, body.n, num_messages=len(body.messages), logprobs_field="top_logprobs",
+                            max_tokens_field="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         message = GenerateReq(rid, messages=messages, chat_template_kwargs=body.chat_template_kwargs,
                               params=_wire(params), n=body.n)
         view = responses.ChatView(rid, config.served_model_name, body.stream_options)
-        return await run(request, message, body.n, body.stream, view.stream, view.final)
+        return await run(request, message, body.n, body.stream, config.limits.timeout(body.timeout),
+                         view.stream, view.final)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         params = body.to_sampling_params()
         prompts = body.prompts()
+        config.limits.check(params, len(prompts) * body.n)
         rid = f"cmpl-{uuid.uuid4().hex}"
         message = GenerateReq(rid, prompts=prompts, params=_wire(params), n=body.n)
         view = responses.CompletionView(rid, config.served_model_name, body.stream_options)
-        return await run(request, message, len(prompts) * body.n, body.stream, view.stream, view.final)
+        return await run(request, message, len(prompts) * body.n, body.stream, config.limits.timeout(body.timeout),
+                         view.stream, view.final)
 
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
         prompt = body.prompt()
         params = body.to_sampling_params()
+        config.limits.check(params, 1, max_tokens_field="sampling_params.max_new_tokens")
         rid = f"gen-{uuid.uuid4().hex}"
         message = GenerateReq(rid, prompts=[prompt], params=_wire(params), n=1)
         view = responses.NativeView(rid)
-        return await run(request, message, 1, body.stream, view.stream, view.final)
+        return await run(request, message, 1, body.stream, config.limits.timeout(body.timeout), view.stream,
+                         view.final)
 
     # ---- tokens and admin ----------------------------------------------------------------------
 
@@ -251,6 +275,21 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
         app.add_middleware(APIKeyCheck, api_key=config.api_key)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     return app
+
+
+async def next_chunk(chunks: AsyncIterator[TextChunk], deadline: float | None) -> TextChunk:
+    """The next chunk, or TimeoutError at `deadline` (event-loop time; None waits for ever)."""
+    async with asyncio.timeout_at(deadline):
+        return await anext(chunks)
+
+
+async def until(chunks: AsyncIterator[TextChunk], deadline: float | None) -> AsyncIterator[TextChunk]:
+    while True:
+        try:
+            chunk = await next_chunk(chunks, deadline)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 def _wire(params: SamplingParams) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from minisgl_jax.config import (
     ATTENTION_BACKENDS,
@@ -13,6 +13,7 @@ from minisgl_jax.config import (
     LOAD_FORMATS,
     EngineArgs,
 )
+from minisgl_jax.server.limits import RequestLimits
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ServerArgs:
     shell: bool = False
     shell_max_tokens: int = 1024
     log_level: str = "info"
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--shutdown-timeout", type=float, default=s.shutdown_timeout,
                         help="on SIGTERM/Ctrl-C, seconds to let in-flight requests finish before aborting them")
     server.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (default: CORS off)")
+    limits = p.add_argument_group("limits", "each breach is refused: 400 naming the field, 503 when the queue is full")
+    lim = RequestLimits()
+    limits.add_argument("--max-queued-requests", type=int, default=lim.max_queued_requests,
+                        help="requests (choices) waiting beyond the running batch; past it, 503 with Retry-After")
+    limits.add_argument("--request-timeout", type=float, default=lim.request_timeout_s,
+                        help="seconds a request may run before it is aborted with 504 (a request's own "
+                             "'timeout' field may shorten it; default: no limit)")
+    limits.add_argument("--max-n", type=int, default=lim.max_n, help="completions per request (n x prompts)")
+    limits.add_argument("--max-tokens-limit", type=int, default=lim.max_tokens,
+                        help="largest max_tokens a request may ask (default: the context length)")
+    limits.add_argument("--max-stop", type=int, default=lim.max_stop, help="stop strings (and stop token ids)")
+    limits.add_argument("--max-messages", type=int, default=lim.max_messages, help="chat messages per request")
+    limits.add_argument("--max-logprobs", type=int, default=lim.max_logprobs, help="top logprobs per token")
     server.add_argument("--log-level", default=s.log_level, choices=["debug", "info", "warning", "error"])
     server.add_argument("--shell", action="store_true", help="chat in this terminal instead of serving HTTP")
     server.add_argument("--shell-max-tokens", type=int, default=s.shell_max_tokens,
@@ -125,7 +140,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         chat_template=read_chat_template(parser, a.chat_template), max_request_bytes=a.max_request_bytes,
         watchdog_timeout=a.watchdog_timeout, shutdown_timeout=a.shutdown_timeout, allow_origins=a.allow_origins,
         shell=a.shell, shell_max_tokens=a.shell_max_tokens, log_level=a.log_level,
+        limits=RequestLimits(
+            max_n=a.max_n, max_tokens=a.max_tokens_limit, max_stop=a.max_stop, max_messages=a.max_messages,
+            max_logprobs=a.max_logprobs, max_queued_requests=a.max_queued_requests,
+            request_timeout_s=a.request_timeout,
+        ),
     )
+    try:
+        server.limits.validate()
+    except ValueError as err:
+        parser.error(str(err))
     if server.shell_max_tokens < 1:
         parser.error(f"--shell-max-tokens must be >= 1, got {server.shell_max_tokens}")
     if not 0 < server.port < 65536:

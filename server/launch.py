@@ -83,7 +83,7 @@ class Launcher:
             for name, args in (
                 ("tokenizer", (*tokenizer, server_args.chat_template)),
                 ("detokenizer", tokenizer),
-                ("scheduler", (engine_args,)),
+                ("scheduler", (engine_args, server_args.watchdog_timeout)),
             )
         }
 
@@ -96,14 +96,14 @@ class Launcher:
         config = APIConfig(
             served_model_name=a.served_model_name, api_key=a.api_key, max_body_bytes=a.max_request_bytes,
             watchdog_timeout_s=a.watchdog_timeout, children_alive=self.children_alive,
-            allow_origins=a.allow_origins or [],
+            allow_origins=a.allow_origins or [], limits=a.limits,
         )
         app = build_app(client, config)
         app.router.lifespan_context = self._lifespan(client)
         for child in self.children.values():
             child.start()
-        logger.info("loading %s; http://%s:%d/health/ready answers 503 until the model is compiled",
-                    self.engine_args.model, a.host, a.port)
+        logger.info("loading %s; http://%s:%d/health/ready answers 503 until the model is compiled; "
+                    "IPC sockets in %s", self.engine_args.model, a.host, a.port, self.run_dir.path)
         self.uvicorn = uvicorn.Server(uvicorn.Config(
             app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=a.shutdown_timeout,
         ))

@@ -191,6 +191,7 @@ class SchedulerStats:
     num_evicted_pages: int
     seconds_since_step: float  # since the last completed step; 0 when idle
     has_work: bool
+    kv_invariant_ok: bool  # free + cached + held by requests == all pages, checked at this heartbeat
 
 
 MESSAGES: dict[str, type] = {

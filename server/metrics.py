@@ -45,6 +45,8 @@ class ServerMetrics:
                                     registry=r)
         self.retractions = Gauge("minisgl_retractions", "Requests retracted for lack of KV pages, in all",
                                  registry=r)
+        self.kv_invariant_ok = Gauge("minisgl_kv_invariant_ok", "1 while free + cached + held KV pages == all pages",
+                                     registry=r)
         self.evicted_pages = Gauge("minisgl_evicted_pages", "Prefix cache pages evicted, in all", registry=r)
 
     def update(self, stats: SchedulerStats) -> None:
@@ -57,6 +59,7 @@ class ServerMetrics:
         self.cache_hit_rate.set(stats.cache_hit_tokens / max(1, stats.prompt_tokens))
         self.retractions.set(stats.num_retractions)
         self.evicted_pages.set(stats.num_evicted_pages)
+        self.kv_invariant_ok.set(int(stats.kv_invariant_ok))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,12 +16,14 @@ from minisgl_jax.core import SamplingParams
 class APIError(Exception):
     """An error for the client, with its HTTP status and the request field it is about."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
@@ -61,7 +63,7 @@ class SamplingFields(StrictModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = -1
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=64)
+    n: int = Field(default=1, ge=1)  # bounded by --max-n
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -74,6 +76,7 @@ class SamplingFields(StrictModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    timeout: float | None = Field(default=None, gt=0)  # seconds; vLLM/SGLang-style extension
 
     def refuse_unsupported(self) -> None:
         """Raise a 400 naming the first set field that this server cannot honour."""
@@ -177,6 +180,7 @@ class GenerateRequest(StrictModel):
     input_ids: list[int] | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: bool = False
+    timeout: float | None = Field(default=None, gt=0)
 
     def prompt(self) -> str | list[int]:
         if (self.text is None) == (self.input_ids is None):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 import zmq
@@ -37,20 +40,23 @@ IDLE_POLL_MS = 50
 
 
 class SchedulerWorker:
-    def __init__(self, run_dir: ipc.RunDir, engine: Any) -> None:
+    def __init__(self, run_dir: ipc.RunDir, engine: Any, watchdog_timeout_s: float = 120.0) -> None:
         self.engine = engine
+        self.watchdog_timeout_s = watchdog_timeout_s
         context = zmq.Context()
         self.inbox = ipc.bind_inbox(context, run_dir, "scheduler")
         self.to_detokenizer = ipc.connect_outbox(context, run_dir, "detokenizer")
         self.to_api = ipc.connect_outbox(context, run_dir, "api")
         self.stopping = False
+        self.busy = False
         self._last_step = time.monotonic()
         self._last_heartbeat = 0.0
 
     def serve_forever(self) -> None:
-        signal.signal(ipc.STOP_SIGNAL, lambda *_: setattr(self, "stopping", True))
+        threading.Thread(target=self._report_stalls, args=(threading.get_ident(),), daemon=True,
+                         name="stall-reporter").start()
         while not self.stopping:
-            busy = self.engine.has_unfinished()
+            self.busy = busy = self.engine.has_unfinished()
             for message in ipc.receive_all(self.inbox, timeout_ms=0 if busy else IDLE_POLL_MS):
                 self.handle(message)
             if self.engine.has_unfinished():
@@ -63,6 +69,24 @@ class SchedulerWorker:
                     steps, 1e3 * (timing["step_s"] - timing["wait_s"]) / max(1, steps),
                     1e3 * timing["wait_s"] / max(1, steps))
         self.engine.shutdown()
+
+    def _report_stalls(self, loop_thread: int) -> None:
+        """Log where the loop is, once per stall, when it has work but no step finished in time.
+
+        The API's readiness check fails at the same moment (it reads the heartbeat); this line
+        tells the operator which call is stuck.
+        """
+        reported = False
+        while not self.stopping:
+            time.sleep(min(1.0, self.watchdog_timeout_s / 4))
+            silent = time.monotonic() - self._last_step
+            stalled = self.busy and silent > self.watchdog_timeout_s
+            if stalled and not reported:
+                frame = sys._current_frames().get(loop_thread)
+                where = "".join(traceback.format_stack(frame)) if frame is not None else "(loop thread gone)\n"
+                logger.error("scheduler: work queued but no step finished for %.0fs; the loop is at:\n%s",
+                             silent, where.rstrip())
+            reported = stalled
 
     def handle(self, message: Any) -> None:
         if isinstance(message, AddReq):
@@ -113,22 +137,29 @@ class SchedulerWorker:
             return
         self._last_heartbeat = now
         s = self.engine.stats()
+        try:
+            self.engine.check_kv_invariant()
+            invariant_ok = True
+        except RuntimeError as err:
+            invariant_ok = False
+            logger.error("scheduler: %s", err)
         ipc.send(self.to_api, SchedulerStats(
             num_running=s["num_running"], num_waiting=s["num_waiting"], kv_pages_total=s["kv_pages_total"],
             kv_pages_free=s["kv_pages_free"], kv_pages_cached=s["kv_pages_cached"],
             cache_hit_tokens=s["cache_hit_tokens"], prompt_tokens=s["prompt_tokens"],
             generation_tokens=s["generation_tokens"], num_retractions=s["num_retractions"],
             num_evicted_pages=s["num_evicted_pages"], seconds_since_step=now - self._last_step,
-            has_work=self.engine.has_unfinished(),
+            has_work=self.engine.has_unfinished(), kv_invariant_ok=invariant_ok,
         ))
 
 
-def run_scheduler(run_dir: str, engine_args: EngineArgs) -> None:
+def run_scheduler(run_dir: str, engine_args: EngineArgs, watchdog_timeout_s: float) -> None:
     from minisgl_jax.engine import Engine  # JAX is imported in this process only
 
     started = time.perf_counter()
     engine = Engine(engine_args)
-    worker = SchedulerWorker(ipc.RunDir(run_dir), engine)
+    worker = SchedulerWorker(ipc.RunDir(run_dir), engine, watchdog_timeout_s)
+    signal.signal(ipc.STOP_SIGNAL, lambda *_: setattr(worker, "stopping", True))
     plan = engine.memory_plan()
     ipc.send(worker.to_api, SchedulerReady(
         weights_bytes=plan["weights_bytes"], kv_pages=plan["kv_pages"], kv_tokens=plan["kv_tokens"],
