@@ -91,12 +91,16 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=9216)
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--decode-buckets", default=None, help="compile only these (default: the engine's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(
         args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
+        max_prefill_tokens=args.max_prefill_tokens,
+        decode_buckets=[int(b) for b in args.decode_buckets.split(",")] if args.decode_buckets else [],
     )
     decode = [decode_latency(llm, int(b), args.context, args.steps) for b in args.batches.split(",")]
     prefill = [prefill_latency(llm, int(n)) for n in args.prompt_lens.split(",")]

@@ -55,8 +55,13 @@ class Choices:
         }
 
 
+# Characters that JSON may carry raw but that many clients' line readers (httpx's iter_lines,
+# Python's str.splitlines) take for line ends, cutting an event in two: sent escaped.
+LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False).translate(LINE_BREAKING)}\n\n"
 
 
 def chat_logprobs(entries: list[TokenLogprobText]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class Engine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
+        setup.set_gpu_xla_flags()
         multihost.init_distributed(args)
         self.channel = CommandChannel(is_leader=args.node_rank == 0) if args.nnodes > 1 else None
         self.stopped = False

@@ -84,10 +84,12 @@ def pad_bucket(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def decode_buckets(max_running: int) -> list[int]:
-    """Powers of two up to max_running. Padding rows are cheap in decode (no KV to read, and the
-    matmuls are weight-bound), so fewer buckets buy a faster start for almost nothing."""
-    out, b = [], 1
+def decode_buckets(max_running: int, smallest: int = 8) -> list[int]:
+    """Powers of two from 8 up to max_running. Padding rows are cheap in decode (no KV to read, and
+    the matmuls are weight-bound), so fewer buckets buy a faster start for almost nothing. Below 8
+    rows XLA turns the matmuls into reductions, slower than its GEMMs: on the H100 one request
+    decodes faster in the 8-row bucket (3.3 ms per step) than in a 1-row one (4.5 ms)."""
+    out, b = [], min(smallest, max_running)
     while b < max_running:
         out.append(b)
         b *= 2
