@@ -59,6 +59,7 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
+        client.metrics.errors.labels(str(err.status)).inc()
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -66,10 +67,12 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         message = f"{param}: {first['msg']}" if param else f"the request body must be a JSON object: {first['msg']}"
+        client.metrics.errors.labels("400").inc()
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        client.metrics.errors.labels(str(err.status_code)).inc()
         return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
     # ---- health and metrics ------------------------------------------------------------------
@@ -171,17 +174,20 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
                         for line in render_stream(chunk, choices):
                             yield line
                 except TimeoutError:
-                    yield responses.sse(timed_out(timeout_s).body())
+                    yield stream_error(timed_out(timeout_s))
                 except APIError as err:  # the request failed after its first token: say so in the stream
-                    yield responses.sse(err.body())
+                    yield stream_error(err)
                 yield "data: [DONE]\n\n"
             finally:
                 await end()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    def stream_error(err: APIError) -> str:
+        client.metrics.errors.labels(str(err.status)).inc()
+        return responses.sse(err.body())
+
     def timed_out(timeout_s: float | None) -> APIError:
-        client.metrics.errors.labels("504").inc()
         return APIError(504, f"the request did not finish within its timeout of {timeout_s:g}s and was aborted",
                         "timeout", kind="timeout_error")
 

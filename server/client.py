@@ -97,7 +97,6 @@ class EngineClient:
             while unfinished:
                 item = await queue.get()
                 if isinstance(item, ErrorReply):
-                    self.metrics.errors.labels(str(item.status)).inc()
                     raise APIError(item.status, item.message, item.param)
                 index = int(item.rid.rsplit("/", 1)[1])
                 self._observe(item, index, arrival, last_token)

@@ -66,6 +66,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_no_accepted_request
     texts = {r.json()["choices"][0]["text"] for r in accepted}
     assert len(texts) == 1  # greedy: every accepted request got the same full answer
     assert all(r.json()["usage"]["completion_tokens"] == 60 for r in accepted)
+    assert limited.metric('minisgl_request_errors_total{status="503"}') == len(refused)
     wait_idle(limited)
 
 
@@ -74,6 +75,7 @@ def test_a_request_past_its_timeout_is_aborted_with_504(limited):
     response = httpx.post(limited.url + COMPLETIONS, json=body, timeout=60)
     assert response.status_code == 504, response.text
     assert response.json()["error"]["param"] == "timeout"
+    assert limited.metric('minisgl_request_errors_total{status="504"}') >= 1
     wait_idle(limited)
 
 
