@@ -65,10 +65,24 @@ def resolve_model_from_hub(args: EngineArgs) -> tuple[ModelConfig, str]:
 
 
 def make_mesh(tp: int) -> Mesh:
+    """A 1-D `tp` mesh. Across hosts every host gives the same number of its devices, in host order,
+    so every host's scheduler drives a share of the mesh."""
     devices = jax.devices()
     if tp > len(devices):
         raise ValueError(f"--tp {tp} asks for more devices than the {len(devices)} available")
-    return Mesh(np.array(devices[:tp]), ("tp",))
+    hosts = jax.process_count()
+    if hosts == 1:
+        return Mesh(np.array(devices[:tp]), ("tp",))
+    if tp % hosts:
+        raise ValueError(f"--tp {tp} must be a multiple of the {hosts} hosts (each host takes tp / hosts devices)")
+    per_host = tp // hosts
+    chosen = []
+    for host in range(hosts):
+        local = [d for d in devices if d.process_index == host]
+        if per_host > len(local):
+            raise ValueError(f"--tp {tp} over {hosts} hosts needs {per_host} devices on each; host {host} has {len(local)}")
+        chosen += local[:per_host]
+    return Mesh(np.array(chosen), ("tp",))
 
 
 def enable_compile_cache(path: str | None) -> None:
