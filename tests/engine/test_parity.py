@@ -25,7 +25,7 @@ PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71))]
 
 def full_logits(engine: Engine, token_ids: list[int]) -> np.ndarray:
     """Logits at every prompt position, through our model with the reference attention."""
-    model = nnx.merge(engine.runner.graphdef, engine.runner.params)
+    model = nnx.merge(engine.runner.graphdef, engine.runner.param_state())
     cfg = engine.model_config
     n = len(token_ids)
     pool = [(jnp.zeros((cfg.num_kv_heads, n + 1, 1, cfg.head_dim), jnp.float32),) * 2 for _ in range(cfg.num_layers)]

@@ -51,7 +51,7 @@ def test_tp_matches_single_device(tmp_path, arch, overrides, tps):
 
 def check_sharded_by_tp(engine: Engine, tp: int) -> None:
     """Every parameter with a tp axis in its spec holds 1/tp of itself on each device."""
-    for path, var in nnx.to_flat_state(engine.runner.params):
+    for path, var in nnx.to_flat_state(engine.runner.param_state()):
         array = var.get_value()
         shards = array.addressable_shards
         assert len(shards) == tp
