@@ -92,10 +92,19 @@ class EngineClient:
         unfinished = set(range(num_choices))
         arrival = time.monotonic()
         last_token: dict[int, float] = {}
+        pending = None  # a message taken off the queue while folding, not yet handled
         try:
             self.send(req)
             while unfinished:
-                item = await queue.get()
+                item, pending = pending or await queue.get(), None
+                # A client that reads slower than tokens come gets what has piled up as one chunk.
+                while isinstance(item, TextChunk) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, TextChunk) and following.rid == item.rid:
+                        item = joined(item, following)
+                    else:
+                        pending = following
+                        break
                 if isinstance(item, ErrorReply):
                     raise APIError(item.status, item.message, item.param)
                 index = int(item.rid.rsplit("/", 1)[1])
@@ -124,3 +133,11 @@ class EngineClient:
             self.metrics.e2e.observe(now - arrival)
             self.metrics.prompt_tokens.inc(chunk.prompt_tokens)
             self.metrics.cached_tokens.inc(chunk.cached_tokens)
+
+
+def joined(first: TextChunk, then: TextChunk) -> TextChunk:
+    """Two consecutive chunks of one choice as one."""
+    return TextChunk(
+        first.rid, first.text + then.text, first.token_ids + then.token_ids, then.finished, then.finish_reason,
+        first.logprobs + then.logprobs, then.prompt_tokens, then.completion_tokens, then.cached_tokens,
+    )
