@@ -204,27 +204,12 @@ MESSAGES: dict[str, type] = {
 }
 
 
+Reader = typing.Callable[[typing.Any, str], typing.Any]
+Writer = typing.Callable[[typing.Any], typing.Any]
+
+
 def encode(message: typing.Any) -> bytes:
-    return msgpack.packb(_to_wire(message))
-
-
-@functools.cache
-def _schema(cls: type) -> dict[str, typing.Any]:
-    """Field name -> type of a message class; evaluated once, as messages travel every step."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _to_wire(value: typing.Any) -> typing.Any:
-    if type(value).__name__ in MESSAGES:
-        wire = {"type": type(value).__name__}
-        wire.update({name: _to_wire(getattr(value, name)) for name in _schema(type(value))})
-        return wire
-    if isinstance(value, list | tuple):
-        return [_to_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    return value
+    return msgpack.packb(_message_writer(type(message))(message))
 
 
 def decode(data: bytes) -> typing.Any:
@@ -236,61 +221,148 @@ def decode(data: bytes) -> typing.Any:
     return _from_wire(wire, "message")
 
 
+# Readers and writers are built once per type from the annotations, not re-derived per value:
+# messages cross the sockets every step, and the per-value type inspection was most of the API's
+# and the detokenizer's time under load.
+
+
+@functools.cache
+def _schema(cls: type) -> dict[str, typing.Any]:
+    """Field name -> type of a message class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _builder(cls: type) -> typing.Callable[[dict, str], typing.Any]:
+    """Checks a wire map's fields against `cls`'s schema and builds the message."""
+    fields = tuple((name, _reader(hint)) for name, hint in _schema(cls).items())
+    size, name_of_cls = len(fields) + 1, cls.__name__
+
+    def build(wire: dict, where: str) -> typing.Any:
+        if len(wire) != size:
+            extra = set(wire) - set(_schema(cls)) - {"type"}
+            if extra:
+                raise MessageError(f"{where}: unknown fields {sorted(extra)} in {name_of_cls}")
+        try:
+            return cls(*[read(wire[name], name_of_cls) for name, read in fields])
+        except KeyError as missing:
+            raise MessageError(f"{where}: {name_of_cls} lacks field {missing}") from None
+
+    return build
+
+
 def _from_wire(wire: typing.Any, where: str, expected: type | None = None) -> typing.Any:
-    if not isinstance(wire, dict) or wire.get("type") not in MESSAGES:
+    kind = wire.get("type") if isinstance(wire, dict) else None
+    cls = MESSAGES.get(kind) if type(kind) is str else None
+    if cls is None:
         raise MessageError(f"{where}: not a known message type")
-    cls = MESSAGES[wire["type"]]
     if expected is not None and cls is not expected:
         raise MessageError(f"{where}: expected {expected.__name__}, got {cls.__name__}")
-    schema = _schema(cls)
-    if len(wire) != len(schema) + 1:
-        extra = set(wire) - set(schema) - {"type"}
-        if extra:
-            raise MessageError(f"{where}: unknown fields {sorted(extra)} in {cls.__name__}")
-    values = {}
-    for name, hint in schema.items():
-        if name not in wire:
-            raise MessageError(f"{where}: {cls.__name__} lacks field {name!r}")
-        values[name] = _check(wire[name], hint, cls.__name__)
-    return cls(**values)
+    return _builder(cls)(wire, where)
 
 
-def _check(value: typing.Any, annotation: typing.Any, where: str) -> typing.Any:
-    """`value` converted to `annotation` (nested messages), or MessageError."""
-    if type(value) is annotation:  # the common case, first: most fields are plain str/int/bool
-        return value
-    origin = typing.get_origin(annotation)
+def _fail(where: str, expected: str, value: typing.Any) -> typing.NoReturn:
+    raise MessageError(f"{where}: expected {expected}, got {type(value).__name__}")
+
+
+@functools.cache
+def _reader(annotation: typing.Any) -> Reader:
+    """A function that checks a wire value against `annotation` and builds nested messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is typing.Any:
-        return value
+        return lambda value, where: value
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _check(value, option, where)
-            except MessageError:
-                continue
-        raise MessageError(f"{where}: {type(value).__name__} is not {annotation}")
+        options = [_reader(option) for option in args]
+
+        def read_union(value: typing.Any, where: str) -> typing.Any:
+            for read in options:
+                try:
+                    return read(value, where)
+                except MessageError:
+                    continue
+            raise MessageError(f"{where}: {type(value).__name__} is not {annotation}")
+
+        return read_union
     if annotation is type(None):
-        if value is not None:
-            raise MessageError(f"{where}: expected None")
-        return None
+        def read_none(value: typing.Any, where: str) -> None:
+            if value is not None:
+                raise MessageError(f"{where}: expected None")
+
+        return read_none
     if origin is list:
-        if not isinstance(value, list):
-            raise MessageError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(annotation)
-        if item in (int, str) and all(type(v) is item for v in value):
-            return value
-        return [_check(v, item, where) for v in value]
+        (item,) = args
+        read_item = _reader(item)
+        if item in (int, str):
+            def read_plain_list(value: typing.Any, where: str) -> list:
+                if type(value) is not list:
+                    _fail(where, "a list", value)
+                for v in value:
+                    if type(v) is not item:
+                        _fail(where, item.__name__, v)
+                return value
+
+            return read_plain_list
+
+        def read_list(value: typing.Any, where: str) -> list:
+            if type(value) is not list:
+                _fail(where, "a list", value)
+            return [read_item(v, where) for v in value]
+
+        return read_list
     if origin is dict:
-        if not isinstance(value, dict):
-            raise MessageError(f"{where}: expected a map, got {type(value).__name__}")
-        key_type, item = typing.get_args(annotation)
-        return {_check(k, key_type, where): _check(v, item, where) for k, v in value.items()}
+        read_key, read_value = _reader(args[0]), _reader(args[1])
+
+        def read_dict(value: typing.Any, where: str) -> dict:
+            if type(value) is not dict:
+                _fail(where, "a map", value)
+            return {read_key(k, where): read_value(v, where) for k, v in value.items()}
+
+        return read_dict
     if dataclasses.is_dataclass(annotation):
-        return _from_wire(value, where, annotation)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float) and isinstance(value, bool):
-        raise MessageError(f"{where}: expected {annotation.__name__}, got bool")
-    if not isinstance(value, annotation):
-        raise MessageError(f"{where}: expected {annotation.__name__}, got {type(value).__name__}")
-    return value
+        return lambda value, where: _from_wire(value, where, annotation)
+    if annotation is float:
+        def read_float(value: typing.Any, where: str) -> float:
+            if type(value) is float:
+                return value
+            if type(value) is int:
+                return float(value)
+            _fail(where, "float", value)
+
+        return read_float
+
+    def read_plain(value: typing.Any, where: str) -> typing.Any:
+        if type(value) is not annotation:  # exact: a bool is no int here
+            _fail(where, annotation.__name__, value)
+        return value
+
+    return read_plain
+
+
+@functools.cache
+def _message_writer(cls: type) -> Writer:
+    """The wire map of a message: plain fields as they are, nested messages converted."""
+    name = cls.__name__
+    if name not in MESSAGES:
+        raise TypeError(f"{name} is not a message type")
+    fields = tuple((field_name, _writer(hint)) for field_name, hint in _schema(cls).items())
+
+    def write(message: typing.Any) -> dict[str, typing.Any]:
+        wire = {"type": name}
+        for field_name, convert in fields:
+            value = getattr(message, field_name)
+            wire[field_name] = value if convert is None else convert(value)
+        return wire
+
+    return write
+
+
+@functools.cache
+def _writer(annotation: typing.Any) -> Writer | None:
+    """How to put a value of `annotation` on the wire; None when it goes as it is (no messages in it)."""
+    if dataclasses.is_dataclass(annotation):
+        return lambda value: _message_writer(type(value))(value)
+    if typing.get_origin(annotation) is list:
+        convert = _writer(typing.get_args(annotation)[0])
+        return None if convert is None else (lambda value: [convert(v) for v in value])
+    return None

@@ -29,6 +29,8 @@ def test_round_trip(message):
     (b"\xc1\xc1 not msgpack", "not msgpack"),
     (msgpack.packb([1, 2]), "not a known message type"),
     (msgpack.packb({"type": "Pickle", "payload": b"x"}), "not a known message type"),
+    (msgpack.packb({"type": [1, 2]}), "not a known message type"),
+    (msgpack.packb({"type": "TextBatch", "chunks": [{"type": {"a": 1}}]}), "not a known message type"),
     (msgpack.packb({"type": "AbortReq"}), "lacks field 'rids'"),
     (msgpack.packb({"type": "AbortReq", "rids": ["a"], "extra": 1}), "unknown fields ['extra']"),
     (msgpack.packb({"type": "AbortReq", "rids": "a"}), "expected a list"),
