@@ -92,7 +92,8 @@ def main() -> None:
     for name, us, n in kernel_table(events, args.steps, args.top):
         print(f"| {name[:90]} | {us:.1f} | {n:.1f} |")
     span, idle = idle_time(events)
-    print(f"\n| batch | overlap | steps | µs per step | GPU idle µs per step | idle share |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| batch | overlap | steps | µs per step | GPU idle µs per step | idle share |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {args.batch} | {not args.no_overlap} | {args.steps} | {span / args.steps:.0f} | {idle / args.steps:.0f} "
           f"| {idle / span:.1%} |")
 

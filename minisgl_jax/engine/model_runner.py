@@ -84,12 +84,15 @@ def pad_bucket(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def decode_buckets(max_running: int, smallest: int = 8) -> list[int]:
+SMALLEST_DECODE_BUCKET = 8
+
+
+def decode_buckets(max_running: int) -> list[int]:
     """Powers of two from 8 up to max_running. Padding rows are cheap in decode (no KV to read, and
     the matmuls are weight-bound), so fewer buckets buy a faster start for almost nothing. Below 8
     rows XLA turns the matmuls into reductions, slower than its GEMMs: on the H100 one request
     decodes faster in the 8-row bucket (3.3 ms per step) than in a 1-row one (4.5 ms)."""
-    out, b = [], min(smallest, max_running)
+    out, b = [], min(SMALLEST_DECODE_BUCKET, max_running)
     while b < max_running:
         out.append(b)
         b *= 2
@@ -123,7 +126,7 @@ class ModelRunner:
         self.backend = backend
         self.graphdef, params = nnx.split(model)
         # The step takes the parameters as one flat list of arrays: flattening the NNX tree of
-        # Variables in Python on every call cost ~3% of a batch-1 step's host time.
+        # Variables on every call cost ~1 ms of host time per step on the H100 (benchmarks/RESULTS.md).
         self.params, self.params_treedef = jax.tree.flatten(params)
         cfg = model.config
         self.vocab_size = cfg.vocab_size

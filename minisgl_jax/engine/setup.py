@@ -80,7 +80,9 @@ def make_mesh(tp: int) -> Mesh:
     for host in range(hosts):
         local = [d for d in devices if d.process_index == host]
         if per_host > len(local):
-            raise ValueError(f"--tp {tp} over {hosts} hosts needs {per_host} devices on each; host {host} has {len(local)}")
+            raise ValueError(
+                f"--tp {tp} over {hosts} hosts needs {per_host} devices on each; host {host} has {len(local)}"
+            )
         chosen += local[:per_host]
     return Mesh(np.array(chosen), ("tp",))
 
