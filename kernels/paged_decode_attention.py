@@ -43,6 +43,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_
 
 def _decode_kernel(
     kv_lens_ref,
+    kv_starts_ref,
     cu_q_lens_ref,
     table_ref,
     q_ref,
@@ -57,11 +58,14 @@ def _decode_kernel(
     block_k: int,
     num_splits: int,
     rows_are_seqs: bool,
+    partial: bool,
 ):
     """q_ref: [tokens * q_heads, d]; k_ref, v_ref: [kv_heads, pages * page_size, d].
 
-    out_refs: (out [tokens * q_heads, d],) normalised, or with splits
-    (acc [splits, seqs * q_heads, d] f32, row max [splits, seqs * q_heads], row sum [splits, seqs * q_heads]).
+    Sequence i attends to its keys kv_starts[i]:kv_lens[i] (the keys before kv_starts are a shared
+    prefix that the cascade's prefix pass covers). out_refs: (out [tokens * q_heads, d],)
+    normalised, or with splits or `partial` the unnormalised softmax state (acc [splits,
+    seqs * q_heads, d] f32, row max [splits, seqs * q_heads], row sum [splits, seqs * q_heads]).
     """
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_q_heads = k_ref.shape[0] * group
@@ -75,8 +79,9 @@ def _decode_kernel(
     first_head_row = row * num_q_heads + head * group
     q = load_rows(q_ref, first_head_row + jnp.minimum(g, group - 1))
 
-    split_len = pl.cdiv(pl.cdiv(kv_len, num_splits), block_k) * block_k
-    start = split * split_len
+    kv_start = jnp.minimum(kv_starts_ref[seq], kv_len)
+    split_len = pl.cdiv(pl.cdiv(kv_len - kv_start, num_splits), block_k) * block_k
+    start = kv_start + split * split_len
     end = jnp.minimum(kv_len, start + split_len)
     offsets = jnp.arange(block_k, dtype=jnp.int32)
     table_base = seq * pages_per_seq
@@ -99,7 +104,7 @@ def _decode_kernel(
 
     out_rows = first_head_row + g
     ok = g < group
-    if num_splits == 1:
+    if num_splits == 1 and not partial:
         (out_ref,) = out_refs
         store_rows(out_ref, out_rows, ok & (is_decode | rows_are_seqs), normalise(acc, l))
     else:
@@ -109,7 +114,7 @@ def _decode_kernel(
         store_rows(l_ref, out_rows, ok, l, split)
 
 
-def _combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Array:
     """Merge per-split softmax states: acc [splits, rows, d], m, l [splits, rows] -> [rows, d]."""
     m_all = jnp.max(m, axis=0)
     weight = jnp.exp2(m - m_all[None])
@@ -121,7 +126,7 @@ def _combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, dtype) -> jax.Ar
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "rows_are_seqs", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
+        "sm_scale", "rows_are_seqs", "partial", "block_k", "num_splits", "num_warps", "num_stages", "interpret",
     ),
 )
 def paged_decode_attention(
@@ -134,6 +139,8 @@ def paged_decode_attention(
     *,
     sm_scale: float,
     rows_are_seqs: bool = True,
+    kv_starts: jax.Array | None = None,
+    partial: bool = False,
     block_k: int = 64,
     num_splits: int | None = None,
     num_warps: int = 4,
@@ -145,6 +152,9 @@ def paged_decode_attention(
     rows_are_seqs=True: a decode bucket, row i is sequence i (tokens == seqs); every row is written
     (padding rows as zeros) and long sequences may be split. False: a mixed batch; only rows of
     sequences with q_len == 1 are written (at cu_q_lens[i]); the rest is left for the ragged kernel.
+    kv_starts: [seqs] int32, keys before it are skipped (default 0). partial=True (decode bucket
+    only) returns the unnormalised softmax state (acc [splits, rows, d], max [splits, rows], sum
+    [splits, rows], base 2, rows = tokens * q_heads) for the cascade to merge with its prefix pass.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
@@ -155,8 +165,10 @@ def paged_decode_attention(
         num_splits = default_num_splits(num_seqs, num_kv_heads, pages_per_seq * page_size, block_k)
     if rows_are_seqs and num_tokens != num_seqs:
         raise ValueError(f"rows_are_seqs needs one row per sequence: q has {num_tokens} rows, page_table {num_seqs}")
-    if num_splits > 1 and not rows_are_seqs:
-        raise ValueError(f"num_splits={num_splits} needs rows_are_seqs=True (a pure decode bucket)")
+    if (num_splits > 1 or partial) and not rows_are_seqs:
+        raise ValueError(f"num_splits={num_splits}, partial={partial} need rows_are_seqs=True (a pure decode bucket)")
+    if kv_starts is None:
+        kv_starts = jnp.zeros_like(kv_lens)
 
     kernel = functools.partial(
         _decode_kernel,
@@ -168,9 +180,10 @@ def paged_decode_attention(
         block_k=block_k,
         num_splits=num_splits,
         rows_are_seqs=rows_are_seqs,
+        partial=partial,
     )
     rows = num_tokens * num_q_heads
-    if num_splits == 1:
+    if num_splits == 1 and not partial:
         out_shape = [jax.ShapeDtypeStruct((rows, head_dim), q.dtype)]
     else:
         out_shape = [
@@ -187,11 +200,14 @@ def paged_decode_attention(
         name=f"paged_decode_bk{block_k}_s{num_splits}",
     )(
         kv_lens,
+        kv_starts,
         cu_q_lens,
         page_table.reshape(-1),
         q.reshape(rows, head_dim),
         k_pages.reshape(num_kv_heads, num_pages * page_size, head_dim),
         v_pages.reshape(num_kv_heads, num_pages * page_size, head_dim),
     )
-    out = outs[0] if num_splits == 1 else _combine_splits(*outs, q.dtype)
+    if partial:
+        return tuple(outs)
+    out = outs[0] if num_splits == 1 else combine_splits(*outs, q.dtype)
     return out.reshape(num_tokens, num_q_heads, head_dim)
