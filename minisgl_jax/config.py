@@ -32,6 +32,7 @@ class EngineArgs:
     attention_backend: str = "pallas"
     tp: int = 1
     overlap: bool = True
+    cascade_attention: bool = True  # radix cache + pallas decode: shared prefixes read once per group
     seed: int = 0
     compile_cache_dir: str | None = "~/.cache/minisgl_jax/xla"
     warmup: bool = True

@@ -23,12 +23,16 @@ class AttentionMetadata:
 
     cu_q_lens: [seqs + 1] int32, kv_lens: [seqs] int32, page_table: [seqs, pages_per_seq] int32,
     slot_mapping: [tokens] int32 (padding tokens write into the scratch page 0).
+    prefix_lens: [seqs] int32 and cascade_groups: [groups, 3] int32, only in a decode step that
+    runs cascade attention (engine/cascade.py); other backends ignore them (same result).
     """
 
     cu_q_lens: jax.Array
     kv_lens: jax.Array
     page_table: jax.Array
     slot_mapping: jax.Array
+    prefix_lens: jax.Array | None = None
+    cascade_groups: jax.Array | None = None
 
 
 AttendFn = Callable[..., jax.Array]
@@ -41,6 +45,11 @@ def _reference(q, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float,
 
 
 def _pallas(q, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float, max_q_len: int | None):
+    if meta.cascade_groups is not None:
+        return kernels.cascade_decode_attention(
+            q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.prefix_lens, meta.cascade_groups,
+            sm_scale=sm_scale,
+        )
     return kernels.ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, sm_scale=sm_scale, max_q_len=max_q_len
     )
@@ -85,5 +94,9 @@ class AttentionBackend:
             return backend(q, k_pages, v_pages, meta, sm_scale=self.sm_scale, max_q_len=1 if is_decode else None)
 
         heads, pool = P(None, "tp", None), P("tp", None, None, None)
-        meta_spec = AttentionMetadata(cu_q_lens=P(), kv_lens=P(), page_table=P(), slot_mapping=P())
+        cascade_spec = None if meta.cascade_groups is None else P()
+        meta_spec = AttentionMetadata(
+            cu_q_lens=P(), kv_lens=P(), page_table=P(), slot_mapping=P(),
+            prefix_lens=cascade_spec, cascade_groups=cascade_spec,
+        )
         return self._per_shard(attend_local, (heads, pool, pool, meta_spec), heads)(q, k_pages, v_pages, meta)

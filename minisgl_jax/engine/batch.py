@@ -65,8 +65,13 @@ def build_step_batch(
     pages_per_seq: int,
     scratch_slot: int,
     vocab_size: int,
+    cascade: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepBatch:
-    """Pad rows to (token_bucket, seq_bucket); padding tokens write into the scratch page 0."""
+    """Pad rows to (token_bucket, seq_bucket); padding tokens write into the scratch page 0.
+
+    cascade: (prefix_lens per row, groups) of a decode batch whose rows are in the plan's order
+    (engine/cascade.py); padding rows share no prefix.
+    """
     input_ids = np.zeros(token_bucket, np.int32)
     positions = np.zeros(token_bucket, np.int32)
     token_slots = np.full(token_bucket, scratch_slot, np.int32)
@@ -114,6 +119,11 @@ def build_step_batch(
         for array, column in zip((temperature, top_k, top_p, min_p, seed_lo, seed_hi), columns):
             array[:n] = column
 
+    prefix_lens = groups = None
+    if cascade is not None:
+        prefix_lens = np.zeros(seq_bucket, np.int32)
+        prefix_lens[:n] = cascade[0]
+        groups = cascade[1]
     arrays = dict(
         input_ids=input_ids, positions=positions, token_slots=token_slots, seq_slots=seq_slots, page_rows=page_rows
     )
@@ -124,6 +134,8 @@ def build_step_batch(
             kv_lens=kv_lens,
             page_table=None,
             slot_mapping=slot_mapping,
+            prefix_lens=prefix_lens,
+            cascade_groups=groups,
         ),
         sampling=SamplingArrays(
             temperature, top_k, top_p, min_p, seed_lo, seed_hi, token_index

@@ -15,10 +15,12 @@ import time
 from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from minisgl_jax.engine import cascade as cascade_groups
 from minisgl_jax.engine import multihost, setup
 from minisgl_jax.engine.attention import AttentionBackend
 from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
@@ -78,13 +80,15 @@ class Engine:
             args.max_prefill_tokens, args.lpm_min_queue,
         )
         self.decode_buckets = args.decode_buckets or decode_buckets(args.max_running_requests)
+        # Shared prefixes exist only with the radix cache; the cascade kernel is a Pallas kernel.
+        self.cascade = args.cascade_attention and args.cache == "radix" and decode_backend == "pallas"
         self.prefill_buckets = prefill_buckets(args.max_prefill_tokens)
         self.requests: dict[str, Req] = {}
         self._finals: list[RequestOutput] = []
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
         self._rng = random.Random(args.seed)
         self._arrivals = 0
-        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0)
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0)
         # Seconds in step() and, of those, waiting for the device's tokens: the rest is host work
         # that the overlap must hide.
         self.timing = dict(step_s=0.0, wait_s=0.0)
@@ -236,9 +240,16 @@ class Engine:
 
     def _dispatch(self, batch: ScheduledBatch) -> StepOutput:
         tokens, seqs = self._bucket(batch)
+        cascade = None
+        if batch.is_decode and self.cascade and seqs >= cascade_groups.MIN_BUCKET:
+            plan = cascade_groups.plan_cascade(batch.rows, self.page_size)
+            if plan is not None:
+                batch.rows = plan.rows  # _process reads the tokens back in this order
+                cascade = (plan.prefix_lens, plan.groups)
+                self._counters["cascade_steps"] += 1
         step_batch = build_step_batch(
             batch, tokens, seqs, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
-            self.model_config.vocab_size,
+            self.model_config.vocab_size, cascade,
         )
         out = self.runner.run(
             step_batch, is_decode=batch.is_decode, sample_mode=batch.sample_mode, num_logprobs=batch.num_logprobs
@@ -370,11 +381,17 @@ class Engine:
         """Compile every decode and prefill bucket now ("capture"), so serving never waits on a compile."""
         started = time.perf_counter()
         batches = []
-        for is_decode, size in [(True, n) for n in self.decode_buckets] + [(False, n) for n in self.prefill_buckets]:
+        no_groups = (np.zeros(0, np.int32), np.zeros((cascade_groups.MAX_GROUPS, 3), np.int32))
+        cascade_buckets = [n for n in self.decode_buckets if self.cascade and n >= cascade_groups.MIN_BUCKET]
+        for is_decode, size, cascade in (
+            [(True, n, None) for n in self.decode_buckets]
+            + [(True, n, no_groups) for n in cascade_buckets]
+            + [(False, n, None) for n in self.prefill_buckets]
+        ):
             seqs = size if is_decode else min(size, self.args.max_running_requests)
             batches.append((build_step_batch(
                 ScheduledBatch(rows=[], is_decode=is_decode), size, seqs, self.page_size, self.pages_per_seq,
-                self.runner.scratch_slot, self.model_config.vocab_size,
+                self.runner.scratch_slot, self.model_config.vocab_size, cascade,
             ), is_decode))
         workers = self.args.compile_workers or os.cpu_count() or 1
         self.runner.compile(batches, workers=min(len(batches), workers))

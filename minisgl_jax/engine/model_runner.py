@@ -206,6 +206,8 @@ class ModelRunner:
             kv_lens=batch.attn.kv_lens,
             page_table=page_table[batch.seq_slots],
             slot_mapping=batch.attn.slot_mapping,
+            prefix_lens=batch.attn.prefix_lens,
+            cascade_groups=batch.attn.cascade_groups,
         )
         hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, is_decode)
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
