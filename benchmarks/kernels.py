@@ -24,6 +24,7 @@ import numpy as np
 from roofline import measure_copy_bandwidth
 
 from minisgl_jax.kernels import (
+    cascade_decode_attention,
     paged_decode_attention,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -191,6 +192,41 @@ def bench_prefill(results: dict) -> None:
     print("prefix: " + json.dumps({k: round(v * 1e6, 1) for k, v in variants.items()}))
 
 
+def shared_prefix_batch(seed: int, batch: int, prefix: int, suffixes, page_size: int = 16):
+    """Decode rows whose first `prefix` keys are the same pages (as the radix cache shares them)."""
+    args = make_batch(seed, [1] * batch, [prefix + int(s) for s in suffixes], page_size)
+    q, k, v, lens, table, cu = args
+    table = table.at[:, : prefix // page_size].set(table[0, : prefix // page_size])
+    groups = jnp.zeros((8, 3), jnp.int32).at[0].set(jnp.asarray([0, batch, prefix], jnp.int32))
+    return (q, k, v, lens, table, cu), jnp.full((batch,), prefix, jnp.int32), groups
+
+
+def bench_cascade(results: dict) -> None:
+    """256 decodes sharing a 2,048-key prefix with 128-256 keys of their own: cascade vs plain decode."""
+    small, prefix_lens, groups = shared_prefix_batch(21, 37, 1024, np.random.default_rng(2).integers(1, 300, 37))
+    out = cascade_decode_attention(*small, prefix_lens, groups, sm_scale=SCALE)
+    results["correctness"]["cascade B37 prefix 1024"] = rel_err(out, ragged_paged_attention_reference(*small, sm_scale=SCALE))
+    batch, prefix = 256, 2048
+    suffixes = np.random.default_rng(3).integers(128, 257, batch)
+    args, prefix_lens, groups = shared_prefix_batch(22, batch, prefix, suffixes)
+    plain = jax.jit(functools.partial(paged_decode_attention, sm_scale=SCALE))
+    row = {"plain_s": timed(plain, *args), "variants": {}}
+    want = plain(*args)
+    for var in (dict(), dict(prefix_splits=1), dict(prefix_splits=2), dict(block_m=128, num_warps=4), dict(block_m=64, num_warps=4)):
+        name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
+        fn = jax.jit(functools.partial(cascade_decode_attention, sm_scale=SCALE, **var))
+        try:
+            row["variants"][name] = timed(fn, *args, prefix_lens, groups)
+            results["correctness"][f"cascade B256 vs plain ({name})"] = rel_err(fn(*args, prefix_lens, groups), want)
+        except Exception:
+            traceback.print_exc()
+    row["best_s"] = min(row["variants"].values())
+    row["kv_bytes_plain"] = 2 * KV_HEADS * HEAD_DIM * 2 * int(np.sum(prefix + suffixes))
+    row["kv_bytes_cascade"] = 2 * KV_HEADS * HEAD_DIM * 2 * int(prefix + np.sum(suffixes))
+    results["cascade"] = row
+    print("cascade: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["variants"].items()}) + f" plain {row['plain_s'] * 1e6:.1f} us")
+
+
 def bench_mixed(results: dict) -> None:
     decodes, ctx, chunk = 255, 1024, 512
     mixed = make_batch(11, [1] * decodes + [chunk], [ctx] * decodes + [chunk], 16)
@@ -273,6 +309,13 @@ def print_table(r: dict) -> None:
     if "prefix" in r:
         best_name = min(r["prefix"]["variants"], key=r["prefix"]["variants"].get)
         print(f"prefill B=4 T=512 new + 2048 cached: {r['prefix']['s'] * 1e6:.1f} us, {r['prefix']['tflops']:.0f} TFLOP/s ({best_name})")
+    if "cascade" in r:
+        c = r["cascade"]
+        best_name = min(c["variants"], key=c["variants"].get)
+        print(f"decode B=256, 2048 shared + 128..256 own keys: plain {c['plain_s'] * 1e6:.1f} us "
+              f"({c['kv_bytes_plain'] / c['plain_s'] / 1e9:.0f} GB/s of per-row KV), cascade {c['best_s'] * 1e6:.1f} us "
+              f"({best_name}; {c['kv_bytes_cascade'] / 1e6:.0f} MB must move: {c['kv_bytes_cascade'] / c['best_s'] / 1e9:.0f} GB/s), "
+              f"{c['plain_s'] / c['best_s']:.2f}x")
     if "mixed" in r:
         m = r["mixed"]
         print(f"mixed 255 decodes ctx1024 + 512 chunk: {m['mixed_s'] * 1e6:.1f} us vs separate "
@@ -289,7 +332,7 @@ def print_table(r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for kernels.json")
-    parser.add_argument("--only", default="correctness,decode,prefill,mixed,kv_write", help="comma-separated parts")
+    parser.add_argument("--only", default="correctness,decode,prefill,mixed,kv_write,cascade", help="comma-separated parts")
     args = parser.parse_args()
     parts = args.only.split(",")
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -297,7 +340,7 @@ def main() -> None:
     results["copy_bw"] = measure_copy_bandwidth()
     print(f"copy ceiling {results['copy_bw'] / 1e9:.0f} GB/s")
     steps = {"correctness": check_correctness, "decode": lambda r: bench_decode(r, r["copy_bw"]),
-             "prefill": bench_prefill, "mixed": bench_mixed, "kv_write": bench_kv_write}
+             "prefill": bench_prefill, "mixed": bench_mixed, "kv_write": bench_kv_write, "cascade": bench_cascade}
     for part in parts:
         try:
             steps[part](results)

@@ -28,6 +28,7 @@ from .paged_blocks import (
     MASK_VALUE,
     attend_block,
     compiler_params,
+    fit_tile,
     init_carry,
     load_rows,
     resolve_interpret,
@@ -143,10 +144,10 @@ def cascade_decode_attention(
     *,
     sm_scale: float,
     interpret: bool | None = None,
-    block_m: int = 128,
+    block_m: int = 256,
     block_k: int = 64,
     prefix_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 8,
     num_stages: int = 3,
 ) -> jax.Array:
     """Decode attention (one query row per sequence, a decode bucket) with shared prefixes read once.
@@ -159,6 +160,7 @@ def cascade_decode_attention(
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
     _check_groups(num_seqs, prefix_lens, groups)
+    block_m, block_k = fit_tile(block_m, q.dtype), fit_tile(block_k, q.dtype)
     if group > block_m:
         raise ValueError(f"block_m ({block_m}) must hold at least one row's {group} q heads per kv head")
     acc_d, m_d, l_d = paged_decode_attention(

@@ -21,6 +21,7 @@ from .paged_blocks import (
     LOG2E,
     attend_block,
     compiler_params,
+    fit_tile,
     init_carry,
     load_rows,
     normalise,
@@ -161,6 +162,7 @@ def paged_decode_attention(
     num_seqs, pages_per_seq = page_table.shape
     group = num_q_heads // num_kv_heads
     group_rows = max(16, pl.next_power_of_2(group))
+    block_k = fit_tile(block_k, q.dtype)
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, pages_per_seq * page_size, block_k)
     if rows_are_seqs and num_tokens != num_seqs:

@@ -24,6 +24,7 @@ from .paged_blocks import (
     LOG2E,
     attend_block,
     compiler_params,
+    fit_tile,
     init_carry,
     load_rows,
     normalise,
@@ -184,7 +185,8 @@ def ragged_paged_attention(
     max_q_len: static hint. 1 promises a decode bucket (tokens == seqs, every q_len 0 or 1) and
     runs the split-K decode kernel alone; None allows any mix. interpret: None interprets unless
     JAX's default backend is a GPU. block_m (rows of tokens x group heads), block_k (keys per step),
-    num_warps, num_stages tune the block kernel; the defaults suit an H100.
+    num_warps, num_stages tune the block kernel; the defaults suit an H100 (4-byte inputs halve
+    block_m and block_k: `fit_tile`).
     """
     _check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
     interpret = resolve_interpret(interpret)
@@ -198,6 +200,7 @@ def ragged_paged_attention(
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
+    block_m, block_k = fit_tile(block_m, q.dtype), fit_tile(block_k, q.dtype)
     if group > block_m:
         raise ValueError(f"block_m ({block_m}) must hold at least one token's {group} q heads per kv head")
     decoded = paged_decode_attention(
