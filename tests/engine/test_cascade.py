@@ -46,16 +46,16 @@ def test_cascade_gives_the_same_greedy_tokens(tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     suffixes = [[310 + i, 7, 9 + i] for i in range(10)]
     outputs, cascade_steps = [], []
-    for cascade in (True, False):
+    for cascade, tp in ((True, 1), (False, 1), (True, 2)):  # tp=2: the kernel per KV-head shard
         engine = Engine(EngineArgs(
             model=path, dtype="float32", attention_backend="pallas", cache="radix", num_pages=256, page_size=PAGE,
             max_running_requests=16, max_prefill_tokens=512, decode_buckets=[16], compile_cache_dir=None,
-            warmup=False, cascade_attention=cascade,
+            warmup=False, cascade_attention=cascade, tp=tp,
         ))
         engine.generate([SHARED], params)  # puts the shared pages in the radix tree
         outputs.append(engine.generate([SHARED + s for s in suffixes], params))
         cascade_steps.append(engine.stats()["cascade_steps"])
         assert engine.stats()["cache_hit_tokens"] >= 10 * 288
         engine.check_kv_invariant()
-    assert cascade_steps[0] >= 4 and cascade_steps[1] == 0
-    assert outputs[0] == outputs[1]
+    assert cascade_steps[0] >= 4 and cascade_steps[1] == 0 and cascade_steps[2] == cascade_steps[0]
+    assert outputs[0] == outputs[1] == outputs[2]
