@@ -16,7 +16,7 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprob
 CASES = [  # (arch, overrides, tps): KV heads fewer than, equal to and more than tp
     ("qwen3", dict(), (2, 4)),
     ("qwen2", dict(), (2, 4)),
-    ("llama", dict(num_attention_heads=8, num_key_value_heads=4), (2,)),
+    ("llama", dict(num_attention_heads=8, num_key_value_heads=4), (2, 8)),  # tp=8: each KV head on 2 devices
 ]
 
 
