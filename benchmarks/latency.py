@@ -4,7 +4,9 @@
 
 "device-only" replays the last decode batch through the compiled step back to back, so the
 difference to "engine" is host time the overlap did not hide; "launch" is the host time of one
-call that dispatches the compiled step (packing the batch, the transfer, XLA's launch).
+call that dispatches the compiled step (packing the batch, the transfer, XLA's launch). The
+engine's own step splits into launching, waiting for the device's tokens, and the rest (scheduling,
+building the batch, bookkeeping).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
         engine.step()
     for _ in range(4):
         engine.step()
+    before = dict(engine.timing)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     engine_ms = (time.perf_counter() - start) / steps * 1e3
+    spent = {k: (engine.timing[k] - before[k]) / steps * 1e3 for k in before}
 
     rows = [ScheduledRow(r, r.kv_len - 1, 1, samples=True, token_index=0) for r in engine.scheduler.running]
     scheduled = ScheduledBatch(rows=rows, is_decode=True)
@@ -68,7 +72,8 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
         engine.step()
     engine.check_kv_invariant()
     return dict(batch=batch, context=context, engine_ms_per_step=engine_ms, device_only_ms_per_step=device_ms,
-                launch_ms=launch / steps * 1e3, host_build_ms=build_ms)
+                launch_ms=launch / steps * 1e3, host_build_ms=build_ms, engine_launch_ms=spent["launch_s"],
+                engine_wait_ms=spent["wait_s"], engine_other_ms=spent["step_s"] - spent["launch_s"] - spent["wait_s"])
 
 
 def prefill_latency(llm: LLM, length: int, reps: int = 3) -> dict[str, float]:
@@ -108,11 +113,12 @@ def main() -> None:
     )
     decode = [decode_latency(llm, int(b), args.context, args.steps) for b in args.batches.split(",")]
     prefill = [prefill_latency(llm, int(n)) for n in args.prompt_lens.split(",")]
-    print("\n| batch | context | engine ms/step | device-only ms/step | launch ms | host batch build ms |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    print("\n| batch | context | engine ms/step | device-only ms/step | launch ms | host batch build ms "
+          "| engine: launch / wait / other ms |\n| --- | --- | --- | --- | --- | --- | --- |")
     for d in decode:
         print(f"| {d['batch']} | {d['context']} | {d['engine_ms_per_step']:.2f} | {d['device_only_ms_per_step']:.2f} "
-              f"| {d['launch_ms']:.2f} | {d['host_build_ms']:.2f} |")
+              f"| {d['launch_ms']:.2f} | {d['host_build_ms']:.2f} "
+              f"| {d['engine_launch_ms']:.2f} / {d['engine_wait_ms']:.2f} / {d['engine_other_ms']:.2f} |")
     print("\n| prompt tokens | time to first token ms |\n| --- | --- |")
     for p in prefill:
         print(f"| {p['prompt_len']} | {p['ttft_ms']:.1f} |")

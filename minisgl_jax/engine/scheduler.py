@@ -144,7 +144,8 @@ class Scheduler:
                     break
                 rows.append(row)
                 budget -= row.num_tokens
-        self._order_waiting()
+        if budget > 0 and self.free_slots:
+            self._order_waiting()  # it matches every waiting request: only when one can be admitted
         reserve = len(self.running)  # keep a page per running request for its next decode token
         for req in list(self.waiting):
             if budget <= 0 or not self.free_slots:

@@ -51,7 +51,12 @@ class RadixCache(PrefixCache):
             if child is None:
                 break
             child_pages = len(child.pages)
-            matched = 1
+            # One comparison of the whole key first: page by page costs ~0.5 us a page in Python,
+            # and the scheduler matches every waiting request on every admission.
+            whole = page + child_pages <= num_pages and child.key == tuple(
+                tokens[page * self.page_size : (page + child_pages) * self.page_size]
+            )
+            matched = child_pages if whole else 1
             while matched < child_pages and page + matched < num_pages and self._page_key(
                 child.key, matched
             ) == self._page_key(tokens, page + matched):

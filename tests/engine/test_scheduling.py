@@ -124,3 +124,32 @@ def test_requests_larger_than_the_pool_are_refused_or_capped(checkpoint):
     out = engine.generate([list(range(50))], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
     assert len(out[0]) == 64 - 50  # without max_tokens: as far as the pool goes
     engine.check_kv_invariant()
+
+
+def test_step_timing_splits_host_time(checkpoint):
+    engine = make_engine(checkpoint)
+    engine.generate(mixed_prompts(4), GREEDY)
+    t = engine.timing
+    assert t["launch_s"] > 0 and t["wait_s"] >= 0
+    assert t["launch_s"] + t["wait_s"] <= t["step_s"]
+
+
+def test_full_batch_skips_prefix_ordering_of_the_queue(checkpoint):
+    """Ordering the queue matches every waiting request against the tree: a step that can admit no
+    one (every slot taken) must not pay for it."""
+    engine = make_engine(checkpoint, cache="radix", max_running_requests=2, lpm_min_queue=1)
+    matched = []
+    match = engine.scheduler.cache.match
+    engine.scheduler.cache.match = lambda ids: matched.append(len(ids)) or match(ids)
+    for i, prompt in enumerate(mixed_prompts(6)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    for _ in range(3):
+        engine.step()  # two admitted and past their prefill; four wait for a slot
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 4
+    matched.clear()
+    for _ in range(5):
+        engine.step()
+    assert matched == []
+    while engine.has_unfinished():
+        engine.step()
+    engine.check_kv_invariant()
