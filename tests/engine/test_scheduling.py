@@ -153,3 +153,27 @@ def test_full_batch_skips_prefix_ordering_of_the_queue(checkpoint):
     while engine.has_unfinished():
         engine.step()
     engine.check_kv_invariant()
+
+
+def test_prefix_ordering_is_bounded_by_its_window(checkpoint):
+    """However long the queue, one step matches at most LPM_WINDOW waiting requests to order them,
+    plus the ones it admits; and the longest cached prefix still goes first within the window."""
+    from minisgl_jax.engine.scheduler import LPM_WINDOW
+
+    engine = make_engine(checkpoint, cache="radix", max_running_requests=2, lpm_min_queue=1)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    shared = list(range(1, 49))  # three pages
+    engine.generate([shared + [60]], params)  # its prompt's pages are cached now
+    for i in range(LPM_WINDOW + 40):
+        engine.add_request(f"cold{i}", [100 + i % 50, 7, 8, 9], params)
+    engine.add_request("warm", shared + [61], params)  # arrived last, but inside the window below
+    engine.scheduler.waiting.rotate(LPM_WINDOW // 2)  # move it into the first LPM_WINDOW
+    matched = []
+    match = engine.scheduler.cache.match
+    engine.scheduler.cache.match = lambda ids: matched.append(len(ids)) or match(ids)
+    engine.step()
+    assert LPM_WINDOW <= len(matched) <= LPM_WINDOW + 2
+    assert "warm" in {r.request_id for r in engine.scheduler.running}
+    while engine.has_unfinished():
+        engine.step()
+    engine.check_kv_invariant()
