@@ -335,6 +335,7 @@ def main() -> None:
     parser.add_argument("--only", default="correctness,decode,prefill,mixed,kv_write,cascade", help="comma-separated parts")
     args = parser.parse_args()
     parts = args.only.split(",")
+    os.makedirs(args.out, exist_ok=True)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "date": time.strftime("%Y-%m-%d"), "correctness": {}, "decode": []}
     results["copy_bw"] = measure_copy_bandwidth()
