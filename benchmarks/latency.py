@@ -62,7 +62,8 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
     device_ms = (time.perf_counter() - start) / steps * 1e3
 
     # The same step on one packed buffer already on the device: no transfer, and an input address
-    # that never changes, so XLA's CUDA graph has no node to update for it.
+    # that never changes, so the graph nodes that read the batch need no update (outputs and
+    # temporaries may still move).
     packed, layout = pack_batch(step_batch)
     packed = jax.device_put(packed)
     replay = lambda: engine.runner.run_packed(  # noqa: E731

@@ -153,7 +153,7 @@ class Scheduler:
                 rows.append(row)
                 budget -= row.num_tokens
         if budget > 0 and self.free_slots:
-            self._order_waiting()  # it matches every waiting request: only when one can be admitted
+            self._order_waiting()  # it matches the queue's head against the tree: only when one can be admitted
         reserve = len(self.running)  # keep a page per running request for its next decode token
         for req in list(self.waiting):
             if budget <= 0 or not self.free_slots:
