@@ -1,4 +1,4 @@
-"""Decode latency per step at batch 1..N, the same step with no host in the loop, and prefill latency.
+"""Decode latency per token at batch 1..N, the same step with no host in the loop, and prefill latency.
 
     python benchmarks/latency.py --model Qwen/Qwen3-0.6B --load-format dummy
 
@@ -7,7 +7,8 @@ difference to "engine" is host time the overlap did not hide; "launch" is the ho
 call that dispatches the compiled step (packing the batch, the transfer, XLA's launch), and
 "fixed input" the same with the packed batch already on the device, in one buffer. The
 engine's own step splits into launching, waiting for the device's tokens, and the rest (scheduling,
-building the batch, bookkeeping).
+building the batch, bookkeeping). Small batches decode in bursts of --decode-steps steps per
+launch; "device-only burst" replays such a burst back to back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from minisgl_jax.engine.request import Phase
 def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, float]:
     engine = llm.engine
     rng = np.random.default_rng(batch)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 128, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"lat-{batch}-{i}", rng.integers(0, min(10000, engine.model_config.vocab_size), context).tolist(), params)
     while any(r.phase is not Phase.DECODE for r in engine.scheduler.running) or engine.scheduler.waiting:
@@ -37,11 +38,15 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
     for _ in range(4):
         engine.step()
     before = dict(engine.timing)
+    launches = engine.stats()["steps"]
     start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    engine_ms = (time.perf_counter() - start) / steps * 1e3
-    spent = {k: (engine.timing[k] - before[k]) / steps * 1e3 for k in before}
+    tokens = 0
+    while tokens < steps * batch:  # a burst step yields several tokens per request
+        tokens += sum(len(out.new_token_ids) for out in engine.step())
+    per_request = tokens / batch
+    engine_ms = (time.perf_counter() - start) / per_request * 1e3
+    spent = {k: (engine.timing[k] - before[k]) / per_request * 1e3 for k in before}
+    tokens_per_launch = per_request / (engine.stats()["steps"] - launches)
 
     rows = [ScheduledRow(r, r.kv_len - 1, 1, samples=True, token_index=0) for r in engine.scheduler.running]
     scheduled = ScheduledBatch(rows=rows, is_decode=True)
@@ -60,6 +65,24 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
         launch += time.perf_counter() - launched
     out.ids.block_until_ready()
     device_ms = (time.perf_counter() - start) / steps * 1e3
+
+    burst_ms = float("nan")
+    burst = engine.args.decode_steps
+    if size in engine.burst_buckets():  # the burst program replayed: positions already written, rewritten
+        rows = [ScheduledRow(r, r.kv_len - burst, 1, samples=True, token_index=0) for r in engine.scheduler.running]
+        burst_batch = build_step_batch(
+            ScheduledBatch(rows=rows, is_decode=True, num_steps=burst), size, size, engine.page_size,
+            engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size,
+        )
+        replay_burst = lambda: engine.runner.run(  # noqa: E731
+            burst_batch, is_decode=True, sample_mode=scheduled.sample_mode, num_logprobs=0, num_steps=burst
+        )
+        replay_burst().ids.block_until_ready()
+        start = time.perf_counter()
+        for _ in range(steps // burst):
+            out = replay_burst()
+        out.ids.block_until_ready()
+        burst_ms = (time.perf_counter() - start) / (steps // burst * burst) * 1e3
 
     # The same step on one packed buffer already on the device: no transfer, and an input address
     # that never changes, so the graph nodes that read the batch need no update (outputs and
@@ -90,7 +113,8 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
     while engine.has_unfinished():
         engine.step()
     engine.check_kv_invariant()
-    return dict(batch=batch, context=context, engine_ms_per_step=engine_ms, device_only_ms_per_step=device_ms,
+    return dict(batch=batch, context=context, engine_ms_per_token=engine_ms, tokens_per_launch=tokens_per_launch,
+                device_only_ms_per_step=device_ms, device_only_burst_ms_per_token=burst_ms,
                 launch_ms=launch / steps * 1e3, fixed_input_launch_ms=fixed_launch / steps * 1e3,
                 host_build_ms=build_ms, engine_launch_ms=spent["launch_s"],
                 engine_wait_ms=spent["wait_s"], engine_other_ms=spent["step_s"] - spent["launch_s"] - spent["wait_s"])
@@ -120,6 +144,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=9216)
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
     parser.add_argument("--decode-buckets", default=None, help="compile only these (default: the engine's)")
     parser.add_argument("--out", default=None)
@@ -128,15 +153,18 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
+        decode_steps=args.decode_steps,
         max_prefill_tokens=args.max_prefill_tokens,
         decode_buckets=[int(b) for b in args.decode_buckets.split(",")] if args.decode_buckets else [],
     )
     decode = [decode_latency(llm, int(b), args.context, args.steps) for b in args.batches.split(",")]
     prefill = [prefill_latency(llm, int(n)) for n in args.prompt_lens.split(",")]
-    print("\n| batch | context | engine ms/step | device-only ms/step | launch ms | launch ms, fixed input "
-          "| host batch build ms | engine: launch / wait / other ms |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| batch | context | engine ms/token | tokens per launch | device-only ms/step | device-only burst ms/token "
+          "| launch ms | launch ms, fixed input | host batch build ms | engine per token: launch / wait / other ms |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in decode:
-        print(f"| {d['batch']} | {d['context']} | {d['engine_ms_per_step']:.2f} | {d['device_only_ms_per_step']:.2f} "
+        print(f"| {d['batch']} | {d['context']} | {d['engine_ms_per_token']:.2f} | {d['tokens_per_launch']:.2f} "
+              f"| {d['device_only_ms_per_step']:.2f} | {d['device_only_burst_ms_per_token']:.2f} "
               f"| {d['launch_ms']:.2f} | {d['fixed_input_launch_ms']:.2f} | {d['host_build_ms']:.2f} "
               f"| {d['engine_launch_ms']:.2f} / {d['engine_wait_ms']:.2f} / {d['engine_other_ms']:.2f} |")
     print("\n| prompt tokens | time to first token ms |\n| --- | --- |")

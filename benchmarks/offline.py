@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="pallas")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches (1: off)")
     parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
     parser.add_argument("--compile-workers", type=int, default=0, help="buckets compiled at once (0: one per core)")
     parser.add_argument("--num-pages", type=int, default=None)
@@ -60,7 +61,8 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
-        overlap=not args.no_overlap, num_pages=args.num_pages, compile_cache_dir=args.compile_cache_dir,
+        overlap=not args.no_overlap, decode_steps=args.decode_steps, num_pages=args.num_pages,
+        compile_cache_dir=args.compile_cache_dir,
         mem_fraction=args.mem_fraction, cache=args.cache, compile_workers=args.compile_workers, max_model_len=args.max_model_len,
     )
     startup = time.perf_counter() - started
@@ -85,7 +87,8 @@ def main() -> None:
         prompt_tokens=sum(len(p) for p in prompts), output_tokens=out_tokens, seconds=seconds,
         output_tokens_per_s=out_tokens / seconds, copy_bandwidth_gbs=copy_bw / 1e9, roofline_seconds=roof_seconds,
         fraction_of_roofline=roof_seconds / seconds, startup_seconds=startup, load_seconds=engine.load_seconds,
-        warmup_seconds=engine.warmup_seconds, steps=engine.stats()["steps"],
+        warmup_seconds=engine.warmup_seconds, steps=engine.stats()["steps"], burst_steps=engine.stats()["burst_steps"],
+        decode_steps=args.decode_steps,
         retractions=engine.stats()["num_retractions"], overlap=not args.no_overlap,
         attention_backend=args.attention_backend, page_size=args.page_size,
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,

@@ -32,6 +32,7 @@ class EngineArgs:
     attention_backend: str = "pallas"
     tp: int = 1
     overlap: bool = True
+    decode_steps: int = 4  # decode steps per launch for small batches with nobody waiting (scheduler.BURST_MAX_ROWS)
     cascade_attention: bool = True  # radix cache + pallas decode: shared prefixes read once per group
     seed: int = 0
     compile_cache_dir: str | None = "~/.cache/minisgl_jax/xla"
@@ -69,6 +70,8 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.compile_workers < 0:
             raise ValueError(f"compile_workers must be >= 0, got {self.compile_workers}")
+        if not 1 <= self.decode_steps <= 64:
+            raise ValueError(f"decode_steps must be in [1, 64], got {self.decode_steps}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:

@@ -25,8 +25,12 @@ class ScheduledRow:
 
 @dataclass
 class ScheduledBatch:
+    """A step's rows. A decode batch may run `num_steps` decode steps in one launch (a burst): each
+    row then holds pages for positions start .. start + num_steps - 1 and samples num_steps tokens."""
+
     rows: list[ScheduledRow]
     is_decode: bool
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +72,7 @@ def build_step_batch(
     cascade: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepBatch:
     """Pad rows to (token_bucket, seq_bucket); padding tokens write into the scratch page 0.
+    A decode burst's slot mapping holds each step's slots, step after step.
 
     cascade: (prefix_lens per row, groups) of a decode batch whose rows are in the plan's order
     (engine/cascade.py); padding rows share no prefix.
@@ -75,7 +80,7 @@ def build_step_batch(
     input_ids = np.zeros(token_bucket, np.int32)
     positions = np.zeros(token_bucket, np.int32)
     token_slots = np.full(token_bucket, scratch_slot, np.int32)
-    slot_mapping = np.zeros(token_bucket, np.int32)
+    slot_mapping = np.zeros(token_bucket * batch.num_steps, np.int32)  # [num_steps, tokens] flattened
     cu_q_lens = np.zeros(seq_bucket + 1, np.int32)
     kv_lens = np.zeros(seq_bucket, np.int32)
     seq_slots = np.full(seq_bucket, scratch_slot, np.int32)
@@ -94,7 +99,10 @@ def build_step_batch(
         starts = [r.start for r in rows]
         positions[:n] = starts
         token_slots[:n] = [r.req.slot for r in rows]
-        slot_mapping[:n] = [r.req.pages[p // page_size] * page_size + p % page_size for r, p in zip(rows, starts)]
+        for k in range(batch.num_steps):
+            slot_mapping[k * token_bucket : k * token_bucket + n] = [
+                r.req.pages[p // page_size] * page_size + p % page_size for r, p in zip(rows, (s + k for s in starts))
+            ]
         cu_q_lens[1 : n + 1] = np.arange(1, n + 1, dtype=np.int32)
         cu_q_lens[n + 1 :] = n
     else:

@@ -9,26 +9,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import random
 import time
 from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from minisgl_jax.engine import cascade as cascade_groups
-from minisgl_jax.engine import multihost, setup
+from minisgl_jax.engine import multihost, setup, warmup
 from minisgl_jax.engine.attention import AttentionBackend
 from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, prefill_buckets
 from minisgl_jax.engine.request import Req
-from minisgl_jax.engine.sampler import SAMPLE_PLAIN
-from minisgl_jax.engine.scheduler import Scheduler
+from minisgl_jax.engine.scheduler import BURST_MAX_ROWS, Scheduler
 from minisgl_jax.kvcache.allocator import PageAllocator
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
@@ -77,7 +74,7 @@ class Engine:
         self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)
         self.scheduler = Scheduler(
             self.allocator, self.cache, args.page_size, args.max_running_requests,
-            args.max_prefill_tokens, args.lpm_min_queue,
+            args.max_prefill_tokens, args.lpm_min_queue, args.decode_steps,
         )
         self.decode_buckets = args.decode_buckets or decode_buckets(args.max_running_requests)
         # Shared prefixes exist only with the radix cache; the cascade kernel is a Pallas kernel.
@@ -88,7 +85,7 @@ class Engine:
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
         self._rng = random.Random(args.seed)
         self._arrivals = 0
-        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0)
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0, burst_steps=0)
         # Seconds in step() and, of those, waiting for the device's tokens and launching the compiled
         # step: the rest is the engine's own host work. All of it but the wait must hide behind the
         # device's work for the previous step.
@@ -242,7 +239,7 @@ class Engine:
     def _dispatch(self, batch: ScheduledBatch) -> StepOutput:
         tokens, seqs = self._bucket(batch)
         cascade = None
-        if batch.is_decode and self.cascade and seqs >= cascade_groups.MIN_BUCKET:
+        if batch.is_decode and batch.num_steps == 1 and self.cascade and seqs >= cascade_groups.MIN_BUCKET:
             plan = cascade_groups.plan_cascade(batch.rows, self.page_size)
             if plan is not None:
                 batch.rows = plan.rows  # _process reads the tokens back in this order
@@ -254,16 +251,21 @@ class Engine:
         )
         launched = time.perf_counter()
         out = self.runner.run(
-            step_batch, is_decode=batch.is_decode, sample_mode=batch.sample_mode, num_logprobs=batch.num_logprobs
+            step_batch, is_decode=batch.is_decode, sample_mode=batch.sample_mode, num_logprobs=batch.num_logprobs,
+            num_steps=batch.num_steps,
         )
         out.start_copy()
         self.timing["launch_s"] += time.perf_counter() - launched
         self._counters["steps"] += 1
+        self._counters["burst_steps"] += batch.num_steps > 1
         return out
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         waited = time.perf_counter()
-        ids, logprob, top_ids, top_lps = map(StepOutput.to_host, (out.ids, out.logprob, out.top_ids, out.top_logprobs))
+        arrays = map(StepOutput.to_host, (out.ids, out.logprob, out.top_ids, out.top_logprobs))
+        if batch.num_steps == 1:  # one step's arrays as a burst of one
+            arrays = (None if a is None else a[None] for a in arrays)
+        ids, logprob, top_ids, top_lps = arrays
         self.timing["wait_s"] += time.perf_counter() - waited
         outputs = []
         for i, row in enumerate(batch.rows):
@@ -271,17 +273,19 @@ class Engine:
             req.in_flight -= 1
             if not row.samples or req.finished:
                 continue
-            token = int(ids[i])
-            req.output_ids.append(token)
-            self._counters["generation_tokens"] += 1
-            self._status_tokens += 1
-            if req.params.logprobs is not None:
-                n = req.params.logprobs
-                top = [(int(t), float(lp)) for t, lp in zip(top_ids[i, :n], top_lps[i, :n])]
-                req.output_logprobs.append(TokenLogprob(token, float(logprob[i]), top))
-            reason = self._finish_reason(req, token)
-            if reason is not None:
-                self.scheduler.finish(req, reason)
+            for k in range(batch.num_steps):  # a burst's tokens past a stop are dropped
+                token = int(ids[k, i])
+                req.output_ids.append(token)
+                self._counters["generation_tokens"] += 1
+                self._status_tokens += 1
+                if req.params.logprobs is not None:
+                    n = req.params.logprobs
+                    top = [(int(t), float(lp)) for t, lp in zip(top_ids[k, i, :n], top_lps[k, i, :n])]
+                    req.output_logprobs.append(TokenLogprob(token, float(logprob[k, i]), top))
+                reason = self._finish_reason(req, token)
+                if reason is not None:
+                    self.scheduler.finish(req, reason)
+                    break
             outputs.append(self._output(req))
         return outputs
 
@@ -380,26 +384,13 @@ class Engine:
         )
         self._last_status, self._status_tokens = now, 0
 
+    def burst_buckets(self) -> list[int]:
+        """Decode buckets that run bursts of decode_steps (batches of up to BURST_MAX_ROWS rows)."""
+        if self.args.decode_steps == 1:
+            return []
+        most = min(BURST_MAX_ROWS, self.decode_buckets[-1])
+        return sorted({pad_bucket(n, self.decode_buckets) for n in range(1, most + 1)})
+
     def warmup(self) -> float:
-        """Compile every decode and prefill bucket now ("capture"), so serving never waits on a compile."""
-        started = time.perf_counter()
-        batches = []
-        no_groups = (np.zeros(0, np.int32), np.zeros((cascade_groups.MAX_GROUPS, 3), np.int32))
-        cascade_buckets = [n for n in self.decode_buckets if self.cascade and n >= cascade_groups.MIN_BUCKET]
-        for is_decode, size, cascade in (
-            [(True, n, None) for n in self.decode_buckets]
-            + [(True, n, no_groups) for n in cascade_buckets]
-            + [(False, n, None) for n in self.prefill_buckets]
-        ):
-            seqs = size if is_decode else min(size, self.args.max_running_requests)
-            batches.append((build_step_batch(
-                ScheduledBatch(rows=[], is_decode=is_decode), size, seqs, self.page_size, self.pages_per_seq,
-                self.runner.scratch_slot, self.model_config.vocab_size, cascade,
-            ), is_decode))
-        workers = self.args.compile_workers or os.cpu_count() or 1
-        self.runner.compile(batches, workers=min(len(batches), workers))
-        for batch, is_decode in batches:
-            self.runner.run(batch, is_decode=is_decode, sample_mode=SAMPLE_PLAIN, num_logprobs=0).ids.block_until_ready()
-        seconds = time.perf_counter() - started
-        logger.info("compiled %d step buckets in %.1fs", len(batches), seconds)
-        return seconds
+        """Compile every step program now ("capture"), so serving never waits on a compile."""
+        return warmup.compile_programs(self)

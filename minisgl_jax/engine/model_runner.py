@@ -11,6 +11,8 @@ has read step N's tokens (overlap scheduling).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,7 +182,7 @@ class ModelRunner:
         ))
         self._step = jax.jit(
             self._step_fn,
-            static_argnames=("layout", "is_decode", "sample_mode", "num_logprobs"),
+            static_argnames=("layout", "is_decode", "sample_mode", "num_logprobs", "num_steps"),
             donate_argnames=("kv_pool", "state"),
         )
         self._compiled: dict[tuple, Any] = {}  # bucket key -> ahead-of-time compiled step
@@ -189,9 +191,47 @@ class ModelRunner:
         """The parameters as the model's NNX state (for inspection; the step takes the flat list)."""
         return jax.tree.unflatten(self.params_treedef, self.params)
 
-    def _step_fn(self, params, kv_pool, state: DeviceState, packed, *, layout, is_decode, sample_mode, num_logprobs):
+    def _step_fn(
+        self, params, kv_pool, state: DeviceState, packed, *, layout, is_decode, sample_mode, num_logprobs, num_steps
+    ):
         batch = unpack_batch(packed, layout)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self.params_treedef, params))
+        forward = functools.partial(
+            self._forward, model, is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs
+        )
+        if num_steps == 1:
+            kv_pool, state, out = forward(kv_pool, state, batch)
+        else:
+            kv_pool, state, out = self._multi_step(forward, kv_pool, state, batch, num_steps)
+        # Replicated outputs: every host reads the whole of them from its own first device.
+        return kv_pool, state, jax.lax.with_sharding_constraint(out, self.replicated)
+
+    @staticmethod
+    def _multi_step(forward, kv_pool, state: DeviceState, batch: StepBatch, num_steps: int):
+        """`num_steps` decode steps in one program: step k feeds on step k-1's sampled tokens (from
+        `state`), one position further, into the k-th slot of each row. One launch per burst."""
+        rows = batch.positions.shape[0]
+        real = batch.attn.kv_lens > 0  # padding rows stay empty
+
+        def substep(carry, xs):
+            k, slot_mapping = xs
+            sub = dataclasses.replace(
+                batch,
+                positions=batch.positions + k,
+                attn=dataclasses.replace(
+                    batch.attn, slot_mapping=slot_mapping, kv_lens=jnp.where(real, batch.attn.kv_lens + k, 0)
+                ),
+                sampling=dataclasses.replace(batch.sampling, token_index=batch.sampling.token_index + k),
+            )
+            kv_pool, state, out = forward(*carry, sub)
+            return (kv_pool, state), out
+
+        steps = (jnp.arange(num_steps, dtype=jnp.int32), batch.attn.slot_mapping.reshape(num_steps, rows))
+        (kv_pool, state), out = jax.lax.scan(substep, (kv_pool, state), steps)
+        return kv_pool, state, out  # every output gains a leading [num_steps] axis
+
+    def _forward(self, model, kv_pool, state: DeviceState, batch: StepBatch, *, is_decode, sample_mode, num_logprobs):
+        """One step of the model on one batch: write its K/V, sample a token per sequence."""
         page_size = self.page_size
         if is_decode:
             input_ids = state.tokens[batch.token_slots]
@@ -214,9 +254,7 @@ class ModelRunner:
         logits = model.logits(hidden[last])
         ids, logprob, top_ids, top_logprobs = sample(logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs)
         state = DeviceState(tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table)
-        # Replicated outputs: every host reads the whole of them from its own first device.
-        out = jax.lax.with_sharding_constraint(StepOutput(ids, logprob, top_ids, top_logprobs), self.replicated)
-        return kv_pool, state, out
+        return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
 
     def to_device(self, tree):
         """Host arrays as replicated arrays of the mesh. On one host jit takes numpy as it is; across
@@ -225,53 +263,62 @@ class ModelRunner:
             return jax.device_put(tree, self.replicated)
         return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(self.replicated, a), tree)
 
-    def run(self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int) -> StepOutput:
+    def run(
+        self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int, num_steps: int = 1
+    ) -> StepOutput:
+        """Launch one step (or a burst of `num_steps` decode steps) on a host-made batch."""
         packed, layout = pack_batch(batch)
-        return self.run_packed(packed, layout, is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs)
+        return self.run_packed(
+            packed, layout, is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs, num_steps=num_steps
+        )
 
     def run_packed(
-        self, packed: np.ndarray | jax.Array, layout: PackedLayout, *, is_decode: bool, sample_mode: str, num_logprobs: int
+        self, packed: np.ndarray | jax.Array, layout: PackedLayout, *, is_decode: bool, sample_mode: str,
+        num_logprobs: int, num_steps: int = 1,
     ) -> StepOutput:
         """Launch the step on a packed batch, from the host or already on the device (benchmarks
         replay one device buffer to time XLA's launch without the transfer's fresh address)."""
         if jax.process_count() > 1 and isinstance(packed, np.ndarray):
             packed = self.to_device(packed)
-        key = (layout, is_decode, sample_mode, num_logprobs)
+        key = (layout, is_decode, sample_mode, num_logprobs, num_steps)
         compiled = self._compiled.get(key)
         if compiled is not None:
             self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed)
             return out
         self.kv_pool, self.state, out = self._step(
-            self.params, self.kv_pool, self.state, packed,
-            layout=layout, is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs,
+            self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
+            sample_mode=sample_mode, num_logprobs=num_logprobs, num_steps=num_steps,
         )
         return out
 
-    def compile(self, batches: list[tuple[StepBatch, bool]], workers: int) -> None:
-        """Compile the step for each (example batch, is_decode) ahead of time, `workers` at once.
+    def compile(self, batches: list[tuple[StepBatch, bool, int]], workers: int) -> None:
+        """Compile the step for each (example batch, is_decode, num_steps) ahead of time, `workers`
+        at once.
 
         XLA compiles outside the GIL, so threads overlap the buckets' compiles; `run` then calls
         the compiled executables directly.
         """
 
-        def compile_one(item: tuple[StepBatch, bool]) -> tuple[tuple, Any]:
-            batch, is_decode = item
+        def compile_one(item: tuple[StepBatch, bool, int]) -> tuple[tuple, Any]:
+            batch, is_decode, num_steps = item
             packed, layout = pack_batch(batch)
             lowered = self._step.lower(
-                self.params, self.kv_pool, self.state, packed,
-                layout=layout, is_decode=is_decode, sample_mode=SAMPLE_PLAIN, num_logprobs=0,
+                self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
+                sample_mode=SAMPLE_PLAIN, num_logprobs=0, num_steps=num_steps,
             )
-            return (layout, is_decode, SAMPLE_PLAIN, 0), lowered.compile()
+            return (layout, is_decode, SAMPLE_PLAIN, 0, num_steps), lowered.compile()
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             compiled = pool.map(compile_one, batches)
             self._compiled.update(tqdm(compiled, total=len(batches), desc="compiling step buckets", disable=None))
 
-    def lower_text(self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int) -> str:
+    def lower_text(
+        self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int, num_steps: int = 1
+    ) -> str:
         """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""
         packed, layout = pack_batch(batch)
         lowered = self._step.lower(
-            self.params, self.kv_pool, self.state, packed,
-            layout=layout, is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs,
+            self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
+            sample_mode=sample_mode, num_logprobs=num_logprobs, num_steps=num_steps,
         )
         return lowered.compile().as_text()

@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 # long shared prefix), so it orders only the first LPM_WINDOW of the queue: a step's cost stays
 # bounded however long the queue grows, and the rest keep their order behind them.
 LPM_WINDOW = 128
+# Decode batches this small run bursts of several decode steps per launch: their device step is
+# shorter than the host's launch of it, so one launch per token would leave the GPU waiting.
+BURST_MAX_ROWS = 16
 
 
 class Scheduler:
@@ -32,6 +35,7 @@ class Scheduler:
         max_running: int,
         max_prefill_tokens: int,
         lpm_min_queue: int,
+        decode_steps: int = 1,
     ) -> None:
         self.allocator = allocator
         self.cache = cache
@@ -39,6 +43,7 @@ class Scheduler:
         self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
         self.lpm_min_queue = lpm_min_queue
+        self.decode_steps = decode_steps
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted, in admission order (newest last)
         self.free_slots: list[int] = list(range(max_running - 1, -1, -1))
@@ -209,26 +214,39 @@ class Scheduler:
         req.in_flight += 1
         return row
 
+    def _burst_steps(self, candidates: list[Req]) -> int:
+        """Decode steps of this batch: `decode_steps` when the batch is small, nobody waits to be
+        admitted (a burst would delay them), every row may sample that many more tokens, and the free
+        pages cover the burst (no eviction or retraction inside one); else 1."""
+        steps = self.decode_steps
+        if steps == 1 or self.waiting or len(candidates) > BURST_MAX_ROWS:
+            return 1
+        if any(r.num_sampled + steps > r.max_new_tokens for r in candidates):
+            return 1
+        need = sum(self._pages_needed(r, r.kv_len + steps) for r in candidates)
+        return steps if need <= self.allocator.num_free else 1
+
     def _schedule_decode(self) -> ScheduledBatch | None:
         rows: list[ScheduledRow] = []
-        page_size = self.page_size
         candidates = [r for r in self.running if r.phase is Phase.DECODE and r.num_sampled < r.max_new_tokens]
+        steps = self._burst_steps(candidates)
         for req in candidates:
             if req.phase is not Phase.DECODE:
                 continue  # retracted while making room for an earlier row
-            if req.kv_len >= len(req.pages) * page_size:  # this token opens a new page
-                pages = self._obtain_pages(1)
+            need = self._pages_needed(req, req.kv_len + steps)
+            if need:  # these tokens open new pages
+                pages = self._obtain_pages(need)
                 while pages is None:
                     victim = self.running[-1]
                     self.retract(victim)
                     if victim is req:
                         break
-                    pages = self._obtain_pages(1)
+                    pages = self._obtain_pages(need)
                 if pages is None:
                     continue
                 req.pages += pages
             rows.append(ScheduledRow(req, req.kv_len, 1, samples=True, token_index=req.num_sampled))
-            req.kv_len += 1
-            req.num_sampled += 1
+            req.kv_len += steps
+            req.num_sampled += steps
             req.in_flight += 1
-        return ScheduledBatch(rows=rows, is_decode=True) if rows else None
+        return ScheduledBatch(rows=rows, is_decode=True, num_steps=steps) if rows else None

@@ -1,0 +1,55 @@
+"""Start-up compilation, CUDA-graph capture's counterpart: every step program the engine can launch
+(decode buckets, their cascade and burst variants, prefill buckets), compiled in parallel and run once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from minisgl_jax.engine import cascade as cascade_groups
+from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
+from minisgl_jax.engine.model_runner import StepBatch
+from minisgl_jax.engine.sampler import SAMPLE_PLAIN
+
+if TYPE_CHECKING:
+    from minisgl_jax.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+def step_programs(engine: Engine) -> list[tuple[StepBatch, bool, int]]:
+    """An empty example batch of each program: (batch, is_decode, decode steps per launch)."""
+    batches = []
+    no_groups = (np.zeros(0, np.int32), np.zeros((cascade_groups.MAX_GROUPS, 3), np.int32))
+    cascade_buckets = [n for n in engine.decode_buckets if engine.cascade and n >= cascade_groups.MIN_BUCKET]
+    for is_decode, size, cascade, steps in (
+        [(True, n, None, 1) for n in engine.decode_buckets]
+        + [(True, n, no_groups, 1) for n in cascade_buckets]
+        + [(True, n, None, engine.args.decode_steps) for n in engine.burst_buckets()]
+        + [(False, n, None, 1) for n in engine.prefill_buckets]
+    ):
+        seqs = size if is_decode else min(size, engine.args.max_running_requests)
+        batches.append((build_step_batch(
+            ScheduledBatch(rows=[], is_decode=is_decode, num_steps=steps), size, seqs, engine.page_size,
+            engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size, cascade,
+        ), is_decode, steps))
+    return batches
+
+
+def compile_programs(engine: Engine) -> float:
+    """Compile and run every step program once; returns the seconds it took."""
+    started = time.perf_counter()
+    batches = step_programs(engine)
+    workers = engine.args.compile_workers or os.cpu_count() or 1
+    engine.runner.compile(batches, workers=min(len(batches), workers))
+    for batch, is_decode, steps in batches:
+        engine.runner.run(
+            batch, is_decode=is_decode, sample_mode=SAMPLE_PLAIN, num_logprobs=0, num_steps=steps
+        ).ids.block_until_ready()
+    seconds = time.perf_counter() - started
+    logger.info("compiled %d step programs in %.1fs", len(batches), seconds)
+    return seconds

@@ -1,0 +1,110 @@
+"""Decode bursts (several decode steps per launch) give the tokens single steps give, and keep pages whole."""
+
+import numpy as np
+import pytest
+
+from minisgl_jax.config import EngineArgs
+from minisgl_jax.core import FinishReason, SamplingParams
+from minisgl_jax.engine import Engine
+from minisgl_jax.engine.scheduler import BURST_MAX_ROWS
+from tiny_models import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qwen3"), "qwen3", seed=5)
+
+
+def make_engine(path: str, **overrides) -> Engine:
+    args = dict(
+        model=path, dtype="float32", attention_backend="reference", cache="radix", num_pages=256,
+        page_size=4, max_running_requests=4, max_prefill_tokens=128, compile_cache_dir=None, warmup=False,
+    )
+    args.update(overrides)
+    return Engine(EngineArgs(**args))
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(5, 40, size=count)]
+
+
+def run(engine: Engine, ids: list[str], params: list[SamplingParams], prompt_list=None) -> dict:
+    """Every request's tokens, logprobs and finish reason, added at once and run to the end."""
+    for rid, prompt, p in zip(ids, prompt_list or prompts(len(ids)), params):
+        engine.add_request(rid, prompt, p)
+    tokens = {rid: [] for rid in ids}
+    logprobs, reasons = {rid: [] for rid in ids}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            logprobs[out.request_id] += [(lp.token_id, round(lp.logprob, 4)) for lp in out.new_logprobs]
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    engine.check_kv_invariant()
+    return dict(tokens=tokens, logprobs=logprobs, reasons=reasons)
+
+
+def request_mix(stop_token: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0.0, max_tokens=19, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=14, ignore_eos=True, seed=11, logprobs=3),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, seed=7),
+    ]
+
+
+def test_bursts_give_the_tokens_of_single_steps(checkpoint):
+    single = make_engine(checkpoint, decode_steps=1)
+    ids = ["a", "b", "c", "d"]
+    # A stop token the greedy request meets mid-way: its 6th token, so a burst overshoots it.
+    probe = run(single, ["probe"], [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)], prompts(4)[2:3])
+    stop = probe["tokens"]["probe"][5]
+    expected = run(single, ids, request_mix(stop))
+    assert single.stats()["burst_steps"] == 0
+
+    burst = make_engine(checkpoint, decode_steps=4)
+    got = run(burst, ids, request_mix(stop))
+    assert got == expected
+    assert got["reasons"]["c"] is FinishReason.STOP and len(got["tokens"]["c"]) <= 6
+    assert burst.stats()["burst_steps"] > 0
+    # a burst of 4 yields 4 tokens per launch: fewer launches for the same tokens
+    assert burst.stats()["steps"] < single.stats()["steps"] - 3
+    assert burst.allocator.num_free + burst.cache.num_cached_pages == burst.allocator.num_usable
+
+
+def test_no_burst_while_requests_wait_or_tokens_run_short(checkpoint):
+    engine = make_engine(checkpoint, decode_steps=4, max_running_requests=1)
+    engine.add_request("first", prompts(1)[0], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    engine.add_request("second", prompts(2)[1], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    sizes = []
+    while engine.has_unfinished():
+        batch = engine.scheduler.schedule()
+        if batch is None:
+            break
+        if batch.is_decode:
+            sizes.append((len(engine.scheduler.waiting), batch.num_steps))
+        engine._in_flight = (batch, engine._dispatch(batch))
+        for out in engine._process(*engine._in_flight):
+            if out.finished:
+                engine.requests.pop(out.request_id)
+        engine._in_flight = None
+    # "second" waits while "first" decodes: single steps; then "second" alone bursts while 4 tokens
+    # remain (1 from prefill + 4), then single steps for the last one.
+    assert all(steps == 1 for waiting, steps in sizes if waiting)
+    assert [steps for waiting, steps in sizes if not waiting] == [4, 1]
+    engine.check_kv_invariant()
+
+
+def test_burst_batches_are_small(checkpoint):
+    engine = make_engine(checkpoint, decode_steps=4, max_running_requests=BURST_MAX_ROWS + 1, num_pages=1024)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    ids = [f"r{i}" for i in range(BURST_MAX_ROWS + 1)]
+    result = run(engine, ids, [params] * len(ids))
+    assert engine.stats()["burst_steps"] == 0  # every decode batch had BURST_MAX_ROWS + 1 rows
+    assert all(len(t) == 8 for t in result["tokens"].values())
+
+
+def test_decode_steps_is_validated():
+    with pytest.raises(ValueError, match="decode_steps"):
+        EngineArgs(model="m", decode_steps=0).validate()
