@@ -292,25 +292,26 @@ class ModelRunner:
         return out
 
     def compile(self, batches: list[tuple[StepBatch, bool, int]], workers: int) -> None:
-        """Compile the step for each (example batch, is_decode, num_steps) ahead of time, `workers`
-        at once.
+        """Compile the step for each (example batch, is_decode, num_steps) ahead of time.
 
-        XLA compiles outside the GIL, so threads overlap the buckets' compiles; `run` then calls
-        the compiled executables directly.
+        Tracing and lowering are Python and hold the GIL, so they run here one program at a time;
+        each lowered program goes to a pool of `workers` threads at once, where XLA compiles (or
+        loads from the persistent cache) outside the GIL while the next one is traced. Tracing
+        in every thread at once was slower: the threads contended for the GIL (H200: 21.3 s for
+        18 cached programs, against 16.8 s one after the other). `run` then calls the compiled
+        executables directly.
         """
-
-        def compile_one(item: tuple[StepBatch, bool, int]) -> tuple[tuple, Any]:
-            batch, is_decode, num_steps = item
-            packed, layout = pack_batch(batch)
-            lowered = self._step.lower(
-                self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
-                sample_mode=SAMPLE_PLAIN, num_logprobs=0, num_steps=num_steps,
-            )
-            return (layout, is_decode, SAMPLE_PLAIN, 0, num_steps), lowered.compile()
-
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            compiled = pool.map(compile_one, batches)
-            self._compiled.update(tqdm(compiled, total=len(batches), desc="compiling step buckets", disable=None))
+            pending = []
+            for batch, is_decode, num_steps in tqdm(batches, desc="lowering step programs", disable=None):
+                packed, layout = pack_batch(batch)
+                lowered = self._step.lower(
+                    self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
+                    sample_mode=SAMPLE_PLAIN, num_logprobs=0, num_steps=num_steps,
+                )
+                pending.append(((layout, is_decode, SAMPLE_PLAIN, 0, num_steps), pool.submit(lowered.compile)))
+            for key, future in pending:
+                self._compiled[key] = future.result()
 
     def lower_text(
         self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int, num_steps: int = 1
