@@ -21,6 +21,8 @@ from report import emit  # noqa: E402
 
 from minisgl_jax.models.config import bundled_config_path, read_hf_config  # noqa: E402
 
+PROGRESS_EVERY_S = 10.0
+
 
 def build_model(model: str, device: str):
     import torch
@@ -66,7 +68,7 @@ def main() -> None:
             start = time.perf_counter()
             for i, (prompt, n) in enumerate(zip(prompts, output_lens)):
                 manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
-            tokens, done = 0, 0
+            tokens, done, reported = 0, 0, start
             while done < len(prompts):
                 result = manager.get_result(timeout=600)
                 if result is None:
@@ -74,6 +76,11 @@ def main() -> None:
                 if result.is_finished():
                     tokens += len(result.generated_tokens)
                     done += 1
+                now = time.perf_counter()
+                if now - reported >= PROGRESS_EVERY_S:  # a run cut short still bounds the peer's time
+                    print(f"after {now - start:.0f} s: {done}/{len(prompts)} requests, {tokens} output tokens",
+                          flush=True)
+                    reported = now
             seconds = time.perf_counter() - start
     finally:
         manager.stop(block=True)
