@@ -69,7 +69,8 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
     burst_ms = float("nan")
     burst = engine.args.decode_steps
     if size in engine.burst_buckets():  # the burst program replayed: positions already written, rewritten
-        rows = [ScheduledRow(r, r.kv_len - burst, 1, samples=True, token_index=0) for r in engine.scheduler.running]
+        rows = [ScheduledRow(r, r.kv_len - burst, 1, samples=True, token_index=0, steps=burst)
+                for r in engine.scheduler.running]
         burst_batch = build_step_batch(
             ScheduledBatch(rows=rows, is_decode=True, num_steps=burst), size, size, engine.page_size,
             engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size,

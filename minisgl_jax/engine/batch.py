@@ -21,12 +21,13 @@ class ScheduledRow:
     num_tokens: int
     samples: bool  # whether this row's sampled token is the request's next output
     token_index: int  # index of that output token within the request's outputs
+    steps: int = 1  # decode steps (tokens) this row takes in a burst; fewer than the burst's near max_tokens
 
 
 @dataclass
 class ScheduledBatch:
     """A step's rows. A decode batch may run `num_steps` decode steps in one launch (a burst): each
-    row then holds pages for positions start .. start + num_steps - 1 and samples num_steps tokens."""
+    row then holds pages for positions start .. start + row.steps - 1 and samples row.steps tokens."""
 
     rows: list[ScheduledRow]
     is_decode: bool
@@ -93,16 +94,19 @@ def build_step_batch(
     seed_lo = np.zeros(seq_bucket, np.uint32)
     seed_hi = np.zeros(seq_bucket, np.uint32)
     token_index = np.zeros(seq_bucket, np.int32)
+    row_steps = np.ones(seq_bucket, np.int32)
 
     rows, n = batch.rows, len(batch.rows)
     if batch.is_decode:  # one token a row: plain Python over the rows, no per-row numpy calls
         starts = [r.start for r in rows]
         positions[:n] = starts
         token_slots[:n] = [r.req.slot for r in rows]
-        for k in range(batch.num_steps):
+        for k in range(batch.num_steps):  # a row's steps past its own count write the scratch slot 0
             slot_mapping[k * token_bucket : k * token_bucket + n] = [
-                r.req.pages[p // page_size] * page_size + p % page_size for r, p in zip(rows, (s + k for s in starts))
+                r.req.pages[(s + k) // page_size] * page_size + (s + k) % page_size if k < r.steps else 0
+                for r, s in zip(rows, starts)
             ]
+        row_steps[:n] = [r.steps for r in rows]
         cu_q_lens[1 : n + 1] = np.arange(1, n + 1, dtype=np.int32)
         cu_q_lens[n + 1 :] = n
     else:
@@ -148,5 +152,6 @@ def build_step_batch(
         sampling=SamplingArrays(
             temperature, top_k, top_p, min_p, seed_lo, seed_hi, token_index
         ),
+        row_steps=row_steps,
     )
     return step

@@ -273,7 +273,7 @@ class Engine:
             req.in_flight -= 1
             if not row.samples or req.finished:
                 continue
-            for k in range(batch.num_steps):  # a burst's tokens past a stop are dropped
+            for k in range(row.steps):  # a burst's tokens past a stop are dropped
                 token = int(ids[k, i])
                 req.output_ids.append(token)
                 self._counters["generation_tokens"] += 1

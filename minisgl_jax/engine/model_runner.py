@@ -56,6 +56,7 @@ class StepBatch:
     seq_slots: jax.Array  # [S] int32
     page_rows: jax.Array  # [R, pages_per_seq] int32: full page-table rows to install (prefill)
     sampling: SamplingArrays
+    row_steps: jax.Array  # [S] int32: decode steps each row takes in a burst (>= 1; ignored otherwise)
 
 
 @jax.tree_util.register_dataclass
@@ -206,20 +207,28 @@ class ModelRunner:
         # Replicated outputs: every host reads the whole of them from its own first device.
         return kv_pool, state, jax.lax.with_sharding_constraint(out, self.replicated)
 
-    @staticmethod
-    def _multi_step(forward, kv_pool, state: DeviceState, batch: StepBatch, num_steps: int):
+    def _multi_step(self, forward, kv_pool, state: DeviceState, batch: StepBatch, num_steps: int):
         """`num_steps` decode steps in one program: step k feeds on step k-1's sampled tokens (from
-        `state`), one position further, into the k-th slot of each row. One launch per burst."""
+        `state`), one position further, into the k-th slot of each row. One launch per burst.
+
+        A row near its max_tokens takes only its `row_steps`. In the steps after those it stands in
+        the scratch slot: its K/V, page-table and token writes go to the scratch page and slot (and
+        its attention reads the scratch row), so its own pages, page-table row and last token stay
+        as its real steps left them; the host drops those extra tokens."""
         rows = batch.positions.shape[0]
         real = batch.attn.kv_lens > 0  # padding rows stay empty
 
         def substep(carry, xs):
             k, slot_mapping = xs
+            active = k < batch.row_steps
+            shift = jnp.minimum(k, batch.row_steps - 1)
             sub = dataclasses.replace(
                 batch,
-                positions=batch.positions + k,
+                positions=batch.positions + shift,
+                token_slots=jnp.where(active, batch.token_slots, self.scratch_slot),
+                seq_slots=jnp.where(active, batch.seq_slots, self.scratch_slot),
                 attn=dataclasses.replace(
-                    batch.attn, slot_mapping=slot_mapping, kv_lens=jnp.where(real, batch.attn.kv_lens + k, 0)
+                    batch.attn, slot_mapping=slot_mapping, kv_lens=jnp.where(real, batch.attn.kv_lens + shift, 0)
                 ),
                 sampling=dataclasses.replace(batch.sampling, token_index=batch.sampling.token_index + k),
             )

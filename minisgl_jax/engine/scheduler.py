@@ -216,15 +216,20 @@ class Scheduler:
 
     def _burst_steps(self, candidates: list[Req]) -> int:
         """Decode steps of this batch: `decode_steps` when the batch is small, nobody waits to be
-        admitted (a burst would delay them), every row may sample that many more tokens, and the free
+        admitted (a burst would delay them), some row has more than one token left, and the free
         pages cover the burst (no eviction or retraction inside one); else 1."""
         steps = self.decode_steps
         if steps == 1 or self.waiting or len(candidates) > BURST_MAX_ROWS:
             return 1
-        if any(r.num_sampled + steps > r.max_new_tokens for r in candidates):
+        if all(self._row_steps(r, steps) == 1 for r in candidates):
             return 1
-        need = sum(self._pages_needed(r, r.kv_len + steps) for r in candidates)
+        need = sum(self._pages_needed(r, r.kv_len + self._row_steps(r, steps)) for r in candidates)
         return steps if need <= self.allocator.num_free else 1
+
+    @staticmethod
+    def _row_steps(req: Req, burst: int) -> int:
+        """Tokens a row samples in a burst: the burst, or fewer when max_tokens comes first."""
+        return min(burst, req.max_new_tokens - req.num_sampled)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         rows: list[ScheduledRow] = []
@@ -233,7 +238,8 @@ class Scheduler:
         for req in candidates:
             if req.phase is not Phase.DECODE:
                 continue  # retracted while making room for an earlier row
-            need = self._pages_needed(req, req.kv_len + steps)
+            row_steps = self._row_steps(req, steps)
+            need = self._pages_needed(req, req.kv_len + row_steps)
             if need:  # these tokens open new pages
                 pages = self._obtain_pages(need)
                 while pages is None:
@@ -245,8 +251,8 @@ class Scheduler:
                 if pages is None:
                     continue
                 req.pages += pages
-            rows.append(ScheduledRow(req, req.kv_len, 1, samples=True, token_index=req.num_sampled))
-            req.kv_len += steps
-            req.num_sampled += steps
+            rows.append(ScheduledRow(req, req.kv_len, 1, samples=True, token_index=req.num_sampled, steps=row_steps))
+            req.kv_len += row_steps
+            req.num_sampled += row_steps
             req.in_flight += 1
         return ScheduledBatch(rows=rows, is_decode=True, num_steps=steps) if rows else None

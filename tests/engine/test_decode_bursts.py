@@ -96,6 +96,30 @@ def test_no_burst_while_requests_wait_or_tokens_run_short(checkpoint):
     engine.check_kv_invariant()
 
 
+def test_a_row_near_max_tokens_takes_a_shorter_burst(checkpoint):
+    params = {"short": SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+              "long": SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)}
+    expected = run(make_engine(checkpoint, decode_steps=1), list(params), list(params.values()))["tokens"]
+    engine = make_engine(checkpoint, decode_steps=4, overlap=False)
+    for (rid, p), prompt in zip(params.items(), prompts(2)):
+        engine.add_request(rid, prompt, p)
+    engine.step()  # the prefill of both: one token each
+    batch = engine.scheduler.schedule()
+    assert batch.num_steps == 4 and [r.steps for r in batch.rows] == [2, 4]
+    engine._in_flight = (batch, engine._dispatch(batch))
+    tokens = {rid: [] for rid in params}
+    for out in engine._process(*engine._in_flight):
+        tokens[out.request_id] += out.new_token_ids
+        if out.finished:
+            engine.requests.pop(out.request_id)
+    engine._in_flight = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert tokens == {rid: expected[rid][1:] for rid in params}  # the first token came from the prefill
+    engine.check_kv_invariant()
+
+
 def test_burst_batches_are_small(checkpoint):
     engine = make_engine(checkpoint, decode_steps=4, max_running_requests=BURST_MAX_ROWS + 1, num_pages=1024)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -108,3 +132,17 @@ def test_burst_batches_are_small(checkpoint):
 def test_decode_steps_is_validated():
     with pytest.raises(ValueError, match="decode_steps"):
         EngineArgs(model="m", decode_steps=0).validate()
+
+
+def test_warmup_compiles_every_program_serving_runs(checkpoint):
+    """After warm-up, prefill, single decode steps and bursts all run precompiled programs: the
+    jitted step never traces again (serving never waits on a compile)."""
+    engine = make_engine(checkpoint, decode_steps=4, warmup=True, cache="naive", max_prefill_tokens=64)
+    compiled = len(engine.runner._compiled)
+    assert compiled == len(engine.decode_buckets) + len(engine.burst_buckets()) + len(engine.prefill_buckets)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 12, 6)]
+    result = run(engine, ["a", "b", "c", "d"], params)
+    assert [len(t) for t in result["tokens"].values()] == [3, 9, 12, 6]
+    assert engine.stats()["burst_steps"] > 0
+    assert len(engine.runner._compiled) == compiled
+    assert engine.runner._step._cache_size() == 0  # nothing fell back to the jitted (tracing) path

@@ -19,6 +19,7 @@ def test_pack_unpack_roundtrip():
         attn=AttentionMetadata(cu_q_lens=ints(5), kv_lens=ints(4), page_table=None, slot_mapping=ints(16)),
         seq_slots=ints(4), page_rows=ints(4, 7),
         sampling=SamplingArrays(floats(4), ints(4), floats(4), floats(4), seeds(4), seeds(4), ints(4)),
+        row_steps=ints(4),
     )
     packed, layout = pack_batch(batch)
     assert packed.dtype == np.int32 and packed.ndim == 1
@@ -37,6 +38,7 @@ def test_pack_refuses_64_bit_arrays():
         attn=AttentionMetadata(np.zeros(2, np.int32), np.zeros(1, np.int32), None, np.zeros(2, np.int32)),
         seq_slots=np.zeros(1, np.int32), page_rows=np.zeros((1, 2), np.int32),
         sampling=SamplingArrays(*(np.zeros(1, np.float32) for _ in range(7))),
+        row_steps=np.zeros(1, np.int32),
     )
     with pytest.raises(TypeError, match="32-bit"):
         pack_batch(batch)
