@@ -50,6 +50,19 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = max(0, len(self._ids) - CONTEXT_TOKENS), len(self._ids)
         return self._emit(final=False)
 
+    def add_until_stop(self, token_ids: list[int]) -> tuple[str, int]:
+        """(text delta, how many of `token_ids` it used): with stop strings the tokens go in one at a
+        time and those after the one that completes a stop string are left out, so a burst of
+        several tokens reports the same tokens as single steps would."""
+        if not self.stop:
+            return self.add(token_ids), len(token_ids)
+        text = ""
+        for used, token in enumerate(token_ids, start=1):
+            text += self.add([token])
+            if self.stopped:
+                return text, used
+        return text, len(token_ids)
+
     def flush(self) -> str:
         """Whatever is still held back at the end of the request, an incomplete character as U+FFFD."""
         if self.stopped:

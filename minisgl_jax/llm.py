@@ -108,9 +108,13 @@ class LLM:
                         continue
                     index, detok, live = detoks[out.request_id]
                     result = results[index]
-                    text = detok.add(out.new_token_ids) if live and not detok.stopped else ""
-                    result.token_ids += out.new_token_ids
-                    result.logprobs += out.new_logprobs
+                    new_ids, new_logprobs = out.new_token_ids, out.new_logprobs
+                    text = ""
+                    if live and not detok.stopped:
+                        text, used = detok.add_until_stop(new_ids)
+                        new_ids, new_logprobs = new_ids[:used], new_logprobs[:used]
+                    result.token_ids += new_ids
+                    result.logprobs += new_logprobs
                     result.cached_tokens = out.cached_tokens
                     finished, reason = out.finished, out.finish_reason
                     if detok.stopped and not finished:
@@ -124,7 +128,7 @@ class LLM:
                     if finished:
                         result.finish_reason = reason
                         del detoks[out.request_id]
-                    yield Delta(out.request_id, index, text, out.new_token_ids, finished, reason)
+                    yield Delta(out.request_id, index, text, new_ids, finished, reason)
         finally:
             for rid in detoks:
                 self.engine.abort_request(rid)

@@ -77,7 +77,8 @@ class DetokenizerWorker:
 
     def _detokenize(self, out: StepTokens) -> TextChunk:
         detok, with_logprobs = self.live[out.rid]
-        text = detok.add(out.token_ids)
+        text, used = detok.add_until_stop(out.token_ids)
+        dropped = len(out.token_ids) - used  # a burst's tokens after a stop string
         finished, reason = out.finished, out.finish_reason
         if detok.stopped:
             reason = "stop"
@@ -89,10 +90,10 @@ class DetokenizerWorker:
             text += detok.flush()
         if finished:
             del self.live[out.rid]
-        logprobs = [self._logprob(entry) for entry in out.logprobs] if with_logprobs else []
+        logprobs = [self._logprob(entry) for entry in out.logprobs[:used]] if with_logprobs else []
         return TextChunk(
-            out.rid, text, out.token_ids, finished, reason, logprobs,
-            out.prompt_tokens, out.completion_tokens, out.cached_tokens,
+            out.rid, text, out.token_ids[:used], finished, reason, logprobs,
+            out.prompt_tokens, out.completion_tokens - dropped, out.cached_tokens,
         )
 
     def _logprob(self, entry: list[Any]) -> TokenLogprobText:

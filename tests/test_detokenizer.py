@@ -34,6 +34,16 @@ def test_stop_strings_across_token_boundaries(tokenizer, stop, expected):
     assert detok.stopped == (stop in TEXT)
 
 
+def test_tokens_after_the_one_completing_a_stop_string_are_left_out(tokenizer):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    whole = IncrementalDetokenizer(tokenizer, [1, 2, 3], stop=["END"])
+    text, used = whole.add_until_stop(ids)
+    assert text == "héllo 世界 😀 the " and whole.stopped
+    assert "END" in tokenizer.decode(ids[:used]) and "END" not in tokenizer.decode(ids[: used - 1])
+    plain = IncrementalDetokenizer(tokenizer, [1, 2, 3])
+    assert plain.add_until_stop(ids)[1] == len(ids)  # no stop strings: every token is used
+
+
 def test_special_tokens_skipped(tokenizer):
     ids = tokenizer.encode("ab", add_special_tokens=False) + [tokenizer.eos_token_id]
     deltas, _ = stream(tokenizer, ids)

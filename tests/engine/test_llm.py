@@ -23,6 +23,11 @@ def test_text_prompts_stop_strings_and_usage(llm):
     stopped = llm.generate("Hello there", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))
     assert stopped[0].finish_reason is FinishReason.STOP
     assert stopped[0].text == text[: text.index(stop)]
+    # Decode bursts sample a few tokens past the stop: the completion ends at the token that completed it.
+    ids = stopped[0].token_ids
+    decode = llm.tokenizer.decode
+    assert ids == full[0].token_ids[: len(ids)] and stop in decode(ids) and stop not in decode(ids[:-1])
+    assert stopped[0].usage["completion_tokens"] == len(ids)
     llm.engine.check_kv_invariant()
 
 

@@ -62,3 +62,24 @@ def test_a_request_that_fails_to_detokenize_gets_a_500_and_the_others_go_on():
         assert ipc.receive_all(scheduler, 2000) == [m.AbortReq(["bad/0"])]  # its pages return at once
     finally:
         context.destroy(linger=0)
+
+
+def test_a_burst_past_a_stop_string_reports_only_the_tokens_up_to_it():
+    """A decode burst brings several tokens at once; those after the stop string's last one are not
+    the completion's (token ids and usage as single steps would give), and the request is aborted."""
+    run_dir = ipc.RunDir(tempfile.mkdtemp(prefix="minisgl-test-"))
+    context = zmq.Context()
+    api = ipc.bind_inbox(context, run_dir, "api")
+    scheduler = ipc.bind_inbox(context, run_dir, "scheduler")
+    try:
+        worker = DetokenizerWorker(run_dir, byte_level_tokenizer(320))
+        worker.handle(m.DetokInit("r/0", [], ["cd"], True, False))
+        burst = [ord(c) for c in "abcdef"]
+        worker.handle(m.TokenBatch([m.StepTokens("r/0", burst, False, None, [], 3, 7, 0)]))
+        (reply,) = ipc.receive_all(api, 2000)
+        (chunk,) = reply.chunks
+        assert (chunk.text, chunk.token_ids, chunk.finished, chunk.finish_reason) == ("ab", burst[:4], True, "stop")
+        assert chunk.completion_tokens == 7 - 2  # the two tokens after "cd" are not counted
+        assert ipc.receive_all(scheduler, 2000) == [m.AbortReq(["r/0"])]
+    finally:
+        context.destroy(linger=0)
