@@ -60,3 +60,13 @@ def save_tiny_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, **config
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def tiny_engine(path: str, **args):
+    """An engine over a tiny checkpoint as the engine tests run it: float32, reference attention,
+    no compile cache, no warm-up; `args` add or override EngineArgs fields."""
+    from minisgl_jax.config import EngineArgs
+    from minisgl_jax.engine import Engine
+
+    base = dict(model=path, dtype="float32", attention_backend="reference", compile_cache_dir=None, warmup=False)
+    return Engine(EngineArgs(**{**base, **args}))

@@ -7,7 +7,7 @@ from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import Engine
 from minisgl_jax.engine.scheduler import BURST_MAX_ROWS
-from tiny_models import save_tiny_checkpoint
+from tiny_models import save_tiny_checkpoint, tiny_engine
 
 
 @pytest.fixture(scope="module")
@@ -16,12 +16,8 @@ def checkpoint(tmp_path_factory):
 
 
 def make_engine(path: str, **overrides) -> Engine:
-    args = dict(
-        model=path, dtype="float32", attention_backend="reference", cache="radix", num_pages=256,
-        page_size=4, max_running_requests=4, max_prefill_tokens=128, compile_cache_dir=None, warmup=False,
-    )
-    args.update(overrides)
-    return Engine(EngineArgs(**args))
+    args = dict(cache="radix", num_pages=256, page_size=4, max_running_requests=4, max_prefill_tokens=128)
+    return tiny_engine(path, **{**args, **overrides})
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
-from tiny_models import save_tiny_checkpoint
+from tiny_models import save_tiny_checkpoint, tiny_engine
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PAGE = 16
@@ -18,10 +17,8 @@ def checkpoint(tmp_path_factory):
 
 
 def make_engine(path: str, cache: str, **overrides) -> Engine:
-    args = dict(model=path, dtype="float32", attention_backend="reference", cache=cache, num_pages=256,
-                page_size=PAGE, max_running_requests=8, max_prefill_tokens=64, compile_cache_dir=None, warmup=False)
-    args.update(overrides)
-    return Engine(EngineArgs(**args))
+    args = dict(cache=cache, num_pages=256, page_size=PAGE, max_running_requests=8, max_prefill_tokens=64)
+    return tiny_engine(path, **{**args, **overrides})
 
 
 def shared_prefix_prompts() -> list[list[int]]:

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import Engine
-from tiny_models import save_tiny_checkpoint
+from tiny_models import save_tiny_checkpoint, tiny_engine
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -17,12 +16,8 @@ def checkpoint(tmp_path_factory):
 
 
 def make_engine(path: str, **overrides) -> Engine:
-    args = dict(
-        model=path, dtype="float32", attention_backend="reference", cache="naive", num_pages=512,
-        page_size=16, max_running_requests=8, max_prefill_tokens=256, compile_cache_dir=None, warmup=False,
-    )
-    args.update(overrides)
-    return Engine(EngineArgs(**args))
+    args = dict(cache="naive", num_pages=512, page_size=16, max_running_requests=8, max_prefill_tokens=256)
+    return tiny_engine(path, **{**args, **overrides})
 
 
 def mixed_prompts(count: int = 8, seed: int = 0) -> list[list[int]]:
