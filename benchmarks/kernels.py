@@ -25,6 +25,8 @@ from roofline import measure_copy_bandwidth
 
 from minisgl_jax.kernels import (
     cascade_decode_attention,
+    hopper_prefill_attention,
+    hopper_prefill_unsupported,
     paged_decode_attention,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -102,6 +104,14 @@ def check_correctness(results: dict) -> None:
             traceback.print_exc()
             results["correctness"][name] = "error"
         print(f"correctness {name}: {results['correctness'][name]}")
+        if c["mq"] is None and hopper_prefill_unsupported(jnp.bfloat16, HEAD_DIM, c["page_size"]) is None:
+            try:
+                out = hopper_prefill_attention(*args, sm_scale=SCALE)
+                results["correctness"][name + " (mosaic)"] = rel_err(out, ref)
+            except Exception:
+                traceback.print_exc()
+                results["correctness"][name + " (mosaic)"] = "error"
+            print(f"correctness {name} (mosaic): {results['correctness'][name + ' (mosaic)']}")
 
 
 def bench_decode(results: dict, copy_bw: float) -> None:
@@ -155,16 +165,29 @@ PREFILL_VARIANTS = [  # (block_m, block_k, num_warps, num_stages); the first is 
 ]
 
 
+MOSAIC_VARIANTS = [(128, 2), (64, 2), (64, 3)]  # (block_kv, num_stages) of the Hopper kernel; the first is the default
+
+
 def sweep_prefill(args) -> dict:
-    times = {}
+    """Seconds per call of each tiling: the Triton block kernel's, then the Mosaic GPU kernel's ("mosaic ...")."""
+    fns = {}
     for bm, bk, warps, stages in PREFILL_VARIANTS:
-        fn = jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE, block_m=bm, block_k=bk,
-                                       num_warps=warps, num_stages=stages))
+        fns[f"bm={bm},bk={bk},w={warps},st={stages}"] = functools.partial(
+            ragged_paged_attention, sm_scale=SCALE, block_m=bm, block_k=bk, num_warps=warps, num_stages=stages)
+    for bkv, stages in MOSAIC_VARIANTS:
+        fns[f"mosaic bkv={bkv},st={stages}"] = functools.partial(
+            hopper_prefill_attention, sm_scale=SCALE, block_kv=bkv, num_stages=stages)
+    times = {}
+    for name, fn in fns.items():
         try:
-            times[f"bm={bm},bk={bk},w={warps},st={stages}"] = timed(fn, *args, reps=20)
+            times[name] = timed(jax.jit(fn), *args, reps=20)
         except Exception:
             traceback.print_exc()
     return times
+
+
+def best_of(variants: dict, mosaic: bool) -> float:
+    return min(s for name, s in variants.items() if name.startswith("mosaic") == mosaic)
 
 
 def bench_prefill(results: dict) -> None:
@@ -178,9 +201,10 @@ def bench_prefill(results: dict) -> None:
     v = jax.random.normal(kv, (batch, t, KV_HEADS, HEAD_DIM), jnp.bfloat16)
     cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=SCALE, implementation="cudnn"))
     cudnn_s = timed(cudnn, q, k, v, reps=20)
-    best = min(ours.values())
+    best, triton_s, mosaic_s = min(ours.values()), best_of(ours, False), best_of(ours, True)
     results["prefill"] = dict(variants=ours, best_s=best, cudnn_s=cudnn_s, flops=flops,
-                              tflops=flops / best / 1e12, cudnn_tflops=flops / cudnn_s / 1e12, vs_cudnn=cudnn_s / best)
+                              tflops=flops / best / 1e12, cudnn_tflops=flops / cudnn_s / 1e12, vs_cudnn=cudnn_s / best,
+                              triton_s=triton_s, mosaic_s=mosaic_s)
     print("prefill: " + json.dumps({k: round(v * 1e6, 1) for k, v in ours.items()}) + f" cudnn {cudnn_s * 1e6:.1f}")
 
     new, cached = 512, 2048
@@ -188,8 +212,20 @@ def bench_prefill(results: dict) -> None:
     variants = sweep_prefill(args)
     prefix_s = min(variants.values())
     flops = attention_flops([new] * batch, [new + cached] * batch)
-    results["prefix"] = dict(variants=variants, s=prefix_s, flops=flops, tflops=flops / prefix_s / 1e12)
+    results["prefix"] = dict(variants=variants, s=prefix_s, flops=flops, tflops=flops / prefix_s / 1e12,
+                             triton_s=best_of(variants, False), mosaic_s=best_of(variants, True))
     print("prefix: " + json.dumps({k: round(v * 1e6, 1) for k, v in variants.items()}))
+
+    # An engine bucket: 4 x 2048 tokens, padded to 256 sequences (252 empty ones), default tilings.
+    q, k, v, lens, table, cu = make_batch(7, [t] * batch, [t] * batch, 16)
+    pad = 252
+    bucket = (q, k, v, jnp.concatenate([lens, jnp.zeros(pad, jnp.int32)]),
+              jnp.concatenate([table, jnp.zeros((pad, table.shape[1]), jnp.int32)]),
+              jnp.concatenate([cu, jnp.full(pad, cu[-1], jnp.int32)]))
+    results["bucket"] = {
+        "triton_s": timed(jax.jit(functools.partial(ragged_paged_attention, sm_scale=SCALE)), *bucket, reps=20),
+        "mosaic_s": timed(jax.jit(functools.partial(hopper_prefill_attention, sm_scale=SCALE)), *bucket, reps=20),
+    }
 
 
 def shared_prefix_batch(seed: int, batch: int, prefix: int, suffixes, page_size: int = 16):
@@ -237,7 +273,9 @@ def bench_mixed(results: dict) -> None:
     decode_s = timed(dec, q[:decodes], k, v, lens[:decodes], table[:decodes], cu[:decodes + 1])
     chunk_cu = jnp.asarray([0, chunk], jnp.int32)
     chunk_s = timed(fn, q[decodes:], k, v, lens[decodes:], table[decodes:], chunk_cu)
-    results["mixed"] = dict(mixed_s=mixed_s, decode_s=decode_s, chunk_s=chunk_s, separate_s=decode_s + chunk_s)
+    mosaic_s = timed(jax.jit(functools.partial(hopper_prefill_attention, sm_scale=SCALE)), *mixed)
+    results["mixed"] = dict(mixed_s=mixed_s, decode_s=decode_s, chunk_s=chunk_s, separate_s=decode_s + chunk_s,
+                            mosaic_s=mosaic_s)
 
 
 def bench_kv_write(results: dict, tokens: int = 256, num_pages: int = 65536, page_size: int = 16) -> None:
@@ -305,10 +343,18 @@ def print_table(r: dict) -> None:
     if p:
         best_name = min(p["variants"], key=p["variants"].get)
         print(f"prefill causal B=4 T=2048: ours {p['best_s'] * 1e6:.1f} us {p['tflops']:.0f} TFLOP/s ({best_name}); "
-              f"cuDNN {p['cudnn_s'] * 1e6:.1f} us {p['cudnn_tflops']:.0f} TFLOP/s; ours/cuDNN {100 * p['vs_cudnn']:.0f}%")
+              f"cuDNN {p['cudnn_s'] * 1e6:.1f} us {p['cudnn_tflops']:.0f} TFLOP/s; ours/cuDNN {100 * p['vs_cudnn']:.0f}% "
+              f"(best Triton-lowered {p['triton_s'] * 1e6:.1f} us = {100 * p['cudnn_s'] / p['triton_s']:.0f}%, "
+              f"best Mosaic GPU {p['mosaic_s'] * 1e6:.1f} us = {100 * p['cudnn_s'] / p['mosaic_s']:.0f}%)")
     if "prefix" in r:
         best_name = min(r["prefix"]["variants"], key=r["prefix"]["variants"].get)
-        print(f"prefill B=4 T=512 new + 2048 cached: {r['prefix']['s'] * 1e6:.1f} us, {r['prefix']['tflops']:.0f} TFLOP/s ({best_name})")
+        x = r["prefix"]
+        print(f"prefill B=4 T=512 new + 2048 cached: {x['s'] * 1e6:.1f} us, {x['tflops']:.0f} TFLOP/s ({best_name}); "
+              f"Triton-lowered {x['triton_s'] * 1e6:.1f} us, Mosaic GPU {x['mosaic_s'] * 1e6:.1f} us")
+    if "bucket" in r:
+        x = r["bucket"]
+        print(f"prefill bucket 4 x 2048 + 252 empty sequences: Triton-lowered {x['triton_s'] * 1e6:.1f} us, "
+              f"Mosaic GPU {x['mosaic_s'] * 1e6:.1f} us")
     if "cascade" in r:
         c = r["cascade"]
         best_name = min(c["variants"], key=c["variants"].get)
@@ -319,7 +365,8 @@ def print_table(r: dict) -> None:
     if "mixed" in r:
         m = r["mixed"]
         print(f"mixed 255 decodes ctx1024 + 512 chunk: {m['mixed_s'] * 1e6:.1f} us vs separate "
-              f"{m['decode_s'] * 1e6:.1f} + {m['chunk_s'] * 1e6:.1f} = {m['separate_s'] * 1e6:.1f} us")
+              f"{m['decode_s'] * 1e6:.1f} + {m['chunk_s'] * 1e6:.1f} = {m['separate_s'] * 1e6:.1f} us; "
+              f"with the Mosaic GPU prefill kernel {m['mosaic_s'] * 1e6:.1f} us")
     if "kv_write" in r:
         w = r["kv_write"]
         for name in ("reference", "unique_scatter", "pallas"):

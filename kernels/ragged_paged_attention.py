@@ -23,6 +23,8 @@ from jax.experimental import pallas as pl
 from .paged_blocks import (
     LOG2E,
     attend_block,
+    block_schedule,
+    check_inputs,
     compiler_params,
     fit_tile,
     init_carry,
@@ -57,14 +59,14 @@ def _block_kernel(
     """q_ref, out_ref: [tokens * q_heads, d]; k_ref, v_ref: [kv_heads, pages * page_size, d].
 
     block_seq_ref: [blocks] sequence of each block, -1 for a block of padding rows to zero;
-    block_rows_ref: [blocks, 2] first and one-past-last row of each block.
+    block_rows_ref: [blocks, 3] (`block_schedule`, unaligned: first row, first and last owned row).
     _written_ref aliases out_ref: rows the decode kernel wrote, left as they are.
     """
     block, head = pl.program_id(0), pl.program_id(1)
     num_q_heads = k_ref.shape[0] * group
     seq = block_seq_ref[block]
-    row_begin = block_rows_ref[block, 0]
-    row_end = block_rows_ref[block, 1]
+    row_begin = block_rows_ref[block, 1]
+    row_end = block_rows_ref[block, 2]
 
     m = jnp.arange(block_m, dtype=jnp.int32)
     tokens = row_begin + m // group
@@ -108,53 +110,6 @@ def _block_kernel(
         store_rows(out_ref, out_rows, ok, normalise(acc, l))
 
 
-def _block_schedule(cu_q_lens: jax.Array, num_tokens: int, block_q: int) -> tuple[jax.Array, jax.Array]:
-    """Blocks of sequences with q_len > 1, then padding blocks; longest-running blocks first.
-
-    Returns block_seq [blocks] (-1: padding) and block_rows [blocks, 2] (row range). blocks =
-    cdiv(tokens, block_q) + seqs, always enough to also cover rows cu_q_lens[-1]:tokens.
-    """
-    num_seqs = cu_q_lens.shape[0] - 1
-    num_blocks = pl.cdiv(num_tokens, block_q) + num_seqs
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    per_seq = jnp.where(q_lens > 1, pl.cdiv(q_lens, block_q), 0)
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_seq, dtype=jnp.int32)])
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right") - 1, 0, num_seqs - 1).astype(jnp.int32)
-    is_real = b < cu_blocks[-1]
-    real_begin = cu_q_lens[seq] + (b - cu_blocks[seq]) * block_q
-    real_end = jnp.minimum(real_begin + block_q, cu_q_lens[seq + 1])
-    pad_begin = cu_q_lens[-1] + (b - cu_blocks[-1]) * block_q
-    pad_end = jnp.minimum(pad_begin + block_q, num_tokens)
-    block_seq = jnp.where(is_real, seq, -1)
-    rows = jnp.stack([jnp.where(is_real, real_begin, pad_begin), jnp.where(is_real, real_end, pad_end)], axis=1)
-    # Later blocks of a sequence see more keys: launch them first so the tail of the grid is short.
-    return block_seq[::-1], rows[::-1]
-
-
-def _check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens) -> None:
-    if q.ndim != 3:
-        raise ValueError(f"q must be [tokens, q_heads, head_dim], got shape {q.shape}")
-    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-        raise ValueError(
-            f"k_pages and v_pages must both be [kv_heads, pages, page_size, head_dim], got {k_pages.shape}, {v_pages.shape}"
-        )
-    if q.shape[1] % k_pages.shape[0]:
-        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k_pages.shape[0]})")
-    if q.shape[2] != k_pages.shape[3]:
-        raise ValueError(f"head_dim of q ({q.shape[2]}) and k_pages ({k_pages.shape[3]}) differ")
-    if q.shape[2] & (q.shape[2] - 1):
-        raise ValueError(f"head_dim must be a power of two (Triton tiles), got {q.shape[2]}")
-    num_seqs = kv_lens.shape[0]
-    if page_table.ndim != 2 or page_table.shape[0] != num_seqs:
-        raise ValueError(f"page_table must be [seqs={num_seqs}, pages_per_seq], got {page_table.shape}")
-    if cu_q_lens.shape != (num_seqs + 1,):
-        raise ValueError(f"cu_q_lens must be [seqs + 1] = [{num_seqs + 1}], got {cu_q_lens.shape}")
-    for name, x in (("kv_lens", kv_lens), ("page_table", page_table), ("cu_q_lens", cu_q_lens)):
-        if x.dtype != jnp.int32:
-            raise ValueError(f"{name} must be int32, got {x.dtype}")
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "max_q_len", "interpret", "block_m", "block_k", "num_warps", "num_stages"),
@@ -188,7 +143,7 @@ def ragged_paged_attention(
     num_warps, num_stages tune the block kernel; the defaults suit an H100 (4-byte inputs halve
     block_m and block_k: `fit_tile`).
     """
-    _check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
+    check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
     interpret = resolve_interpret(interpret)
     if max_q_len == 1:
         return paged_decode_attention(
@@ -207,7 +162,7 @@ def ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
         sm_scale=sm_scale, rows_are_seqs=False, num_splits=1, interpret=interpret,
     )
-    block_seq, block_rows = _block_schedule(cu_q_lens, num_tokens, block_m // group)
+    block_seq, block_rows, _ = block_schedule(cu_q_lens, num_tokens, block_m // group)
     kernel = functools.partial(
         _block_kernel,
         sm_scale=sm_scale,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ATTENTION_BACKENDS = ("reference", "pallas")
+ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 CACHE_KINDS = ("radix", "naive")
 DTYPES = ("bfloat16", "float32")
 LOAD_FORMATS = ("auto", "dummy")
@@ -14,7 +14,8 @@ LOAD_FORMATS = ("auto", "dummy")
 class EngineArgs:
     """What `LLM(...)`, `Engine(...)` and the CLI flags configure.
 
-    attention_backend is one name for both phases or "PREFILL,DECODE" (e.g. "reference,pallas").
+    attention_backend is one name for both phases or "PREFILL,DECODE" (e.g. "reference,pallas");
+    "mosaic" (prefill only, Hopper GPUs, bf16/fp16) leaves decode steps on the Pallas kernels.
     num_pages None sizes the KV pool from mem_fraction of the device memory left after weights.
     """
 

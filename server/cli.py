@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--cache", choices=CACHE_KINDS, default=d.cache,
                         help="radix shares KV pages of common prefixes across requests; naive does not")
     engine.add_argument("--attention-backend", default=d.attention_backend,
-                        help=f"one of {ATTENTION_BACKENDS}, or PREFILL,DECODE (e.g. reference,pallas)")
+                        help=f"one of {ATTENTION_BACKENDS}, or PREFILL,DECODE (e.g. mosaic,pallas: the Hopper prefill kernel)")
     engine.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next step")
     engine.add_argument("--decode-steps", type=int, default=d.decode_steps,
                         help="decode steps per launch for small decode batches when nothing waits (1: off)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -55,7 +56,29 @@ def _pallas(q, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float, ma
     )
 
 
-BACKENDS: dict[str, AttendFn] = {"reference": _reference, "pallas": _pallas}
+def _mosaic(q, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float, max_q_len: int | None):
+    """The Hopper prefill kernel (Pallas Mosaic GPU); decode buckets keep the Pallas decode kernels."""
+    if max_q_len == 1 or meta.cascade_groups is not None:
+        return _pallas(q, k_pages, v_pages, meta, sm_scale=sm_scale, max_q_len=max_q_len)
+    return kernels.hopper_prefill_attention(
+        q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, sm_scale=sm_scale
+    )
+
+
+BACKENDS: dict[str, AttendFn] = {"reference": _reference, "pallas": _pallas, "mosaic": _mosaic}
+
+
+def check_mosaic(dtype, head_dim: int, page_size: int) -> None:
+    """Raise unless this machine and these shapes can run the Hopper prefill kernel."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability != "9.0":
+        raise ValueError(
+            f"attention backend 'mosaic' needs an NVIDIA Hopper GPU (sm_90), found {device.device_kind} "
+            f"({device.platform}{', sm ' + capability if capability else ''}); use 'pallas'"
+        )
+    if reason := kernels.hopper_prefill_unsupported(dtype, head_dim, page_size):
+        raise ValueError(f"attention backend 'mosaic' cannot run this model: {reason}; use 'pallas'")
 
 
 class AttentionBackend:
@@ -65,12 +88,15 @@ class AttentionBackend:
     its KV heads' pages and its q heads, so attention needs no communication at all.
     """
 
-    def __init__(self, prefill: str, decode: str, sm_scale: float, mesh: Mesh | None = None) -> None:
+    def __init__(
+        self, prefill: str, decode: str, sm_scale: float, mesh: Mesh | None = None, *,
+        dtype=jnp.bfloat16, head_dim: int = 128, page_size: int = 16,
+    ) -> None:
         for name in (prefill, decode):
             if name not in BACKENDS:
                 raise ValueError(f"attention backend must be one of {sorted(BACKENDS)}, got {name!r}")
-            if name == "pallas" and not hasattr(kernels, "ragged_paged_attention"):
-                raise ValueError("attention backend 'pallas' is not available in this build")
+        if "mosaic" in (prefill, decode):
+            check_mosaic(dtype, head_dim, page_size)
         self.prefill_name, self.decode_name = prefill, decode
         self.sm_scale = sm_scale
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None

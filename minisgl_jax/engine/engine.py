@@ -66,7 +66,10 @@ class Engine:
         self.pages_per_seq = -(-self.max_model_len // args.page_size)
         num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(dtype).itemsize)
         prefill_backend, decode_backend = args.attention_backends
-        backend = AttentionBackend(prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5, mesh=self.mesh)
+        backend = AttentionBackend(
+            prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5, mesh=self.mesh,
+            dtype=dtype, head_dim=cfg.head_dim, page_size=args.page_size,
+        )
         self.runner = ModelRunner(
             model, self.mesh, backend, num_pages, args.page_size, args.max_running_requests, self.pages_per_seq, dtype
         )

@@ -24,3 +24,10 @@ def test_pallas_backend_matches_reference(tmp_path_factory, backends):
         outputs.append(engine.generate(prompts, params))
         engine.check_kv_invariant()
     assert outputs[0] == outputs[1]
+
+
+def test_mosaic_backend_needs_a_hopper_gpu():
+    from minisgl_jax.engine.attention import AttentionBackend
+
+    with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU"):
+        AttentionBackend("mosaic", "pallas", 0.1)
