@@ -21,7 +21,6 @@ pages past a sequence's last are never read.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
