@@ -43,6 +43,21 @@ def test_lowers_for_cuda_on_any_machine():
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests below compile it")
+def test_lowers_per_shard_under_shard_map():
+    # tensor parallelism runs attention per shard (engine/attention.py): 8 of 16 q heads, 4 of 8 kv heads
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    args = make_batch(0, [300, 1, 77], [300, 50, 200], page_size=16, q_heads=16, kv_heads=8, head_dim=128,
+                      dtype=jnp.bfloat16)
+    mesh = Mesh(jax.devices()[:2], ("tp",))
+    heads, pool = P(None, "tp", None), P("tp", None, None, None)
+    fn = jax.shard_map(lambda *a: hopper_prefill_attention(*a, sm_scale=0.1), mesh=mesh,
+                       in_specs=(heads, pool, pool, P(), P(), P()), out_specs=heads, check_vma=False)
+    assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_unsupported_inputs_say_why():
     assert hopper_prefill_unsupported(jnp.bfloat16, 128, 16) is None
     assert "float32" in hopper_prefill_unsupported(jnp.float32, 128, 16)
