@@ -152,13 +152,21 @@ def test_fuzzed_bodies_never_get_a_5xx(server, openapi, path):
         with httpx.stream("POST", server.url + path, json=body, timeout=60) as response:
             lines = list(response.iter_lines())
         event(f"HTTP {response.status_code}")  # --hypothesis-show-statistics shows the mix
-        assert response.status_code < 500, (body, response.status_code, lines)
+        # A body's own `timeout` may expire on a busy 2-core machine: 504 timeout_error is the
+        # documented answer to that, not a server fault. Any other 5xx is.
+        own_deadline = isinstance(body, dict) and "timeout" in body
+
+        def allowed(code: int, kind: str) -> bool:
+            return code < 500 or (own_deadline and code == 504 and kind == "timeout_error")
+
         if response.status_code >= 400:
             error = json.loads("".join(lines))["error"]
+            assert allowed(response.status_code, error.get("type")), (body, response.status_code, lines)
             assert error["message"] and response.status_code != 422, (body, error)
         for line in lines:  # a stream may end with an error event, never a server error
             if line.startswith('data: {"error"'):
-                assert json.loads(line[6:])["error"]["code"] < 500, (body, line)
+                error = json.loads(line[6:])["error"]
+                assert allowed(error["code"], error.get("type")), (body, line)
 
     check()
     wait_idle(server, timeout=30)
