@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -90,8 +89,9 @@ class AttentionBackend:
 
     def __init__(
         self, prefill: str, decode: str, sm_scale: float, mesh: Mesh | None = None, *,
-        dtype=jnp.bfloat16, head_dim: int = 128, page_size: int = 16,
+        dtype, head_dim: int, page_size: int,
     ) -> None:
+        """dtype, head_dim, page_size: the pool's, checked against what the chosen kernels support."""
         for name in (prefill, decode):
             if name not in BACKENDS:
                 raise ValueError(f"attention backend must be one of {sorted(BACKENDS)}, got {name!r}")

@@ -1,5 +1,6 @@
 """The engine gives the same greedy tokens with the Pallas kernels (interpret mode here) as with the reference."""
 
+import jax.numpy as jnp
 import pytest
 
 from minisgl_jax.config import EngineArgs
@@ -30,4 +31,4 @@ def test_mosaic_backend_needs_a_hopper_gpu():
     from minisgl_jax.engine.attention import AttentionBackend
 
     with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU"):
-        AttentionBackend("mosaic", "pallas", 0.1)
+        AttentionBackend("mosaic", "pallas", 0.1, dtype=jnp.bfloat16, head_dim=128, page_size=16)

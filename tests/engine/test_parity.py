@@ -35,7 +35,8 @@ def full_logits(engine: Engine, token_ids: list[int]) -> np.ndarray:
         page_table=jnp.arange(1, n + 1, dtype=jnp.int32)[None, :],
         slot_mapping=jnp.arange(1, n + 1, dtype=jnp.int32),
     )
-    backend = AttentionBackend("reference", "reference", cfg.head_dim**-0.5)
+    backend = AttentionBackend("reference", "reference", cfg.head_dim**-0.5,
+                               dtype=jnp.float32, head_dim=cfg.head_dim, page_size=1)
     ids = jnp.array(token_ids, jnp.int32)
     hidden, _ = model(ids, jnp.arange(n, dtype=jnp.int32), pool, meta, backend, False)
     return np.asarray(model.logits(hidden))
