@@ -1,58 +1,183 @@
 """The cost tensor parallelism adds to a step: one all-reduce of [rows, hidden] over the tp GPUs.
 
-Times 64 chained `psum`s under `shard_map` in one jitted program (a decode step of a 32-layer
-model has 65: two per layer and one for the vocab-parallel embedding).
+Times 64 chained all-reduces under `shard_map` in one jitted program (a decode step of a
+32-layer model has 65: two per layer and one for the vocab-parallel embedding), for each
+implementation: `xla` (`psum`, XLA's collective thunk over NCCL, what the engine uses) and
+`oneshot`, a candidate kept here because it lost: a Mosaic GPU kernel that reads every peer's
+shard straight from its memory over NVLink and sums in float32. Before timing, `oneshot`'s
+result on random shards is compared with `psum`'s. `--matmul` puts a [rows, 4096] x [4096, 4096]
+matmul before each all-reduce, so the GPU has work to hide the host's launches behind.
 
-    NCCL_NVLS_ENABLE=0 python3 benchmarks/allreduce.py --tp 2
+The candidate, step by step:
+  1. Before the launch, XLA holds a barrier across the devices (Mosaic GPU's default for a
+     kernel that touches peer memory), so every peer's input has been written.
+  2. Program b sums tiles b, b + programs, ... of its own input and of each peer's input (the
+     peers' addresses come from XLA's collective metadata), and stores them locally.
+  3. Program b signals program b on every peer, then waits for their signals: no device leaves
+     the kernel (and lets XLA reuse its input buffer) while a peer may still read it.
+It was slower than `psum` on an H200 pair (2026-11-30): each Mosaic GPU launch costs more host
+time than the bytes take (benchmarks/RESULTS.md, "A one-shot all-reduce of our own").
+
+    NCCL_NVLS_ENABLE=0 python3 benchmarks/allreduce.py --tp 2 --impls xla,oneshot
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-try:
-    from jax import shard_map
-except ImportError:  # jax < 0.8 keeps it under experimental
-    from jax.experimental.shard_map import shard_map
-
 CHAIN = 64
+LANE_ELEMENTS = 1024  # one row of the kernel's [rows, 1024] view of the input
+TILE_BYTES = 8192  # per source and program step: 64 bytes per thread of a warpgroup
+MAX_PROGRAMS = 132  # the SMs of an H100/H200; more programs would only queue
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def chained_psums(x: jax.Array) -> jax.Array:
-    for _ in range(CHAIN):
-        x = jax.lax.psum(x, "tp") * 0.5  # halved so the values stay finite
-    return x
+def all_reduce_unsupported(shape: tuple[int, ...], dtype: jnp.dtype) -> str | None:
+    """Why this kernel cannot all-reduce an array of `shape` and `dtype` (None when it can)."""
+    if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+        return f"dtype {jnp.dtype(dtype).name} is not one of bfloat16, float16, float32"
+    size = 1
+    for dim in shape:
+        size *= dim
+    if size == 0 or size % LANE_ELEMENTS:
+        return f"{size} elements is not a positive multiple of {LANE_ELEMENTS}"
+    return None
+
+
+def _tile_rows(num_rows: int, itemsize: int) -> int:
+    """The largest power-of-two row count per tile, up to TILE_BYTES, that divides the rows."""
+    rows = max(1, TILE_BYTES // (LANE_ELEMENTS * itemsize))
+    while num_rows % rows:
+        rows //= 2
+    return rows
+
+
+def one_shot_all_reduce(x: jax.Array, axis_name: str, num_devices: int) -> jax.Array:
+    """Sum `x` over the `axis_name` devices; call per shard under `shard_map`.
+
+    `num_devices` is the size of `axis_name` (static: the kernel unrolls its peers).
+    """
+    if num_devices == 1:
+        return x
+    if (reason := all_reduce_unsupported(x.shape, x.dtype)) is not None:
+        raise ValueError(f"one_shot_all_reduce: {reason}")
+    num_rows = x.size // LANE_ELEMENTS
+    tile = _tile_rows(num_rows, x.dtype.itemsize)
+    num_tiles = num_rows // tile
+    programs = min(num_tiles, MAX_PROGRAMS)
+    kernel = _build_kernel(num_rows, jnp.dtype(x.dtype), tile, programs, axis_name, num_devices)
+    return kernel(x.reshape(num_rows, LANE_ELEMENTS)).reshape(x.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_kernel(num_rows: int, dtype: jnp.dtype, tile: int, programs: int, axis_name: str, num_devices: int):
+    num_tiles = num_rows // tile
+
+    def body(x_ref, y_ref, done):
+        device = jax.lax.axis_index(axis_name)
+        program = jax.lax.axis_index("programs")
+        peers = [jax.lax.rem(device + i, num_devices) for i in range(1, num_devices)]
+        peer_refs = [plgpu.remote_ref(x_ref, peer) for peer in peers]
+
+        @pl.loop(program, num_tiles, step=programs)
+        def _sum_tile(t):
+            rows = pl.ds(t * tile, tile)
+            parts = [x_ref[rows]] + [ref[rows] for ref in peer_refs]
+            total = parts[0].astype(jnp.float32)
+            for part in parts[1:]:
+                total = total + part.astype(jnp.float32)
+            y_ref[rows] = total.astype(dtype)
+
+        for peer in peers:
+            pl.semaphore_signal(done, device_id=peer)
+        pl.semaphore_wait(done, num_devices - 1)
+
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_rows, LANE_ELEMENTS), dtype),
+        scratch_types=[plgpu.SemaphoreType.REGULAR],
+        grid=(programs,),
+        grid_names=("programs",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        kernel_name="one_shot_all_reduce",
+    )
+
+
+def all_reduce_fn(impl: str, tp: int) -> Callable[[jax.Array], jax.Array]:
+    if impl == "none":  # the chain's other work alone (with --matmul: the matmuls)
+        return lambda x: x
+    if impl == "xla":
+        return lambda x: jax.lax.psum(x, "tp")
+    if impl == "oneshot":
+        return lambda x: one_shot_all_reduce(x, "tp", tp)
+    raise SystemExit(f"--impls: unknown implementation {impl!r} (none, xla, oneshot)")
+
+
+def chained(all_reduce: Callable[[jax.Array], jax.Array], matmul: bool) -> Callable[..., jax.Array]:
+    def run(x: jax.Array, w: jax.Array) -> jax.Array:
+        for _ in range(CHAIN):
+            if matmul:
+                x = x @ w
+            x = (all_reduce(x) * 0.5).astype(x.dtype)  # halved so the values stay finite
+        return x
+
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--impls", default="xla,oneshot", help="none, xla, oneshot")
     parser.add_argument("--rows", default="1,8,64,256")
     parser.add_argument("--hidden", default="4096,5120")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--matmul", action="store_true", help="a [rows, hidden] x [hidden, hidden] matmul before each")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     if args.tp > jax.device_count():
         raise SystemExit(f"--tp {args.tp} needs {args.tp} devices; this host has {jax.device_count()}")
     mesh = Mesh(np.array(jax.devices()[: args.tp]), ("tp",))
-    step = jax.jit(shard_map(chained_psums, mesh=mesh, in_specs=P("tp", None), out_specs=P("tp", None)))
-    print(f"| rows x hidden (bf16) | per all-reduce, tp={args.tp} |\n| --- | --- |")
+    sharded, dtype = NamedSharding(mesh, P("tp", None)), jnp.dtype(args.dtype)
+    impls = args.impls.split(",")
+
+    def per_shard(fn: Callable[..., jax.Array], arity: int) -> Callable[..., jax.Array]:
+        specs = (P("tp", None),) * arity
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("tp", None), check_vma=False))
+
+    psum = per_shard(all_reduce_fn("xla", args.tp), 1)
+    once = {impl: per_shard(all_reduce_fn(impl, args.tp), 1) for impl in impls if impl == "oneshot"}
+    steps = {impl: per_shard(chained(all_reduce_fn(impl, args.tp), args.matmul), 2) for impl in impls}
+    work = " after a matmul" if args.matmul else ""
+    print(f"| rows x hidden ({dtype.name}) | " + " | ".join(f"{impl}, tp={args.tp}{work}" for impl in impls)
+          + " | max abs diff to psum |")
+    print("| --- " * (len(impls) + 2) + "|")
     for rows in map(int, args.rows.split(",")):
         for hidden in map(int, args.hidden.split(",")):
-            x = jax.device_put(jnp.ones((args.tp * rows, hidden), jnp.bfloat16), NamedSharding(mesh, P("tp", None)))
-            step(x).block_until_ready()
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                y = step(x)
-            y.block_until_ready()
-            seconds = (time.perf_counter() - start) / args.iters / CHAIN
-            print(f"| {rows} x {hidden} | {seconds * 1e6:.1f} us |")
+            shards = np.random.default_rng(rows * hidden).standard_normal((args.tp * rows, hidden))
+            x = jax.device_put(jnp.asarray(shards, dtype), sharded)
+            w = jax.device_put(jnp.full((args.tp * hidden, hidden), 1 / hidden, dtype), sharded)
+            want = np.asarray(psum(x), np.float32)
+            diffs = [float(np.abs(np.asarray(fn(x), np.float32) - want).max()) for fn in once.values()]
+            cells = []
+            for impl in impls:
+                steps[impl](x, w).block_until_ready()
+                start = time.perf_counter()
+                for _ in range(args.iters):
+                    y = steps[impl](x, w)
+                y.block_until_ready()
+                cells.append(f"{(time.perf_counter() - start) / args.iters / CHAIN * 1e6:.1f} us")
+            print(f"| {rows} x {hidden} | " + " | ".join(cells) + f" | {max(diffs, default=0.0):.3g} |", flush=True)
 
 
 if __name__ == "__main__":

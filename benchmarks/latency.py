@@ -1,6 +1,7 @@
 """Decode latency per token at batch 1..N, the same step with no host in the loop, and prefill latency.
 
     python benchmarks/latency.py --model Qwen/Qwen3-0.6B --load-format dummy
+    NCCL_NVLS_ENABLE=0 python benchmarks/latency.py --model meta-llama/Llama-3.1-8B --tp 2 --batches 256
 
 "device-only" replays the last decode batch through the compiled step back to back, so the
 difference to "engine" is host time the overlap did not hide; "launch" is the host time of one
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--prompt-lens", default="128,512,2048,8192")
     parser.add_argument("--max-model-len", type=int, default=9216)
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
@@ -154,7 +156,7 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
-        decode_steps=args.decode_steps,
+        decode_steps=args.decode_steps, tp=args.tp,
         max_prefill_tokens=args.max_prefill_tokens,
         decode_buckets=[int(b) for b in args.decode_buckets.split(",")] if args.decode_buckets else [],
     )

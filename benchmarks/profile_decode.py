@@ -1,6 +1,11 @@
 """Where a decode step's device time goes: a JAX profiler trace of steady decode, summed by kernel.
 
     python benchmarks/profile_decode.py --batch 1 --context 1024 --out-dir /tmp/trace
+    NCCL_NVLS_ENABLE=0 python benchmarks/profile_decode.py --model meta-llama/Llama-3.1-8B --tp 2 --batch 256
+
+With --tp N the table is GPU 0's and the idle line is given per GPU: in a tensor-parallel step
+the GPUs meet at every all-reduce, so one waiting for the other shows as time inside the
+collective's kernel, and the host falling behind shows as idle time.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from minisgl_jax import LLM, SamplingParams
 from minisgl_jax.engine.request import Phase
 
 
-def gpu_events(trace_dir: str) -> list[dict]:
-    """The GPU's complete events ("X") of the newest perfetto trace under trace_dir."""
+def gpu_events(trace_dir: str) -> dict[str, list[dict]]:
+    """Each GPU's complete events ("X") of the newest perfetto trace under trace_dir, by GPU name."""
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
     with gzip.open(path) as f:
         trace = json.load(f)
@@ -28,8 +33,11 @@ def gpu_events(trace_dir: str) -> list[dict]:
     for ev in trace["traceEvents"]:
         if ev.get("ph") == "M" and ev.get("name") == "process_name":
             names[ev["pid"]] = ev["args"]["name"]
-    gpu_pids = {pid for pid, name in names.items() if "/device:GPU" in name}
-    return [ev for ev in trace["traceEvents"] if ev.get("ph") == "X" and ev.get("pid") in gpu_pids]
+    by_gpu: dict[str, list[dict]] = collections.defaultdict(list)
+    for ev in trace["traceEvents"]:
+        if ev.get("ph") == "X" and "/device:GPU" in names.get(ev.get("pid"), ""):
+            by_gpu[names[ev["pid"]]].append(ev)
+    return dict(sorted(by_gpu.items()))
 
 
 def kernel_table(events: list[dict], steps: int, top: int) -> list[tuple[str, float, float]]:
@@ -43,15 +51,20 @@ def kernel_table(events: list[dict], steps: int, top: int) -> list[tuple[str, fl
     return rows
 
 
-def idle_time(events: list[dict]) -> tuple[float, float]:
-    """(span µs from the first kernel's start to the last one's end, µs in it with no kernel running).
+GAP_BOUNDS_US = (20.0, 200.0)  # launch gaps inside a step / stalls / the host between steps
 
-    The idle time is what the host failed to hide: the GPU waiting for the next launch.
+
+def idle_time(events: list[dict]) -> tuple[float, list[float]]:
+    """(span µs from the first kernel's start to the last one's end, idle µs in it by gap length).
+
+    The idle time is what the host failed to hide: the GPU waiting for the next launch. It is
+    split by the length of each gap: under 20 µs, 20-200 µs, over 200 µs.
     """
     intervals = sorted((ev["ts"], ev["ts"] + ev.get("dur", 0)) for ev in events)
-    idle, busy_until = 0.0, intervals[0][0]
+    idle, busy_until = [0.0] * (len(GAP_BOUNDS_US) + 1), intervals[0][0]
     for start, end in intervals:
-        idle += max(0.0, start - busy_until)
+        gap = max(0.0, start - busy_until)
+        idle[sum(gap >= bound for bound in GAP_BOUNDS_US)] += gap
         busy_until = max(busy_until, end)
     return busy_until - intervals[0][0], idle
 
@@ -66,12 +79,13 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=9216)
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--out-dir", default="/tmp/minisgl_trace")
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next step")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     llm = LLM(args.model, load_format="dummy", cache="naive", max_model_len=args.max_model_len,
               compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
-              decode_buckets=[max(8, args.batch)])
+              decode_buckets=[max(8, args.batch)], tp=args.tp, max_running_requests=max(args.batch, 8))
     engine = llm.engine
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
@@ -86,16 +100,20 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         jax.block_until_ready(engine.runner.kv_pool)
-    events = gpu_events(args.out_dir)
-    print(f"\nbatch {args.batch}, context {args.context}: device time per decode step by kernel")
+    by_gpu = gpu_events(args.out_dir)
+    first = next(iter(by_gpu))
+    print(f"\n{args.model}, tp {args.tp}, batch {args.batch}, context {args.context}: {first} time per decode step by kernel")
     print("| kernel | µs per step | launches per step |\n| --- | --- | --- |")
-    for name, us, n in kernel_table(events, args.steps, args.top):
+    for name, us, n in kernel_table(by_gpu[first], args.steps, args.top):
         print(f"| {name[:90]} | {us:.1f} | {n:.1f} |")
-    span, idle = idle_time(events)
-    print("\n| batch | overlap | steps | µs per step | GPU idle µs per step | idle share |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| {args.batch} | {not args.no_overlap} | {args.steps} | {span / args.steps:.0f} | {idle / args.steps:.0f} "
-          f"| {idle / span:.1%} |")
+    print("\n| GPU | batch | overlap | steps | µs per step | GPU idle µs per step | idle share "
+          "| idle in gaps <20 / 20-200 / >200 µs, per step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for gpu, events in by_gpu.items():
+        span, idle = idle_time(events)
+        split = " / ".join(f"{part / args.steps:.0f}" for part in idle)
+        print(f"| {gpu} | {args.batch} | {not args.no_overlap} | {args.steps} | {span / args.steps:.0f} "
+              f"| {sum(idle) / args.steps:.0f} | {sum(idle) / span:.1%} | {split} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace, tp: int) -> dict:
     engine = Engine(EngineArgs(
         model=args.model, load_format="dummy", tp=tp, dtype=args.dtype, cache="naive", max_model_len=args.max_model_len,
         compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
+        decode_steps=args.decode_steps,
     ))
     startup = time.perf_counter() - started
     greedy_prompts = [[(7 * i + 13 * j) % 10000 for j in range(128)] for i in range(8)]
@@ -59,13 +60,14 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--prompt-len", type=int, default=0, help="cut prompts to this length: a decode-heavy run")
     parser.add_argument("--dtype", default="bfloat16", help="float32 separates kernel bugs from bf16 near-ties")
+    parser.add_argument("--decode-steps", type=int, default=4, help="1: no decode bursts")
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     enable_compile_cache(args.compile_cache_dir)
     results = [run(args, int(tp)) for tp in args.tps.split(",")]
-    print(f"\ndtype {args.dtype}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"\ndtype {args.dtype}, decode_steps {args.decode_steps}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     base = results[0]
     print(f"\n{args.model}, {args.num_requests} requests\n| tp | seconds | output tok/s | speed-up | start-up s | "
           f"KV pages | greedy = tp{base['tp']} |\n| --- | --- | --- | --- | --- | --- | --- |")

@@ -33,7 +33,11 @@ class EngineArgs:
     attention_backend: str = "pallas"
     tp: int = 1
     overlap: bool = True
-    decode_steps: int = 4  # decode steps per launch for small batches with nobody waiting (scheduler.BURST_MAX_ROWS)
+    decode_steps: int = 4  # decode steps per launch of a burst: a batch of burst_max_rows or fewer, nobody waiting
+    # Bursts are for host-bound steps: None means scheduler.BURST_MAX_ROWS on one GPU and every
+    # batch with tp > 1, where XLA's launch of one step (its collectives split the CUDA graphs)
+    # takes as long as the device's work (benchmarks/RESULTS.md, "where the tp=2 step really goes").
+    burst_max_rows: int | None = None
     cascade_attention: bool = True  # radix cache + pallas decode: shared prefixes read once per group
     seed: int = 0
     compile_cache_dir: str | None = "~/.cache/minisgl_jax/xla"
@@ -75,6 +79,8 @@ class EngineArgs:
             raise ValueError(f"decode_steps must be in [1, 64], got {self.decode_steps}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.burst_max_rows is not None and self.burst_max_rows < 0:
+            raise ValueError(f"burst_max_rows must be >= 0 (0: no bursts), got {self.burst_max_rows}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and not self.coordinator:

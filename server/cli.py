@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next step")
     engine.add_argument("--decode-steps", type=int, default=d.decode_steps,
                         help="decode steps per launch for small decode batches when nothing waits (1: off)")
+    engine.add_argument("--burst-max-rows", type=int, default=d.burst_max_rows,
+                        help="decode batches of at most this many rows run bursts (default: 16 at tp 1, all at tp > 1; 0: off)")
     engine.add_argument("--no-cascade-attention", action="store_true",
                         help="decode reads a prefix shared by many requests once per request, not once per group")
     engine.add_argument("--decode-buckets", default=None,
@@ -131,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
         max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
         attention_backend=a.attention_backend, tp=a.tp, overlap=not a.no_overlap, decode_steps=a.decode_steps,
+        burst_max_rows=a.burst_max_rows,
         cascade_attention=not a.no_cascade_attention, seed=a.seed,
         compile_cache_dir=a.compile_cache_dir or None, compile_workers=a.compile_workers,
         status_interval_s=a.status_interval, decode_buckets=decode_buckets, nnodes=a.nnodes,

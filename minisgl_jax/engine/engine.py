@@ -77,7 +77,7 @@ class Engine:
         self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)
         self.scheduler = Scheduler(
             self.allocator, self.cache, args.page_size, args.max_running_requests,
-            args.max_prefill_tokens, args.lpm_min_queue, args.decode_steps,
+            args.max_prefill_tokens, args.lpm_min_queue, args.decode_steps, self._burst_max_rows(args),
         )
         self.decode_buckets = args.decode_buckets or decode_buckets(args.max_running_requests)
         # Shared prefixes exist only with the radix cache; the cascade kernel is a Pallas kernel.
@@ -387,11 +387,18 @@ class Engine:
         )
         self._last_status, self._status_tokens = now, 0
 
+    @staticmethod
+    def _burst_max_rows(args: EngineArgs) -> int:
+        """The most rows a decode burst may have (see EngineArgs.burst_max_rows)."""
+        if args.burst_max_rows is not None:
+            return args.burst_max_rows
+        return BURST_MAX_ROWS if args.tp == 1 else args.max_running_requests
+
     def burst_buckets(self) -> list[int]:
-        """Decode buckets that run bursts of decode_steps (batches of up to BURST_MAX_ROWS rows)."""
-        if self.args.decode_steps == 1:
+        """Decode buckets that run bursts of decode_steps (batches of up to burst_max_rows rows)."""
+        most = min(self.scheduler.burst_max_rows, self.decode_buckets[-1])
+        if self.args.decode_steps == 1 or most == 0:
             return []
-        most = min(BURST_MAX_ROWS, self.decode_buckets[-1])
         return sorted({pad_bucket(n, self.decode_buckets) for n in range(1, most + 1)})
 
     def warmup(self) -> float:

@@ -36,6 +36,7 @@ class Scheduler:
         max_prefill_tokens: int,
         lpm_min_queue: int,
         decode_steps: int = 1,
+        burst_max_rows: int = 0,
     ) -> None:
         self.allocator = allocator
         self.cache = cache
@@ -44,6 +45,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.lpm_min_queue = lpm_min_queue
         self.decode_steps = decode_steps
+        self.burst_max_rows = burst_max_rows
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted, in admission order (newest last)
         self.free_slots: list[int] = list(range(max_running - 1, -1, -1))
@@ -215,11 +217,11 @@ class Scheduler:
         return row
 
     def _burst_steps(self, candidates: list[Req]) -> int:
-        """Decode steps of this batch: `decode_steps` when the batch is small, nobody waits to be
+        """Decode steps of this batch: `decode_steps` when it has at most `burst_max_rows` rows, nobody waits to be
         admitted (a burst would delay them), some row has more than one token left, and the free
         pages cover the burst (no eviction or retraction inside one); else 1."""
         steps = self.decode_steps
-        if steps == 1 or self.waiting or len(candidates) > BURST_MAX_ROWS:
+        if steps == 1 or self.waiting or len(candidates) > self.burst_max_rows:
             return 1
         if all(self._row_steps(r, steps) == 1 for r in candidates):
             return 1

@@ -116,18 +116,34 @@ def test_a_row_near_max_tokens_takes_a_shorter_burst(checkpoint):
     engine.check_kv_invariant()
 
 
-def test_burst_batches_are_small(checkpoint):
-    engine = make_engine(checkpoint, decode_steps=4, max_running_requests=BURST_MAX_ROWS + 1, num_pages=1024)
+def test_burst_batches_are_small_on_one_device_unless_asked(checkpoint):
+    rows = dict(decode_steps=4, max_running_requests=BURST_MAX_ROWS + 1, num_pages=1024)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     ids = [f"r{i}" for i in range(BURST_MAX_ROWS + 1)]
+    engine = make_engine(checkpoint, **rows)
     result = run(engine, ids, [params] * len(ids))
     assert engine.stats()["burst_steps"] == 0  # every decode batch had BURST_MAX_ROWS + 1 rows
     assert all(len(t) == 8 for t in result["tokens"].values())
+
+    wide = make_engine(checkpoint, **rows, burst_max_rows=BURST_MAX_ROWS + 1)
+    assert run(wide, ids, [params] * len(ids))["tokens"] == result["tokens"]
+    assert wide.stats()["burst_steps"] > 0
+
+
+def test_tensor_parallel_engines_burst_at_every_batch_size(checkpoint):
+    """With tp > 1 XLA's launch of one step is as long as the device's work, so every decode
+    bucket gets a burst program by default."""
+    engine = make_engine(checkpoint, tp=2, max_running_requests=BURST_MAX_ROWS + 8, num_pages=1024)
+    assert engine.scheduler.burst_max_rows == BURST_MAX_ROWS + 8
+    assert engine.burst_buckets() == sorted(engine.decode_buckets)
+    assert make_engine(checkpoint, tp=2, burst_max_rows=0).burst_buckets() == []
 
 
 def test_decode_steps_is_validated():
     with pytest.raises(ValueError, match="decode_steps"):
         EngineArgs(model="m", decode_steps=0).validate()
+    with pytest.raises(ValueError, match="burst_max_rows"):
+        EngineArgs(model="m", burst_max_rows=-1).validate()
 
 
 def test_warmup_compiles_every_program_serving_runs(checkpoint):
