@@ -35,8 +35,9 @@ class EngineArgs:
     overlap: bool = True
     decode_steps: int = 4  # decode steps per launch of a burst: a batch of burst_max_rows or fewer, nobody waiting
     # Bursts are for host-bound steps: None means scheduler.BURST_MAX_ROWS on one GPU and every
-    # batch with tp > 1, where XLA's launch of one step (its collectives split the CUDA graphs)
-    # takes as long as the device's work (benchmarks/RESULTS.md, "where the tp=2 step really goes").
+    # batch with tp > 1, where the host's launch and bookkeeping of one step (its collectives
+    # split the CUDA graphs) take about as long as the device's work (benchmarks/RESULTS.md,
+    # "where the tp=2 step really goes").
     burst_max_rows: int | None = None
     cascade_attention: bool = True  # radix cache + pallas decode: shared prefixes read once per group
     seed: int = 0

@@ -217,9 +217,9 @@ class Scheduler:
         return row
 
     def _burst_steps(self, candidates: list[Req]) -> int:
-        """Decode steps of this batch: `decode_steps` when it has at most `burst_max_rows` rows, nobody waits to be
-        admitted (a burst would delay them), some row has more than one token left, and the free
-        pages cover the burst (no eviction or retraction inside one); else 1."""
+        """Decode steps of this batch: `decode_steps` when it has at most `burst_max_rows` rows,
+        nobody waits to be admitted (a burst would delay them), some row has more than one token
+        left, and the free pages cover the burst (no eviction or retraction inside one); else 1."""
         steps = self.decode_steps
         if steps == 1 or self.waiting or len(candidates) > self.burst_max_rows:
             return 1

@@ -131,8 +131,8 @@ def test_burst_batches_are_small_on_one_device_unless_asked(checkpoint):
 
 
 def test_tensor_parallel_engines_burst_at_every_batch_size(checkpoint):
-    """With tp > 1 XLA's launch of one step is as long as the device's work, so every decode
-    bucket gets a burst program by default."""
+    """With tp > 1 the host's launch and bookkeeping of a step take about the device's time, so
+    every decode bucket gets a burst program by default."""
     engine = make_engine(checkpoint, tp=2, max_running_requests=BURST_MAX_ROWS + 8, num_pages=1024)
     assert engine.scheduler.burst_max_rows == BURST_MAX_ROWS + 8
     assert engine.burst_buckets() == sorted(engine.decode_buckets)
