@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 # long shared prefix), so it orders only the first LPM_WINDOW of the queue: a step's cost stays
 # bounded however long the queue grows, and the rest keep their order behind them.
 LPM_WINDOW = 128
-# Decode batches this small run bursts of several decode steps per launch: their device step is
-# shorter than the host's launch of it, so one launch per token would leave the GPU waiting.
+# On one GPU, decode batches this small run bursts of several decode steps per launch: their
+# device step is shorter than the host's launch of it, so one launch per token would leave the GPU
+# waiting. The engine passes its `burst_max_rows` (this by default at tp=1, every batch at tp > 1).
 BURST_MAX_ROWS = 16
 
 
