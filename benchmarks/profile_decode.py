@@ -16,16 +16,19 @@ import glob
 import gzip
 import json
 import logging
+import re
 
 import jax
 import numpy as np
 
 from minisgl_jax import LLM, SamplingParams
+from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, build_step_batch
 from minisgl_jax.engine.request import Phase
 
 
-def gpu_events(trace_dir: str) -> dict[str, list[dict]]:
-    """Each GPU's complete events ("X") of the newest perfetto trace under trace_dir, by GPU name."""
+def trace_events(trace_dir: str) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Complete events ("X") of the newest perfetto trace under trace_dir: each GPU's by GPU name,
+    and the host's."""
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
     with gzip.open(path) as f:
         trace = json.load(f)
@@ -34,18 +37,41 @@ def gpu_events(trace_dir: str) -> dict[str, list[dict]]:
         if ev.get("ph") == "M" and ev.get("name") == "process_name":
             names[ev["pid"]] = ev["args"]["name"]
     by_gpu: dict[str, list[dict]] = collections.defaultdict(list)
+    host = []
     for ev in trace["traceEvents"]:
-        if ev.get("ph") == "X" and "/device:GPU" in names.get(ev.get("pid"), ""):
+        if ev.get("ph") != "X":
+            continue
+        if "/device:GPU" in names.get(ev.get("pid"), ""):
             by_gpu[names[ev["pid"]]].append(ev)
-    return dict(sorted(by_gpu.items()))
+        else:
+            host.append(ev)
+    return dict(sorted(by_gpu.items())), host
+
+
+def command_buffer_calls(host: list[dict], steps: int, gpus: int) -> dict[str, tuple[float, float]]:
+    """XLA's CUDA-graph work on the host, per step and GPU: {"execute" | "update": (calls, µs)}.
+
+    Every thunk that cannot be captured (a collective, say) splits the step's graph; each piece is
+    launched, and updated when an address it uses has moved, on its own."""
+    out = {}
+    for kind in ("execute", "update"):
+        events = [ev for ev in host if ev["name"] == f"command_buffer::{kind}"]
+        out[kind] = (len(events) / steps / gpus, sum(ev.get("dur", 0) for ev in events) / steps / gpus)
+    return out
+
+
+# XLA names each of its collective kernels after its own instruction (all_reduce_6_0_fusion_1, ...):
+# summed under one name, or 65 all-reduces of 20 µs each hide below the top of the table.
+COLLECTIVE_KERNEL = re.compile(r"^(all_reduce|all_gather|reduce_scatter)_[0-9_]+fusion(_[0-9]+)?$")
 
 
 def kernel_table(events: list[dict], steps: int, top: int) -> list[tuple[str, float, float]]:
     """(kernel name, µs per step, launches per step)."""
     total, count = collections.Counter(), collections.Counter()
     for ev in events:
-        total[ev["name"]] += ev.get("dur", 0)
-        count[ev["name"]] += 1
+        name = COLLECTIVE_KERNEL.sub(r"\1_*_fusion (XLA collective kernels)", ev["name"])
+        total[name] += ev.get("dur", 0)
+        count[name] += 1
     rows = [(name, us / steps, count[name] / steps) for name, us in total.most_common(top)]
     rows.append(("ALL", sum(total.values()) / steps, sum(count.values()) / steps))
     return rows
@@ -81,11 +107,14 @@ def main() -> None:
     parser.add_argument("--out-dir", default="/tmp/minisgl_trace")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next step")
+    parser.add_argument("--decode-steps", type=int, default=1, help="decode steps per launch (1: one step per launch)")
+    parser.add_argument("--hlo-out", default=None, help="write the decode bucket's compiled HLO here (fusion names)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     llm = LLM(args.model, load_format="dummy", cache="naive", max_model_len=args.max_model_len,
               compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
-              decode_buckets=[max(8, args.batch)], tp=args.tp, max_running_requests=max(args.batch, 8))
+              decode_buckets=[max(8, args.batch)], tp=args.tp, max_running_requests=max(args.batch, 8),
+              decode_steps=args.decode_steps)
     engine = llm.engine
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
@@ -100,7 +129,7 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         jax.block_until_ready(engine.runner.kv_pool)
-    by_gpu = gpu_events(args.out_dir)
+    by_gpu, host = trace_events(args.out_dir)
     first = next(iter(by_gpu))
     print(f"\n{args.model}, tp {args.tp}, batch {args.batch}, context {args.context}: {first} time per decode step by kernel")
     print("| kernel | µs per step | launches per step |\n| --- | --- | --- |")
@@ -114,6 +143,22 @@ def main() -> None:
         split = " / ".join(f"{part / args.steps:.0f}" for part in idle)
         print(f"| {gpu} | {args.batch} | {not args.no_overlap} | {args.steps} | {span / args.steps:.0f} "
               f"| {sum(idle) / args.steps:.0f} | {sum(idle) / span:.1%} | {split} |")
+    graphs = command_buffer_calls(host, args.steps, len(by_gpu))
+    print("\nhost, per step and GPU: " + ", ".join(
+        f"command_buffer::{kind} {calls:.1f} calls, {us:.0f} µs" for kind, (calls, us) in graphs.items()))
+    if args.hlo_out:
+        write_decode_hlo(engine, args.hlo_out)
+
+
+def write_decode_hlo(engine, path: str) -> None:
+    """The compiled HLO of the step that just ran, so the trace's fusion names can be read in it."""
+    rows = [ScheduledRow(r, r.kv_len - 1, 1, samples=True, token_index=0) for r in engine.scheduler.running]
+    scheduled = ScheduledBatch(rows=rows, is_decode=True)
+    size = engine._bucket(scheduled)[0]
+    batch = build_step_batch(scheduled, size, size, engine.page_size, engine.pages_per_seq,
+                             engine.runner.scratch_slot, engine.model_config.vocab_size)
+    with open(path, "w") as f:
+        f.write(engine.runner.lower_text(batch, is_decode=True, sample_mode=scheduled.sample_mode, num_logprobs=0))
 
 
 if __name__ == "__main__":
