@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     parser.add_argument("--decode-buckets", default=None, help="compile only these (default: the engine's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -156,7 +157,7 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
-        decode_steps=args.decode_steps, tp=args.tp,
+        decode_steps=args.decode_steps, tp=args.tp, num_pages=args.num_pages,
         max_prefill_tokens=args.max_prefill_tokens,
         decode_buckets=[int(b) for b in args.decode_buckets.split(",")] if args.decode_buckets else [],
     )
