@@ -102,8 +102,14 @@ def plan_kv_pages(args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq:
     most_useful = args.max_running_requests * pages_per_seq + 1
     if args.num_pages is not None:
         return min(args.num_pages, most_useful)
-    stats = mesh.devices.flat[0].memory_stats()
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats()
     if not stats or "bytes_limit" not in stats:
+        if device.platform != "cpu":  # e.g. XLA's VMM allocator (--xla_gpu_command_buffer_update_mode=SKIP_TEMP)
+            logger.warning(
+                "%s reports no memory limit, so the KV cache cannot be sized from free memory: using %d pages; "
+                "pass --num-pages to size it", device, min(CPU_DEFAULT_KV_PAGES, most_useful),
+            )
         return min(CPU_DEFAULT_KV_PAGES, most_useful)
     free = stats["bytes_limit"] * args.mem_fraction - stats["bytes_in_use"]
     per_page = cfg.num_layers * 2 * (cfg.num_kv_heads // args.tp) * args.page_size * cfg.head_dim * itemsize
