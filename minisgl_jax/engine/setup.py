@@ -108,7 +108,7 @@ def plan_kv_pages(args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq:
         if device.platform != "cpu":  # e.g. XLA's VMM allocator (--xla_gpu_command_buffer_update_mode=SKIP_TEMP)
             logger.warning(
                 "%s reports no memory limit, so the KV cache cannot be sized from free memory: using %d pages; "
-                "pass --num-pages to size it", device, min(CPU_DEFAULT_KV_PAGES, most_useful),
+                "set num_pages (--num-pages) to size it", device, min(CPU_DEFAULT_KV_PAGES, most_useful),
             )
         return min(CPU_DEFAULT_KV_PAGES, most_useful)
     free = stats["bytes_limit"] * args.mem_fraction - stats["bytes_in_use"]
