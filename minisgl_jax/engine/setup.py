@@ -105,12 +105,13 @@ def plan_kv_pages(args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq:
     device = mesh.devices.flat[0]
     stats = device.memory_stats()
     if not stats or "bytes_limit" not in stats:
+        pages = min(CPU_DEFAULT_KV_PAGES, most_useful)
         if device.platform != "cpu":  # e.g. XLA's VMM allocator (--xla_gpu_command_buffer_update_mode=SKIP_TEMP)
             logger.warning(
                 "%s reports no memory limit, so the KV cache cannot be sized from free memory: using %d pages; "
-                "set num_pages (--num-pages) to size it", device, min(CPU_DEFAULT_KV_PAGES, most_useful),
+                "set num_pages (--num-pages) to size it", device, pages,
             )
-        return min(CPU_DEFAULT_KV_PAGES, most_useful)
+        return pages
     free = stats["bytes_limit"] * args.mem_fraction - stats["bytes_in_use"]
     per_page = cfg.num_layers * 2 * (cfg.num_kv_heads // args.tp) * args.page_size * cfg.head_dim * itemsize
     pages = int(free // per_page)
