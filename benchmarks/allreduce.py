@@ -2,10 +2,11 @@
 
 Times 64 chained all-reduces under `shard_map` in one jitted program (a decode step of a
 32-layer model has 65: two per layer and one for the vocab-parallel embedding), for each
-implementation: `xla` (`psum`, XLA's collective thunk over NCCL, what the engine uses) and
-`oneshot`, a candidate kept here because it lost: a Mosaic GPU kernel that reads every peer's
-shard straight from its memory over NVLink and sums in float32. Before timing, `oneshot`'s
-result on random shards is compared with `psum`'s. `--matmul` puts a [rows, 4096] x [4096, 4096]
+implementation: `xla` (`psum`, XLA's collective thunk), `peer` (kernels/peer_allreduce.py, what
+the engine's decode steps use on the GPUs of one process) and `oneshot`, a candidate kept here
+because it lost: a Mosaic GPU kernel that reads every peer's shard straight from its memory over
+NVLink and sums in float32. Before timing, each candidate's result on random shards is compared
+with `psum`'s (three calls each). `--matmul` puts a [rows, 4096] x [4096, 4096]
 matmul before each all-reduce, so the GPU has work to hide the host's launches behind.
 
 The candidate, step by step:
@@ -18,7 +19,7 @@ The candidate, step by step:
 It was slower than `psum` on an H200 pair (2026-11-30): each Mosaic GPU launch costs more host
 time than the bytes take (benchmarks/RESULTS.md, "A one-shot all-reduce of our own").
 
-    NCCL_NVLS_ENABLE=0 python3 benchmarks/allreduce.py --tp 2 --impls xla,oneshot
+    NCCL_NVLS_ENABLE=0 python3 benchmarks/allreduce.py --tp 2 --impls none,xla,peer --matmul
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from minisgl_jax.kernels.peer_allreduce import PeerBuffers, PeerLayout, peer_all_reduce
 
 CHAIN = 64
 LANE_ELEMENTS = 1024  # one row of the kernel's [rows, 1024] view of the input
@@ -114,22 +117,27 @@ def _build_kernel(num_rows: int, dtype: jnp.dtype, tile: int, programs: int, axi
     )
 
 
-def all_reduce_fn(impl: str, tp: int) -> Callable[[jax.Array], jax.Array]:
+AllReduce = Callable[[jax.Array, int, jax.Array, jax.Array], jax.Array]  # (x, index in chain, table, seq base)
+
+
+def all_reduce_fn(impl: str, tp: int, layout: PeerLayout) -> AllReduce:
     if impl == "none":  # the chain's other work alone (with --matmul: the matmuls)
-        return lambda x: x
+        return lambda x, k, table, base: x
     if impl == "xla":
-        return lambda x: jax.lax.psum(x, "tp")
+        return lambda x, k, table, base: jax.lax.psum(x, "tp")
     if impl == "oneshot":
-        return lambda x: one_shot_all_reduce(x, "tp", tp)
-    raise SystemExit(f"--impls: unknown implementation {impl!r} (none, xla, oneshot)")
+        return lambda x, k, table, base: one_shot_all_reduce(x, "tp", tp)
+    if impl == "peer":
+        return lambda x, k, table, base: peer_all_reduce(x, table, base * CHAIN + k, layout=layout)
+    raise SystemExit(f"--impls: unknown implementation {impl!r} (none, xla, oneshot, peer)")
 
 
-def chained(all_reduce: Callable[[jax.Array], jax.Array], matmul: bool) -> Callable[..., jax.Array]:
-    def run(x: jax.Array, w: jax.Array) -> jax.Array:
-        for _ in range(CHAIN):
+def chained(all_reduce: AllReduce, matmul: bool) -> Callable[..., jax.Array]:
+    def run(x: jax.Array, w: jax.Array, table: jax.Array, base: jax.Array) -> jax.Array:
+        for k in range(CHAIN):
             if matmul:
                 x = x @ w
-            x = (all_reduce(x) * 0.5).astype(x.dtype)  # halved so the values stay finite
+            x = (all_reduce(x, k, table, base) * 0.5).astype(x.dtype)  # halved so the values stay finite
         return x
 
     return run
@@ -138,7 +146,7 @@ def chained(all_reduce: Callable[[jax.Array], jax.Array], matmul: bool) -> Calla
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--impls", default="xla,oneshot", help="none, xla, oneshot")
+    parser.add_argument("--impls", default="xla,peer", help="none, xla, oneshot, peer")
     parser.add_argument("--rows", default="1,8,64,256")
     parser.add_argument("--hidden", default="4096,5120")
     parser.add_argument("--dtype", default="bfloat16")
@@ -151,13 +159,21 @@ def main() -> None:
     sharded, dtype = NamedSharding(mesh, P("tp", None)), jnp.dtype(args.dtype)
     impls = args.impls.split(",")
 
-    def per_shard(fn: Callable[..., jax.Array], arity: int) -> Callable[..., jax.Array]:
-        specs = (P("tp", None),) * arity
-        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("tp", None), check_vma=False))
+    max_rows, max_hidden = max(map(int, args.rows.split(","))), max(map(int, args.hidden.split(",")))
+    peer = PeerBuffers(mesh, "tp", max_rows * max_hidden * dtype.itemsize)
+    calls = iter(range(1, 1 << 30))  # each call's sequence base: new flags for every all-reduce
 
-    psum = per_shard(all_reduce_fn("xla", args.tp), 1)
-    once = {impl: per_shard(all_reduce_fn(impl, args.tp), 1) for impl in impls if impl == "oneshot"}
-    steps = {impl: per_shard(chained(all_reduce_fn(impl, args.tp), args.matmul), 2) for impl in impls}
+    def per_shard(fn: Callable[..., jax.Array], arity: int) -> Callable[..., jax.Array]:
+        specs = (P("tp", None),) * arity + (P("tp", None, None), P())
+        step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("tp", None), check_vma=False))
+        return lambda *xs: step(*xs, peer.table, jnp.full((1,), next(calls), jnp.int32))
+
+    def single(impl: str) -> Callable[..., jax.Array]:
+        return per_shard(lambda x, table, base: all_reduce_fn(impl, args.tp, peer.layout)(x, 0, table, base), 1)
+
+    psum = single("xla")
+    once = {impl: single(impl) for impl in impls if impl in ("oneshot", "peer")}
+    steps = {impl: per_shard(chained(all_reduce_fn(impl, args.tp, peer.layout), args.matmul), 2) for impl in impls}
     work = " after a matmul" if args.matmul else ""
     print(f"| rows x hidden ({dtype.name}) | " + " | ".join(f"{impl}, tp={args.tp}{work}" for impl in impls)
           + " | max abs diff to psum |")
@@ -168,7 +184,7 @@ def main() -> None:
             x = jax.device_put(jnp.asarray(shards, dtype), sharded)
             w = jax.device_put(jnp.full((args.tp * hidden, hidden), 1 / hidden, dtype), sharded)
             want = np.asarray(psum(x), np.float32)
-            diffs = [float(np.abs(np.asarray(fn(x), np.float32) - want).max()) for fn in once.values()]
+            diffs = [float(np.abs(np.asarray(fn(x), np.float32) - want).max()) for fn in once.values() for _ in range(3)]
             cells = []
             for impl in impls:
                 steps[impl](x, w).block_until_ready()

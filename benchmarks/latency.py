@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=9216)
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--all-reduce", default="auto", help="auto, xla, psum, peer (tp > 1)")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
@@ -157,7 +158,7 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
-        decode_steps=args.decode_steps, tp=args.tp, num_pages=args.num_pages,
+        decode_steps=args.decode_steps, tp=args.tp, num_pages=args.num_pages, all_reduce=args.all_reduce,
         max_prefill_tokens=args.max_prefill_tokens,
         decode_buckets=[int(b) for b in args.decode_buckets.split(",")] if args.decode_buckets else [],
     )

@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--out-dir", default="/tmp/minisgl_trace")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--all-reduce", default="auto", help="auto, xla, psum, peer (tp > 1)")
     parser.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next step")
     parser.add_argument("--decode-steps", type=int, default=1, help="decode steps per launch (1: one step per launch)")
     parser.add_argument("--hlo-out", default=None, help="write the decode bucket's compiled HLO here (fusion names)")
@@ -114,7 +115,7 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy", cache="naive", max_model_len=args.max_model_len,
               compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
               decode_buckets=[max(8, args.batch)], tp=args.tp, max_running_requests=max(args.batch, 8),
-              decode_steps=args.decode_steps)
+              decode_steps=args.decode_steps, all_reduce=args.all_reduce)
     engine = llm.engine
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)

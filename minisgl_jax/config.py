@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ALL_REDUCE_MODES = ("auto", "xla", "psum", "peer")  # engine/collectives.py says what each does
 ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 CACHE_KINDS = ("radix", "naive")
 DTYPES = ("bfloat16", "float32")
@@ -32,6 +33,7 @@ class EngineArgs:
     cache: str = "radix"
     attention_backend: str = "pallas"
     tp: int = 1
+    all_reduce: str = "auto"  # auto: the peer-memory kernel in decode steps on the GPUs of one process, else xla
     overlap: bool = True
     decode_steps: int = 4  # decode steps per launch of a burst: a batch of burst_max_rows or fewer, nobody waiting
     # Bursts are for host-bound steps: None means scheduler.BURST_MAX_ROWS on one GPU and every
@@ -80,6 +82,8 @@ class EngineArgs:
             raise ValueError(f"decode_steps must be in [1, 64], got {self.decode_steps}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.all_reduce not in ALL_REDUCE_MODES:
+            raise ValueError(f"all_reduce must be one of {ALL_REDUCE_MODES}, got {self.all_reduce!r}")
         if self.burst_max_rows is not None and self.burst_max_rows < 0:
             raise ValueError(f"burst_max_rows must be >= 0 (0: no bursts), got {self.burst_max_rows}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:

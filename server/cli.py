@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from minisgl_jax.config import (
+    ALL_REDUCE_MODES,
     ATTENTION_BACKENDS,
     CACHE_KINDS,
     DTYPES,
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel GPUs (a jax.sharding mesh axis)")
+    engine.add_argument("--all-reduce", choices=ALL_REDUCE_MODES, default=d.all_reduce,
+                        help="how tp > 1 sums partial results: auto (peer on the GPUs of one host, else xla), "
+                             "xla (placed by XLA), psum (explicit, per shard), peer (our NVLink kernel, decode steps)")
     engine.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (a power of two)")
     engine.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized by --mem-fraction)")
     engine.add_argument("--mem-fraction", type=float, default=d.mem_fraction,
@@ -132,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, load_format=a.load_format, page_size=a.page_size,
         num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
         max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
-        attention_backend=a.attention_backend, tp=a.tp, overlap=not a.no_overlap, decode_steps=a.decode_steps,
+        attention_backend=a.attention_backend, tp=a.tp, all_reduce=a.all_reduce, overlap=not a.no_overlap, decode_steps=a.decode_steps,
         burst_max_rows=a.burst_max_rows,
         cascade_attention=not a.no_cascade_attention, seed=a.seed,
         compile_cache_dir=a.compile_cache_dir or None, compile_workers=a.compile_workers,

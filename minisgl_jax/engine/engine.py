@@ -22,6 +22,7 @@ from minisgl_jax.engine import cascade as cascade_groups
 from minisgl_jax.engine import multihost, setup, warmup
 from minisgl_jax.engine.attention import AttentionBackend
 from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
+from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, prefill_buckets
 from minisgl_jax.engine.request import Req
@@ -70,8 +71,11 @@ class Engine:
             prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5, mesh=self.mesh,
             dtype=dtype, head_dim=cfg.head_dim, page_size=args.page_size,
         )
+        max_decode_rows = max(args.decode_buckets or [args.max_running_requests])
+        all_reduce = AllReduce(args.all_reduce, self.mesh, dtype, max_decode_rows, cfg.hidden_size)
         self.runner = ModelRunner(
-            model, self.mesh, backend, num_pages, args.page_size, args.max_running_requests, self.pages_per_seq, dtype
+            model, self.mesh, backend, all_reduce, num_pages, args.page_size, args.max_running_requests,
+            self.pages_per_seq, dtype,
         )
         self.allocator = PageAllocator(num_pages)
         self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.engine.sampler import SAMPLE_PLAIN, SamplingArrays, sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
 
@@ -42,6 +43,7 @@ class DeviceState:
 
     tokens: jax.Array  # [slots] int32: last sampled token
     page_table: jax.Array  # [slots, pages_per_seq] int32
+    all_reduce_seq: jax.Array  # [1] int32: the peer all-reduce kernel's next sequence number
 
 
 @jax.tree_util.register_dataclass
@@ -154,6 +156,7 @@ class ModelRunner:
         model: CausalLM,
         mesh: Mesh,
         backend: AttentionBackend,
+        all_reduce: AllReduce,
         num_pages: int,
         page_size: int,
         max_slots: int,
@@ -162,6 +165,7 @@ class ModelRunner:
     ) -> None:
         self.mesh = mesh
         self.backend = backend
+        self.all_reduce = all_reduce
         self.graphdef, params = nnx.split(model)
         # The step takes the parameters as one flat list of arrays: flattening the NNX tree of
         # Variables on every call cost ~1 ms of host time per step on the H100 (benchmarks/RESULTS.md).
@@ -180,6 +184,7 @@ class ModelRunner:
         self.state = self.to_device(DeviceState(
             tokens=np.zeros(max_slots + 1, np.int32),
             page_table=np.zeros((max_slots + 1, pages_per_seq), np.int32),
+            all_reduce_seq=np.ones(1, np.int32),  # never 0: the peer kernel's flags start at 0
         ))
         self._step = jax.jit(
             self._step_fn,
@@ -258,11 +263,15 @@ class ModelRunner:
             prefix_lens=batch.attn.prefix_lens,
             cascade_groups=batch.attn.cascade_groups,
         )
-        hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, is_decode)
+        sums = self.all_reduce.for_step(is_decode, state.all_reduce_seq)
+        hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, is_decode, sums)
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
         logits = model.logits(hidden[last])
         ids, logprob, top_ids, top_logprobs = sample(logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs)
-        state = DeviceState(tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table)
+        state = DeviceState(
+            tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,
+            all_reduce_seq=state.all_reduce_seq + sums.count,
+        )
         return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
 
     def to_device(self, tree):

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.engine.collectives import StepSums
 from minisgl_jax.models.config import ModelConfig
 from minisgl_jax.models.rope import apply_rope, rope_inv_freq
 
@@ -64,6 +65,7 @@ class Attention(nnx.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
         is_decode: bool,
+        sums: StepSums,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [tokens, hidden] -> ([tokens, hidden], this layer's updated (k_pages, v_pages))."""
         q = jnp.einsum("th,hnd->tnd", x, self.q_proj[...])
@@ -78,7 +80,7 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
         k_pages, v_pages = backend.write_kv(kv[0], kv[1], k, v, meta)
         out = backend.attend(q, k_pages, v_pages, meta, is_decode=is_decode)
-        out = jnp.einsum("tnd,ndh->th", out, self.o_proj[...])
+        out = sums.matmul("tnd,ndh->th", out, self.o_proj[...], P(None, "tp", None), P("tp", None, None))
         if self.o_bias is not None:
             out = out + self.o_bias[...]
         return out, (k_pages, v_pages)
@@ -89,9 +91,10 @@ class MLP(nnx.Module):
         self.gate_up = _param((cfg.hidden_size, 2, cfg.intermediate_size), dtype, P(None, None, "tp"))
         self.down = _param((cfg.intermediate_size, cfg.hidden_size), dtype, P("tp", None))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, sums: StepSums) -> jax.Array:
         gate_up = jnp.einsum("th,hci->tci", x, self.gate_up[...])
-        return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ self.down[...]
+        act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
+        return sums.matmul("ti,ih->th", act, self.down[...], P(None, "tp"), P("tp", None))
 
 
 class DecoderLayer(nnx.Module):
@@ -122,16 +125,19 @@ class CausalLM(nnx.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
         is_decode: bool,
+        sums: StepSums,
     ) -> tuple[jax.Array, KVPool]:
-        """input_ids, positions: [tokens] -> (final hidden states [tokens, hidden], updated pool)."""
-        x = self.embed[...][input_ids]
+        """input_ids, positions: [tokens] -> (final hidden states [tokens, hidden], updated pool).
+
+        `sums` adds the partial sums of the vocab-parallel embedding and the row-parallel layers."""
+        x = sums.embed(input_ids, self.embed[...])
         cfg = self.config
         inv_freq = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         new_pool: KVPool = []
         for layer, kv in zip(self.layers, kv_pool):
-            attn_out, kv = layer.attn(layer.input_norm(x), positions, inv_freq, kv, meta, backend, is_decode)
+            attn_out, kv = layer.attn(layer.input_norm(x), positions, inv_freq, kv, meta, backend, is_decode, sums)
             x = x + attn_out
-            x = x + layer.mlp(layer.post_attn_norm(x))
+            x = x + layer.mlp(layer.post_attn_norm(x), sums)
             new_pool.append(kv)
         return self.norm(x), new_pool
 

@@ -38,7 +38,8 @@ def full_logits(engine: Engine, token_ids: list[int]) -> np.ndarray:
     backend = AttentionBackend("reference", "reference", cfg.head_dim**-0.5,
                                dtype=jnp.float32, head_dim=cfg.head_dim, page_size=1)
     ids = jnp.array(token_ids, jnp.int32)
-    hidden, _ = model(ids, jnp.arange(n, dtype=jnp.int32), pool, meta, backend, False)
+    sums = engine.runner.all_reduce.for_step(False, engine.runner.state.all_reduce_seq)
+    hidden, _ = model(ids, jnp.arange(n, dtype=jnp.int32), pool, meta, backend, False, sums)
     return np.asarray(model.logits(hidden))
 
 

@@ -23,5 +23,5 @@ def test_kv_pool_is_aliased_not_copied(tmp_path):
     header = hlo.splitlines()[0]
     assert "input_output_alias=" in header, "the compiled step aliases no input to an output"
     aliases = re.findall(r"\{\d+\}: \(\d+, \{\}, (?:may|must)-alias\)", header)
-    # K and V of each of the 2 layers, plus the two device-state arrays
-    assert len(aliases) == 2 * 2 + 2
+    # K and V of each of the 2 layers, plus the three device-state arrays
+    assert len(aliases) == 2 * 2 + 3

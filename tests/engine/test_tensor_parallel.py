@@ -1,12 +1,16 @@
 """Tensor parallelism over 8 forced host devices: same greedy tokens and logprobs as tp=1, 1/N per device."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import Mesh
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
+from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.models.config import ModelConfig
 from tiny_models import save_tiny_checkpoint
 
@@ -20,10 +24,11 @@ CASES = [  # (arch, overrides, tps): KV heads fewer than, equal to and more than
 ]
 
 
-def run(path: str, tp: int):
+def run(path: str, tp: int, all_reduce: str = "auto"):
     engine = Engine(EngineArgs(
         model=path, dtype="float32", attention_backend="reference", cache="naive", num_pages=64, page_size=16,
         max_running_requests=4, max_prefill_tokens=64, compile_cache_dir=None, warmup=False, tp=tp,
+        all_reduce=all_reduce,
     ))
     ids = [f"r{i}" for i in range(len(PROMPTS))]
     for rid, prompt in zip(ids, PROMPTS):
@@ -49,6 +54,29 @@ def test_tp_matches_single_device(tmp_path, arch, overrides, tps):
         check_sharded_by_tp(engine, tp)
 
 
+def test_sums_placed_per_shard_match_single_device(tmp_path):
+    """`--all-reduce psum`: the embedding and row-parallel layers run per shard under shard_map and
+    add their partial sums themselves (the structure the GPU's peer kernel plugs into)."""
+    path = save_tiny_checkpoint(str(tmp_path / "qwen3"), "qwen3", seed=3)
+    _, want_tokens, want_logprobs = run(path, 1)
+    for tp in (2, 4):
+        engine, tokens, logprobs = run(path, tp, all_reduce="psum")
+        assert engine.runner.all_reduce.mode == "psum"
+        assert tokens == want_tokens, f"tp={tp}"
+        np.testing.assert_allclose(logprobs, want_logprobs, rtol=1e-4, atol=1e-4)
+        # Every forward pass advanced the sequence by its count of sums: the embedding's, 2 per layer.
+        seq = int(np.asarray(engine.runner.state.all_reduce_seq.addressable_data(0))[0])
+        per_forward = 1 + 2 * engine.model_config.num_layers
+        assert seq > 1 and (seq - 1) % per_forward == 0, seq
+
+
+def test_peer_all_reduce_needs_gpus_of_one_process():
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    with pytest.raises(ValueError, match="all_reduce 'peer' cannot run here: it needs the mesh's GPUs"):
+        AllReduce("peer", mesh, jnp.bfloat16, max_decode_rows=8, hidden_size=64)
+    assert AllReduce("auto", mesh, jnp.bfloat16, max_decode_rows=8, hidden_size=64).mode == "xla"
+
+
 def check_sharded_by_tp(engine: Engine, tp: int) -> None:
     """Every parameter with a tp axis in its spec holds 1/tp of itself on each device."""
     for path, var in nnx.to_flat_state(engine.runner.param_state()):
@@ -67,5 +95,7 @@ def test_tp_errors_name_the_problem():
     with pytest.raises(ValueError, match="attention heads"):
         cfg.for_tp(3)
     assert cfg.for_tp(4).num_kv_heads == 4 and cfg.for_tp(4).kv_head_replicas == 2
+    with pytest.raises(ValueError, match="all_reduce must be one of"):
+        Engine(EngineArgs(model="Qwen/Qwen3-0.6B", load_format="dummy", all_reduce="nccl", compile_cache_dir=None))
     with pytest.raises(ValueError, match="more devices"):
         Engine(EngineArgs(model="Qwen/Qwen3-0.6B", load_format="dummy", tp=16, compile_cache_dir=None))

@@ -1,0 +1,121 @@
+"""Where the tensor-parallel partial sums meet: placed by XLA, or summed by us under `shard_map`.
+
+Row-parallel layers (o_proj, down) and the vocab-parallel embedding leave each device a partial
+sum. Three ways to add them over the `tp` axis (`--all-reduce`):
+  xla   GSPMD places the all-reduce. Under jax 0.11 on GPUs each one is a collective thunk that
+        ends the step's CUDA graph: a Llama-8B tp=2 step is 67 graphs per GPU (benchmarks/RESULTS.md).
+  psum  the same sums as an explicit `psum` per shard: XLA's collective, our placement.
+  peer  kernels/peer_allreduce.py: a Pallas Triton kernel over NVLink peer memory, captured in
+        XLA's CUDA graph like any kernel. Decode steps only (their rows fit the receive buffers);
+        prefill steps keep XLA's all-reduce. One process must drive all the mesh's GPUs.
+Each step numbers its all-reduces at trace time (`StepSums`); the peer kernel's sequence number
+continues across steps in the device state, so consecutive all-reduces alternate buffer slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from minisgl_jax.config import ALL_REDUCE_MODES
+from minisgl_jax.kernels.peer_allreduce import (
+    PeerBuffers,
+    peer_access_unsupported,
+    peer_all_reduce,
+    peer_all_reduce_unsupported,
+)
+
+
+def peer_unsupported(mesh: Mesh) -> str | None:
+    """Why the peer kernel cannot run on this mesh (None when it can)."""
+    devices = list(mesh.devices.flat)
+    if jax.process_count() > 1 or any(d.platform != "gpu" for d in devices):
+        return (f"it needs the mesh's GPUs all in this one process (found {devices[0].platform} devices "
+                f"over {jax.process_count()} processes)")
+    return peer_access_unsupported(devices)
+
+
+def resolve_all_reduce(mode: str, mesh: Mesh) -> str:
+    """The mode to run: `auto` is `peer` where it can run (GPUs of one process with peer access), else `xla`."""
+    if mode not in ALL_REDUCE_MODES:
+        raise ValueError(f"all_reduce must be one of {ALL_REDUCE_MODES}, got {mode!r}")
+    if mesh.size == 1:
+        return "xla"  # nothing to add up
+    if mode == "auto":
+        return "peer" if peer_unsupported(mesh) is None else "xla"
+    if mode == "peer" and (reason := peer_unsupported(mesh)):
+        raise ValueError(f"all_reduce 'peer' cannot run here: {reason}; use 'xla'")
+    return mode
+
+
+class StepSums:
+    """The all-reduces of one traced step, numbered in call order.
+
+    `impl` None leaves the sums to XLA (plain einsum and gather on sharded arrays); otherwise the
+    layer runs per shard and `impl(partial, index)` adds the partial sums over `tp`.
+    """
+
+    def __init__(self, mesh: Mesh, impl, extra_args: tuple = (), extra_specs: tuple = ()) -> None:
+        self.mesh, self.impl = mesh, impl
+        self.extra_args, self.extra_specs = extra_args, extra_specs
+        self.count = 0
+
+    def _sum_per_shard(self, local, args: tuple, specs: tuple) -> jax.Array:
+        index = self.count
+        self.count += 1
+
+        def per_shard(*xs):
+            return self.impl(local(*xs[: len(args)]), index, *xs[len(args):])
+
+        in_specs = tuple(specs) + tuple(self.extra_specs)
+        fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+        return fn(*args, *self.extra_args)
+
+    def matmul(self, equation: str, x: jax.Array, w: jax.Array, x_spec: P, w_spec: P) -> jax.Array:
+        """A row-parallel product: x and w sharded along the contracted axis, the result replicated."""
+        if self.impl is None:
+            return jnp.einsum(equation, x, w)
+        return self._sum_per_shard(lambda x, w: jnp.einsum(equation, x, w), (x, w), (x_spec, w_spec))
+
+    def embed(self, ids: jax.Array, table: jax.Array) -> jax.Array:
+        """Rows of a vocab-parallel embedding table [vocab, hidden] (sharded over vocab) for `ids`."""
+        if self.impl is None:
+            return table[ids]
+
+        def lookup(ids, local_table):
+            rows = local_table.shape[0]
+            local_ids = ids - jax.lax.axis_index("tp") * rows
+            mine = (local_ids >= 0) & (local_ids < rows)
+            found = local_table[jnp.where(mine, local_ids, 0)]
+            return jnp.where(mine[:, None], found, jnp.zeros((), found.dtype))
+
+        return self._sum_per_shard(lookup, (ids, table), (P(), P("tp", None)))
+
+
+class AllReduce:
+    """The engine's choice of all-reduce, and the peer kernel's buffers when it uses them."""
+
+    def __init__(self, mode: str, mesh: Mesh, dtype: jnp.dtype, max_decode_rows: int, hidden_size: int) -> None:
+        self.mesh = mesh
+        self.mode = resolve_all_reduce(mode, mesh)
+        self.peer: PeerBuffers | None = None
+        if self.mode == "peer":
+            shape, dtype = (max_decode_rows, hidden_size), jnp.dtype(dtype)
+            self.peer = PeerBuffers(mesh, "tp", max_decode_rows * hidden_size * dtype.itemsize)
+            if reason := peer_all_reduce_unsupported(shape, dtype, self.peer.layout):
+                raise ValueError(f"all_reduce 'peer' cannot sum [{max_decode_rows}, {hidden_size}]: {reason}")
+
+    def for_step(self, is_decode: bool, seq: jax.Array) -> StepSums:
+        """The sums of one step; seq ([1] int32, the device state's) numbers the peer kernel's calls."""
+        if self.mode == "psum":
+            return StepSums(self.mesh, lambda partial, index: jax.lax.psum(partial, "tp"))
+        if self.mode == "peer" and is_decode:
+            layout = self.peer.layout
+
+            def peer_sum(partial, index, table, seq):
+                return peer_all_reduce(partial, table, seq + index, layout=layout)
+
+            return StepSums(self.mesh, peer_sum, (self.peer.table, seq), (P("tp", None, None), P()))
+        return StepSums(self.mesh, None)
