@@ -257,14 +257,17 @@ def _kernel(seq_ref, table_ref, words_ref, out_ref, *, layout: PeerLayout, num_q
     lax.fori_loop(0, steps, reduce, token)
 
 
-def peer_all_reduce_unsupported(shape: tuple[int, ...], dtype: jnp.dtype, layout: PeerLayout) -> str | None:
-    """Why `peer_all_reduce` cannot sum an array of this shape and dtype (None when it can)."""
+def peer_all_reduce_unsupported(
+    shape: tuple[int, ...], dtype: jnp.dtype, layout: PeerLayout | None = None
+) -> str | None:
+    """Why `peer_all_reduce` cannot sum an array of this shape and dtype (None when it can), in
+    buffers of `layout` (None: buffers sized for it)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float32"
     size = int(np.prod(shape))
     if size == 0 or size % 8:
         return f"{size} elements is not a positive multiple of 8"
-    if size * jnp.dtype(dtype).itemsize > 4 * layout.capacity_words:
+    if layout is not None and size * jnp.dtype(dtype).itemsize > 4 * layout.capacity_words:
         return f"{size} elements exceed the receive buffers' {4 * layout.capacity_words} bytes"
     return None
 

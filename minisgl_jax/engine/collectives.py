@@ -14,6 +14,8 @@ continues across steps in the device state, so consecutive all-reduces alternate
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -26,6 +28,8 @@ from minisgl_jax.kernels.peer_allreduce import (
     peer_all_reduce,
     peer_all_reduce_unsupported,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def peer_unsupported(mesh: Mesh) -> str | None:
@@ -102,10 +106,14 @@ class AllReduce:
         self.mode = resolve_all_reduce(mode, mesh)
         self.peer: PeerBuffers | None = None
         if self.mode == "peer":
-            shape, dtype = (max_decode_rows, hidden_size), jnp.dtype(dtype)
-            self.peer = PeerBuffers(mesh, "tp", max_decode_rows * hidden_size * dtype.itemsize)
-            if reason := peer_all_reduce_unsupported(shape, dtype, self.peer.layout):
-                raise ValueError(f"all_reduce 'peer' cannot sum [{max_decode_rows}, {hidden_size}]: {reason}")
+            if reason := peer_all_reduce_unsupported((max_decode_rows, hidden_size), dtype):
+                if mode != "auto":
+                    raise ValueError(f"all_reduce 'peer' cannot sum [{max_decode_rows}, {hidden_size}]: {reason}")
+                self.mode = "xla"
+            else:
+                self.peer = PeerBuffers(mesh, "tp", max_decode_rows * hidden_size * jnp.dtype(dtype).itemsize)
+        if mesh.size > 1:
+            logger.info("tensor-parallel sums: %s (asked: %s)", self.mode, mode)
 
     def for_step(self, is_decode: bool, seq: jax.Array) -> StepSums:
         """The sums of one step; seq ([1] int32, the device state's) numbers the peer kernel's calls."""
