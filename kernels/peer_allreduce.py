@@ -189,11 +189,12 @@ def _unpack(words: jax.Array, dtype: jnp.dtype) -> list[jax.Array]:
 
 
 def _pack(values: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
-    """The inverse of `_unpack`, rounding float32 to the nearest even bfloat16."""
+    """The inverse of `_unpack`, rounding float32 to the nearest even bfloat16 (NaN stays NaN)."""
     bits = [lax.bitcast_convert_type(v, jnp.int32) for v in values]
     if dtype == jnp.float32:
         return bits[0]
     rounded = [b + 0x7FFF + (lax.shift_right_logical(b, 16) & 1) for b in bits]
+    rounded = [jnp.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, r) for b, r in zip(bits, rounded)]
     return lax.shift_right_logical(rounded[0], 16) | (rounded[1] & jnp.int32(-65536))
 
 

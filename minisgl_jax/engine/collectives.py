@@ -15,6 +15,7 @@ continues across steps in the device state, so consecutive all-reduces alternate
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,9 @@ class StepSums:
     layer runs per shard and `impl(partial, index)` adds the partial sums over `tp`.
     """
 
-    def __init__(self, mesh: Mesh, impl, extra_args: tuple = (), extra_specs: tuple = ()) -> None:
+    def __init__(
+        self, mesh: Mesh, impl: Callable[..., jax.Array] | None, extra_args: tuple = (), extra_specs: tuple = ()
+    ) -> None:
         self.mesh, self.impl = mesh, impl
         self.extra_args, self.extra_specs = extra_args, extra_specs
         self.count = 0
@@ -106,9 +109,10 @@ class AllReduce:
         self.mode = resolve_all_reduce(mode, mesh)
         self.peer: PeerBuffers | None = None
         if self.mode == "peer":
-            if reason := peer_all_reduce_unsupported((max_decode_rows, hidden_size), dtype):
+            # One row must fit the kernel's word layout, so that every decode bucket does.
+            if reason := peer_all_reduce_unsupported((1, hidden_size), dtype):
                 if mode != "auto":
-                    raise ValueError(f"all_reduce 'peer' cannot sum [{max_decode_rows}, {hidden_size}]: {reason}")
+                    raise ValueError(f"all_reduce 'peer' cannot sum rows of {hidden_size}: {reason}")
                 self.mode = "xla"
             else:
                 self.peer = PeerBuffers(mesh, "tp", max_decode_rows * hidden_size * jnp.dtype(dtype).itemsize)
