@@ -184,7 +184,8 @@ def main() -> None:
             x = jax.device_put(jnp.asarray(shards, dtype), sharded)
             w = jax.device_put(jnp.full((args.tp * hidden, hidden), 1 / hidden, dtype), sharded)
             want = np.asarray(psum(x), np.float32)
-            diffs = [float(np.abs(np.asarray(fn(x), np.float32) - want).max()) for fn in once.values() for _ in range(3)]
+            diffs = [float(np.abs(np.asarray(fn(x), np.float32) - want).max())
+                     for fn in once.values() for _ in range(3)]
             cells = []
             for impl in impls:
                 steps[impl](x, w).block_until_ready()

@@ -47,8 +47,9 @@ def run(args: argparse.Namespace, spec: str) -> dict:
     timing = {k: engine.timing[k] - v for k, v in timing_before.items()}
     tokens = sum(len(o) for o in outputs)
     engine.check_kv_invariant()
-    result = dict(tp=tp, all_reduce=engine.runner.all_reduce.mode, seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds, startup_s=startup,
-                  kv_pages=engine.allocator.num_usable, greedy=greedy, timing=timing)
+    result = dict(tp=tp, all_reduce=engine.runner.all_reduce.mode, seconds=seconds, output_tokens=tokens,
+                  tokens_per_s=tokens / seconds, startup_s=startup, kv_pages=engine.allocator.num_usable,
+                  greedy=greedy, timing=timing)
     del engine
     gc.collect()
     return result
@@ -78,9 +79,11 @@ def main() -> None:
           f"start-up s | KV pages | greedy = tp{base['tp']} |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         same = sum(a == b for a, b in zip(r["greedy"], base["greedy"]))
-        print(f"| {r['tp']} | {r['all_reduce']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+        speedup = r["tokens_per_s"] / base["tokens_per_s"]
+        print(f"| {r['tp']} | {r['all_reduce']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f}x "
               f"| {r['startup_s']:.0f} | {r['kv_pages']} | {same}/8 |")
-    print("\n| tp | all-reduce | engine step s | of it waiting for the device s | launching s |\n| --- | --- | --- | --- | --- |")
+    print("\n| tp | all-reduce | engine step s | of it waiting for the device s | launching s |"
+          "\n| --- | --- | --- | --- | --- |")
     for r in results:
         t = r["timing"]
         print(f"| {r['tp']} | {r['all_reduce']} | {t['step_s']:.2f} | {t['wait_s']:.2f} | {t['launch_s']:.2f} |")
