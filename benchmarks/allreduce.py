@@ -117,7 +117,7 @@ def _build_kernel(num_rows: int, dtype: jnp.dtype, tile: int, programs: int, axi
     )
 
 
-AllReduce = Callable[[jax.Array, int, jax.Array, jax.Array], jax.Array]  # (x, index in chain, table, seq base)
+AllReduce = Callable[[jax.Array, int, jax.Array, jax.Array], jax.Array]  # (x, index in the program, table, seq)
 
 
 def all_reduce_fn(impl: str, tp: int, layout: PeerLayout) -> AllReduce:
@@ -128,7 +128,7 @@ def all_reduce_fn(impl: str, tp: int, layout: PeerLayout) -> AllReduce:
     if impl == "oneshot":
         return lambda x, k, table, base: one_shot_all_reduce(x, "tp", tp)
     if impl == "peer":
-        return lambda x, k, table, base: peer_all_reduce(x, table, base * CHAIN + k, layout=layout)
+        return lambda x, k, table, base: peer_all_reduce(x, table, base + k, layout=layout)
     raise SystemExit(f"--impls: unknown implementation {impl!r} (none, xla, oneshot, peer)")
 
 
@@ -161,19 +161,26 @@ def main() -> None:
 
     max_rows, max_hidden = max(map(int, args.rows.split(","))), max(map(int, args.hidden.split(",")))
     peer = PeerBuffers(mesh, "tp", max_rows * max_hidden * dtype.itemsize)
-    calls = iter(range(1, 1 << 30))  # each call's sequence base: new flags for every all-reduce
+    next_seq = [1]  # the peer kernel's sequence: one more per all-reduce, across calls, as in the engine
 
-    def per_shard(fn: Callable[..., jax.Array], arity: int) -> Callable[..., jax.Array]:
+    def per_shard(fn: Callable[..., jax.Array], arity: int, all_reduces: int) -> Callable[..., jax.Array]:
         specs = (P("tp", None),) * arity + (P("tp", None, None), P())
         step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P("tp", None), check_vma=False))
-        return lambda *xs: step(*xs, peer.table, jnp.full((1,), next(calls), jnp.int32))
+
+        def call(*xs: jax.Array) -> jax.Array:
+            base = next_seq[0]
+            next_seq[0] += all_reduces
+            return step(*xs, peer.table, jnp.full((1,), base, jnp.int32))
+
+        return call
 
     def single(impl: str) -> Callable[..., jax.Array]:
-        return per_shard(lambda x, table, base: all_reduce_fn(impl, args.tp, peer.layout)(x, 0, table, base), 1)
+        return per_shard(lambda x, table, base: all_reduce_fn(impl, args.tp, peer.layout)(x, 0, table, base), 1, 1)
 
     psum = single("xla")
     once = {impl: single(impl) for impl in impls if impl in ("oneshot", "peer")}
-    steps = {impl: per_shard(chained(all_reduce_fn(impl, args.tp, peer.layout), args.matmul), 2) for impl in impls}
+    steps = {impl: per_shard(chained(all_reduce_fn(impl, args.tp, peer.layout), args.matmul), 2, CHAIN)
+             for impl in impls}
     work = " after a matmul" if args.matmul else ""
     print(f"| rows x hidden ({dtype.name}) | " + " | ".join(f"{impl}, tp={args.tp}{work}" for impl in impls)
           + " | max abs diff to psum |")
