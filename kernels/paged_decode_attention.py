@@ -30,8 +30,15 @@ from .paged_blocks import (
     token_slots,
 )
 
-TARGET_PROGRAMS = 4 * 132  # a few programs per H100 multiprocessor
+# Splits pay only while programs are few: at 8 sequences x 8 kv heads on an H200, 4 splits run 12.2 us
+# at 1,024 tokens against 21.2 unsplit, but at 32 x 8 the 2 splits a target of 4 programs per SM
+# gave took 14.9 us at 256 tokens against 10.8 unsplit (benchmarks/RESULTS.md, "Decode attention:
+# splits and block size").
+TARGET_PROGRAMS = 2 * 132  # two programs per H100/H200 multiprocessor
 MIN_SPLIT_TOKENS = 512  # a split shorter than this costs more in the combine than it gains
+# With this many programs or more (no splits), 32-token blocks beat 64: smaller tiles let more programs
+# share an SM, so more loads are in flight (256 x 8 at 256 tokens: 72.3 against 77.3 us).
+SMALL_BLOCK_PROGRAMS = 512
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_k: int) -> int:
@@ -40,6 +47,11 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_
     by_occupancy = max(1, TARGET_PROGRAMS // programs)
     by_length = max(1, max_kv_len // max(MIN_SPLIT_TOKENS, block_k))
     return min(by_occupancy, by_length)
+
+
+def default_block_k(num_seqs: int, num_kv_heads: int) -> int:
+    """Tokens per loop step: 32 once seqs x kv_heads programs are many, else 64."""
+    return 32 if num_seqs * num_kv_heads >= SMALL_BLOCK_PROGRAMS else 64
 
 
 def _decode_kernel(
@@ -142,7 +154,7 @@ def paged_decode_attention(
     rows_are_seqs: bool = True,
     kv_starts: jax.Array | None = None,
     partial: bool = False,
-    block_k: int = 64,
+    block_k: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 4,
@@ -162,6 +174,8 @@ def paged_decode_attention(
     num_seqs, pages_per_seq = page_table.shape
     group = num_q_heads // num_kv_heads
     group_rows = max(16, pl.next_power_of_2(group))
+    if block_k is None:
+        block_k = default_block_k(num_seqs, num_kv_heads)
     block_k = fit_tile(block_k, q.dtype)
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, pages_per_seq * page_size, block_k)

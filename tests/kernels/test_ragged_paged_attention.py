@@ -6,6 +6,7 @@ import pytest
 from paged_inputs import make_batch, poison_unused_slots, rel_err
 
 from minisgl_jax.kernels import paged_decode_attention, ragged_paged_attention, ragged_paged_attention_reference
+from minisgl_jax.kernels.paged_decode_attention import default_block_k, default_num_splits
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -37,6 +38,24 @@ def test_decode_split_k_matches_reference(num_splits):
     ref = ragged_paged_attention_reference(*args, sm_scale=0.2)
     assert rel_err(out[:4], ref[:4]) < F32_TOL
     np.testing.assert_array_equal(np.asarray(out[4:]), 0.0)
+
+
+def test_decode_32_token_blocks_match_reference():
+    # the tiling the default picks for many programs: blocks of 32 keys over pages of 16, ragged lengths
+    args = make_batch(4, [1] * 4, [1, 31, 33, 100], page_size=16, q_heads=8, kv_heads=2, pad_rows=1, pad_seqs=1)
+    out = paged_decode_attention(*args, sm_scale=0.2, num_splits=1, block_k=32, interpret=True)
+    ref = ragged_paged_attention_reference(*args, sm_scale=0.2)
+    assert rel_err(out[:4], ref[:4]) < F32_TOL
+
+
+def test_default_tiling_follows_the_program_count():
+    # seqs x kv heads: few programs split the keys, many take smaller blocks (H200 measurements)
+    assert default_num_splits(8, 8, 2048, 64) == 4
+    assert default_num_splits(32, 4, 2048, 64) == 2
+    assert default_num_splits(32, 8, 2048, 64) == 1
+    assert default_num_splits(8, 8, 512, 64) == 1  # a table of 512 keys is too short to split
+    assert default_block_k(32, 8) == 64
+    assert default_block_k(128, 4) == 32
 
 
 @pytest.mark.parametrize("q_heads, kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1)])
