@@ -1,5 +1,7 @@
 """Decode bursts (several decode steps per launch) give the tokens single steps give, and keep pages whole."""
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -149,7 +151,9 @@ def test_decode_steps_is_validated():
 def test_warmup_compiles_every_program_serving_runs(checkpoint):
     """After warm-up, prefill, single decode steps and bursts all run precompiled programs: the
     jitted step never traces again (serving never waits on a compile)."""
+    gc.unfreeze()  # whatever an earlier test froze
     engine = make_engine(checkpoint, decode_steps=4, warmup=True, cache="naive", max_prefill_tokens=64)
+    assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's way
     compiled = len(engine.runner._compiled)
     assert compiled == len(engine.decode_buckets) + len(engine.burst_buckets()) + len(engine.prefill_buckets)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 12, 6)]
