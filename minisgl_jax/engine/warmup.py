@@ -60,8 +60,8 @@ def compile_programs(engine: Engine) -> float:
 def freeze_start_up_objects() -> None:
     """Keep the objects start-up made (JAX's traces and caches: ~660k) out of Python's collector.
 
-    A full collection walks every tracked object: ~0.4 s here with a tiny model, 0.2-1.2 s on the
-    H200 host with Llama-3.1-8B, and one landing in a run stalls serving that long. Frozen, they cost
+    A full collection walks every tracked object: ~0.4 s on a 2-core CPU with a tiny model, 0.2-1.2 s
+    on the H200 host with Llama-3.1-8B, and one landing in a run stalls serving that long. Frozen, they cost
     it nothing; they live as long as the engine anyway, and plain reference counting still frees
     them when it goes."""
     gc.collect()
