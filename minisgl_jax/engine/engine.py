@@ -406,5 +406,8 @@ class Engine:
         return sorted({pad_bucket(n, self.decode_buckets) for n in range(1, most + 1)})
 
     def warmup(self) -> float:
-        """Compile every step program now ("capture"), so serving never waits on a compile."""
-        return warmup.compile_programs(self)
+        """Compile every step program now ("capture"), so serving never waits on a compile; then
+        freeze what start-up made, so serving never waits on a full garbage collection over it."""
+        seconds = warmup.compile_programs(self)
+        warmup.freeze_start_up_objects()
+        return seconds

@@ -51,7 +51,6 @@ def compile_programs(engine: Engine) -> float:
         engine.runner.run(
             batch, is_decode=is_decode, sample_mode=SAMPLE_PLAIN, num_logprobs=0, num_steps=steps
         ).ids.block_until_ready()
-    freeze_start_up_objects()
     seconds = time.perf_counter() - started
     logger.info("compiled %d step programs in %.1fs", len(batches), seconds)
     return seconds
@@ -61,8 +60,8 @@ def freeze_start_up_objects() -> None:
     """Keep the objects start-up made (JAX's traces and caches: ~660k) out of Python's collector.
 
     A full collection walks every tracked object: ~0.4 s on a 2-core CPU with a tiny model, 0.2-1.2 s
-    on the H200 host with Llama-3.1-8B, and one landing in a run stalls serving that long. Frozen, they cost
-    it nothing; they live as long as the engine anyway, and plain reference counting still frees
-    them when it goes."""
+    on the H200 host with Llama-3.1-8B, and one landing in a run stalls serving that long. Frozen,
+    they cost it nothing; they live as long as the engine anyway, and plain reference counting
+    still frees them when it goes."""
     gc.collect()
     gc.freeze()
