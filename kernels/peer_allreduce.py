@@ -1,4 +1,5 @@
-"""An all-reduce over NVLink peer memory as a plain Pallas Triton kernel, so it stays in XLA's CUDA graph.
+"""An all-reduce (and all-gather) over NVLink peer memory as a plain Pallas Triton kernel, so it
+stays in XLA's CUDA graph.
 
 Why: under jax 0.11 XLA runs each tensor-parallel all-reduce as a collective thunk (NCCL or its
 own Triton collective kernel) that ends the step's CUDA graph: a Llama-8B decode step at tp=2 is
@@ -14,7 +15,7 @@ on every device. Program p of device `me`:
   2. after a block barrier, raises its flag on each peer (a system-scope fence, then the store);
   3. waits until each peer's program p has raised its flag here;
   4. sums the peers' tiles and its own in device order (so every device gets the same bits) in
-     float32 and stores the result.
+     float32 and stores the result; or, as an all-gather, stores every device's tiles as they are.
 Flags carry a sequence number (`seq`) that callers increase by one from each all-reduce to the
 next, so nothing needs resetting, and its parity picks one of two buffer slots: a device writes
 slot s again only after the all-reduce in between (the other slot) has synchronised it with every
@@ -199,7 +200,7 @@ def _pack(values: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
 
 
 def _kernel(seq_ref, table_ref, words_ref, out_ref, *, layout: PeerLayout, num_quads: int, block: int,
-            num_blocks: int, programs: int, dtype: jnp.dtype):
+            num_blocks: int, programs: int, dtype: jnp.dtype | None):
     n, cap = layout.num_devices, layout.capacity_words
     program = pl.program_id(0)
     seq = seq_ref[0]
@@ -248,11 +249,17 @@ def _kernel(seq_ref, table_ref, words_ref, out_ref, *, layout: PeerLayout, num_q
             received = _asm(_LOAD_V4, "=r,=r,=r,=r,r,r,r", comm[0][0], comm[0][1],
                             (slot * n + src) * cap + quads * 4 + token, outputs=4)
             words = [jnp.where(me == src, local[c], received[c]) for c in range(4)]
+            if dtype is None:  # all-gather: device src's words go to row src as they are
+                for c in range(4):
+                    plgpu.store(out_ref.at[jnp.where(valid, (src * num_quads + quads) * 4 + c, n * num_quads * 4)],
+                                words[c], mask=valid)
+                continue
             values = [_unpack(w, dtype) for w in words]
             total = values if total is None else [[a + b for a, b in zip(t, v)] for t, v in zip(total, values)]
-        for c in range(4):
-            plgpu.store(out_ref.at[jnp.where(valid, quads * 4 + c, num_quads * 4)], _pack(total[c], dtype),
-                        mask=valid)
+        if total is not None:
+            for c in range(4):
+                plgpu.store(out_ref.at[jnp.where(valid, quads * 4 + c, num_quads * 4)], _pack(total[c], dtype),
+                            mask=valid)
         return token
 
     lax.fori_loop(0, steps, reduce, token)
@@ -292,8 +299,24 @@ def peer_all_reduce(x: jax.Array, table: jax.Array, seq: jax.Array, *, layout: P
     return lax.bitcast_convert_type(out, jnp.float32).reshape(x.shape)
 
 
+def peer_all_gather(x: jax.Array, table: jax.Array, seq: jax.Array, *, layout: PeerLayout) -> jax.Array:
+    """Every device's `x` (int32 or float32), stacked in device order: [devices, *x.shape]; bits as
+    they are. Called like `peer_all_reduce`, and numbered in the same sequence as it."""
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.int32), jnp.dtype(jnp.float32)):
+        raise ValueError(f"peer_all_gather takes int32 or float32, got {jnp.dtype(x.dtype).name}")
+    words = lax.bitcast_convert_type(x, jnp.int32).reshape(-1)
+    padded = -(-max(words.size, 1) // 4) * 4  # whole 16-byte vectors
+    if padded > layout.capacity_words:
+        raise ValueError(f"peer_all_gather: {x.shape} needs {padded} words, buffers hold {layout.capacity_words}")
+    out = _call(padded, layout, None)(seq, table, jnp.pad(words, (0, padded - words.size)))
+    out = out.reshape(layout.num_devices, padded)[:, : words.size]
+    return lax.bitcast_convert_type(out, x.dtype).reshape(layout.num_devices, *x.shape)
+
+
 @functools.lru_cache(maxsize=None)
-def _call(num_words: int, layout: PeerLayout, dtype: jnp.dtype):
+def _call(num_words: int, layout: PeerLayout, dtype: jnp.dtype | None):
+    """The kernel for `num_words` int32 words: summed as `dtype`, or gathered when `dtype` is None."""
+    gather = dtype is None
     num_quads = num_words // 4
     block = MIN_BLOCK_QUADS
     while block < MAX_BLOCK_QUADS and block * MAX_PROGRAMS < num_quads:
@@ -305,7 +328,7 @@ def _call(num_words: int, layout: PeerLayout, dtype: jnp.dtype):
     return pl.pallas_call(
         kernel,
         grid=(programs,),
-        out_shape=jax.ShapeDtypeStruct((num_words,), jnp.int32),
+        out_shape=jax.ShapeDtypeStruct((num_words * (layout.num_devices if gather else 1),), jnp.int32),
         compiler_params=plgpu.CompilerParams(num_warps=min(16, max(4, block // 128)), num_stages=1),
-        name="peer_all_reduce",
+        name="peer_all_gather" if gather else "peer_all_reduce",
     )

@@ -8,8 +8,11 @@ sum. Three ways to add them over the `tp` axis (`--all-reduce`):
   peer  kernels/peer_allreduce.py: a Pallas Triton kernel over NVLink peer memory, captured in
         XLA's CUDA graph like any kernel. Decode steps only (their rows fit the receive buffers);
         prefill steps keep XLA's all-reduce. One process must drive all the mesh's GPUs.
-Each step numbers its all-reduces at trace time (`StepSums`); the peer kernel's sequence number
-continues across steps in the device state, so consecutive all-reduces alternate buffer slots.
+The sampler's argmax over the vocab-parallel logits meets the same way: XLA gathers each argmax's
+local maxima in NCCL all-gathers of its own (four per step, each ending the CUDA graph), while
+under `psum` and `peer` one exchange per step carries them all (`StepSums.vocab_argmax`).
+Each step numbers its collectives at trace time (`StepSums`); the peer kernel's sequence number
+continues across steps in the device state, so consecutive calls alternate buffer slots.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from minisgl_jax.config import ALL_REDUCE_MODES
 from minisgl_jax.kernels.peer_allreduce import (
     PeerBuffers,
     peer_access_unsupported,
+    peer_all_gather,
     peer_all_reduce,
     peer_all_reduce_unsupported,
 )
@@ -56,16 +60,18 @@ def resolve_all_reduce(mode: str, mesh: Mesh) -> str:
 
 
 class StepSums:
-    """The all-reduces of one traced step, numbered in call order.
+    """The collectives of one traced step, numbered in call order.
 
-    `impl` None leaves the sums to XLA (plain einsum and gather on sharded arrays); otherwise the
-    layer runs per shard and `impl(partial, index)` adds the partial sums over `tp`.
+    `impl` None leaves them to XLA (plain einsum, gather and argmax on sharded arrays); otherwise they
+    run per shard: `impl(partial, index, *extra)` adds partial sums over `tp`, and
+    `gather(x, index, *extra)` stacks every device's x in device order ([devices, *x.shape]).
     """
 
     def __init__(
-        self, mesh: Mesh, impl: Callable[..., jax.Array] | None, extra_args: tuple = (), extra_specs: tuple = ()
+        self, mesh: Mesh, impl: Callable[..., jax.Array] | None, gather: Callable[..., jax.Array] | None = None,
+        extra_args: tuple = (), extra_specs: tuple = (),
     ) -> None:
-        self.mesh, self.impl = mesh, impl
+        self.mesh, self.impl, self.gather = mesh, impl, gather
         self.extra_args, self.extra_specs = extra_args, extra_specs
         self.count = 0
 
@@ -100,6 +106,35 @@ class StepSums:
 
         return self._sum_per_shard(lookup, (ids, table), (P(), P("tp", None)))
 
+    def vocab_argmax(self, *xs: jax.Array) -> tuple[jax.Array, ...]:
+        """Row argmaxes ([rows] int32) of [rows, vocab] arrays sharded over vocab, in one exchange:
+        each device sends its local maximum and index per row and array. Ties go to the lowest
+        index, as `jnp.argmax`'s."""
+        if self.impl is None:
+            return tuple(jnp.argmax(x, axis=-1).astype(jnp.int32) for x in xs)
+        index = self.count
+        self.count += 1
+
+        def per_shard(*args):
+            local, extra = args[: len(xs)], args[len(xs):]
+            offset = jax.lax.axis_index("tp") * local[0].shape[-1]
+            words = []
+            for x in local:
+                best = jnp.argmax(x, axis=-1)
+                value = jnp.take_along_axis(x, best[:, None], axis=-1)[:, 0].astype(jnp.float32)
+                words += [jax.lax.bitcast_convert_type(value, jnp.int32), best.astype(jnp.int32) + offset]
+            every = self.gather(jnp.stack(words, axis=-1), index, *extra)  # [devices, rows, 2 per array]
+            ids = []
+            for i in range(len(xs)):
+                device = jnp.argmax(jax.lax.bitcast_convert_type(every[..., 2 * i], jnp.float32), axis=0)
+                ids.append(jnp.take_along_axis(every[..., 2 * i + 1], device[None], axis=0)[0])
+            return tuple(ids)
+
+        in_specs = (P(None, "tp"),) * len(xs) + tuple(self.extra_specs)
+        fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=in_specs, out_specs=(P(),) * len(xs),
+                           check_vma=False)
+        return fn(*xs, *self.extra_args)
+
 
 class AllReduce:
     """The engine's choice of all-reduce, and the peer kernel's buffers when it uses them."""
@@ -120,14 +155,18 @@ class AllReduce:
             logger.info("tensor-parallel sums: %s (asked: %s)", self.mode, mode)
 
     def for_step(self, is_decode: bool, seq: jax.Array) -> StepSums:
-        """The sums of one step; seq ([1] int32, the device state's) numbers the peer kernel's calls."""
+        """The collectives of one step; seq ([1] int32, the device state's) numbers the peer kernel's calls."""
         if self.mode == "psum":
-            return StepSums(self.mesh, lambda partial, index: jax.lax.psum(partial, "tp"))
+            return StepSums(self.mesh, lambda partial, index: jax.lax.psum(partial, "tp"),
+                            lambda x, index: jax.lax.all_gather(x, "tp"))
         if self.mode == "peer" and is_decode:
             layout = self.peer.layout
 
             def peer_sum(partial, index, table, seq):
                 return peer_all_reduce(partial, table, seq + index, layout=layout)
 
-            return StepSums(self.mesh, peer_sum, (self.peer.table, seq), (P("tp", None, None), P()))
+            def peer_gather(x, index, table, seq):
+                return peer_all_gather(x, table, seq + index, layout=layout)
+
+            return StepSums(self.mesh, peer_sum, peer_gather, (self.peer.table, seq), (P("tp", None, None), P()))
         return StepSums(self.mesh, None)

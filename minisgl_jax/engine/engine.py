@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import random
 import time
@@ -46,6 +47,9 @@ class Engine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
+        # A dropped engine's arrays sit in reference cycles: collect them, so that their device
+        # memory is free before this engine loads its weights and sizes its KV pool from what is left.
+        gc.collect()
         setup.set_gpu_xla_flags()
         multihost.init_distributed(args)
         self.channel = CommandChannel(is_leader=args.node_rank == 0) if args.nnodes > 1 else None
@@ -409,5 +413,5 @@ class Engine:
         """Compile every step program now ("capture"), so serving never waits on a compile; then
         freeze what start-up made, so serving never waits on a full garbage collection over it."""
         seconds = warmup.compile_programs(self)
-        warmup.freeze_start_up_objects()
+        warmup.freeze_start_up_objects(self)
         return seconds

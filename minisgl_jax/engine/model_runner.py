@@ -267,7 +267,9 @@ class ModelRunner:
         hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, is_decode, sums)
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
         logits = model.logits(hidden[last])
-        ids, logprob, top_ids, top_logprobs = sample(logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs)
+        ids, logprob, top_ids, top_logprobs = sample(
+            logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs, row_argmax=sums.vocab_argmax
+        )
         state = DeviceState(
             tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,
             all_reduce_seq=state.all_reduce_seq + sums.count,

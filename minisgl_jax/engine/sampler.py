@@ -6,6 +6,7 @@ sampled, so the same seed gives the same text whatever else shares the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -37,19 +38,27 @@ def _row_keys(arrays: SamplingArrays) -> jax.Array:
     return jax.vmap(key_of)(arrays.seed_lo, arrays.seed_hi, arrays.token_index)
 
 
+def _row_argmax(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """Each array's argmax along its last axis (unsharded, or sharded with XLA's collectives)."""
+    return tuple(jnp.argmax(x, axis=-1).astype(jnp.int32) for x in xs)
+
+
 def sample(
-    logits: jax.Array, arrays: SamplingArrays, *, mode: str, num_logprobs: int
+    logits: jax.Array, arrays: SamplingArrays, *, mode: str, num_logprobs: int,
+    row_argmax: Callable[..., tuple[jax.Array, ...]] = _row_argmax,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """logits: [seqs, vocab] float32 -> (ids [seqs], chosen logprob [seqs], top ids/logprobs [seqs, n]).
 
     Logprobs are of the model's own distribution (before temperature and filters), as vLLM
-    reports them; they are None when num_logprobs is 0 and no row asked for them.
+    reports them; they are None when num_logprobs is 0 and no row asked for them. `row_argmax`
+    takes [seqs, vocab] arrays to their row argmaxes all at once (tensor parallelism exchanges
+    the vocab shards' maxima in one collective: `StepSums.vocab_argmax`).
     """
-    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     temperature = jnp.where(arrays.temperature > 0, arrays.temperature, 1.0)
     scaled = logits / temperature[:, None]
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(_row_keys(arrays))
     if mode == SAMPLE_FILTERED:
+        (greedy_ids,) = row_argmax(logits)
         order = jnp.argsort(-scaled, axis=-1)
         sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -61,7 +70,7 @@ def sample(
         choice = jnp.argmax(jnp.where(keep, sorted_logits, -jnp.inf) + gumbel, axis=-1)
         sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     elif mode == SAMPLE_PLAIN:
-        sampled = jnp.argmax(scaled + gumbel, axis=-1)
+        greedy_ids, sampled = row_argmax(logits, scaled + gumbel)
     else:
         raise ValueError(f"sample mode must be {SAMPLE_PLAIN!r} or {SAMPLE_FILTERED!r}, got {mode!r}")
     ids = jnp.where(arrays.temperature > 0, sampled.astype(jnp.int32), greedy_ids)

@@ -1,6 +1,7 @@
 """Decode bursts (several decode steps per launch) give the tokens single steps give, and keep pages whole."""
 
 import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -162,3 +163,9 @@ def test_warmup_compiles_every_program_serving_runs(checkpoint):
     assert engine.stats()["burst_steps"] > 0
     assert len(engine.runner._compiled) == compiled
     assert engine.runner._step._cache_size() == 0  # nothing fell back to the jitted (tracing) path
+    # Dropped, the engine thaws what it froze, and its device arrays (in reference cycles) are freed.
+    kv_pages = weakref.ref(engine.runner.kv_pool[0][0])
+    del engine
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert kv_pages() is None

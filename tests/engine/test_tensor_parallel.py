@@ -1,5 +1,7 @@
 """Tensor parallelism over 8 forced host devices: same greedy tokens and logprobs as tp=1, 1/N per device."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from jax.sharding import Mesh
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
+from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
 from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.models.config import ModelConfig
 from tiny_models import save_tiny_checkpoint
@@ -24,15 +27,15 @@ CASES = [  # (arch, overrides, tps): KV heads fewer than, equal to and more than
 ]
 
 
-def run(path: str, tp: int, all_reduce: str = "auto"):
+def run(path: str, tp: int, all_reduce: str = "auto", params: list[SamplingParams] | None = None):
     engine = Engine(EngineArgs(
         model=path, dtype="float32", attention_backend="reference", cache="naive", num_pages=64, page_size=16,
         max_running_requests=4, max_prefill_tokens=64, compile_cache_dir=None, warmup=False, tp=tp,
         all_reduce=all_reduce,
     ))
     ids = [f"r{i}" for i in range(len(PROMPTS))]
-    for rid, prompt in zip(ids, PROMPTS):
-        engine.add_request(rid, prompt, PARAMS)
+    for rid, prompt, request_params in zip(ids, PROMPTS, params or [PARAMS] * len(PROMPTS)):
+        engine.add_request(rid, prompt, request_params)
     tokens = {rid: [] for rid in ids}
     logprobs = {rid: [] for rid in ids}
     while engine.has_unfinished():
@@ -64,10 +67,39 @@ def test_sums_placed_per_shard_match_single_device(tmp_path):
         assert engine.runner.all_reduce.mode == "psum"
         assert tokens == want_tokens, f"tp={tp}"
         np.testing.assert_allclose(logprobs, want_logprobs, rtol=1e-4, atol=1e-4)
-        # Every forward pass advanced the sequence by its count of sums: the embedding's, 2 per layer.
+        # Every forward pass advanced the sequence by its count of collectives: the embedding's sum,
+        # 2 per layer, and the sampler's one exchange of the vocab shards' maxima.
         seq = int(np.asarray(engine.runner.state.all_reduce_seq.addressable_data(0))[0])
-        per_forward = 1 + 2 * engine.model_config.num_layers
+        per_forward = 1 + 2 * engine.model_config.num_layers + 1
         assert seq > 1 and (seq - 1) % per_forward == 0, seq
+
+
+def test_sampled_tokens_per_shard_match_single_device(tmp_path):
+    """Seeded sampling (plain temperature, and top-k / top-p rows) gives tp=1's tokens when the
+    vocab shards' argmaxes meet in the step's own exchange (`StepSums.vocab_argmax`)."""
+    path = save_tiny_checkpoint(str(tmp_path / "llama"), "llama", seed=4)
+    params = [
+        SamplingParams(temperature=0.8, seed=11, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=12, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=13, max_tokens=10, ignore_eos=True),
+    ]
+    _, want_tokens, _ = run(path, 1, params=params)
+    _, greedy_tokens, _ = run(path, 1)
+    assert want_tokens != greedy_tokens  # the seeds do sample
+    for tp in (2, 4):
+        engine, tokens, _ = run(path, tp, all_reduce="psum", params=params)
+        assert tokens == want_tokens, f"tp={tp}"
+        # One exchange per step; XLA's own lowering makes four (a maximum and an index per argmax).
+        assert len(re.findall(r" all-gather(?:-start)?\(", decode_hlo(engine))) == 1
+
+
+def decode_hlo(engine: Engine) -> str:
+    """The compiled decode step of the engine's smallest bucket (plain sampling)."""
+    batch = build_step_batch(
+        ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.page_size, engine.pages_per_seq,
+        engine.runner.scratch_slot, engine.model_config.vocab_size,
+    )
+    return engine.runner.lower_text(batch, is_decode=True, sample_mode="plain", num_logprobs=0)
 
 
 def test_peer_all_reduce_needs_gpus_of_one_process():

@@ -1,5 +1,6 @@
-"""The peer-memory all-reduce against psum on 2+ GPUs of this process (skipped elsewhere: it is
-inline PTX over NVLink peer memory, with no CPU form); its bfloat16 packing everywhere."""
+"""The peer-memory all-reduce and all-gather against psum and all_gather on 2+ GPUs of this process
+(skipped elsewhere: they are inline PTX over NVLink peer memory, with no CPU form); their bfloat16
+packing and input checks everywhere."""
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,11 @@ from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.kernels.peer_allreduce import (
     PeerBuffers,
+    PeerLayout,
     _pack,
     _unpack,
     peer_access_unsupported,
+    peer_all_gather,
     peer_all_reduce,
     peer_all_reduce_unsupported,
 )
@@ -74,3 +77,45 @@ def test_unsupported_inputs_are_named():
 @needs_gpus
 def test_driver_reports_peer_access():
     assert peer_access_unsupported(GPUS[:2]) is None
+
+
+@needs_gpus
+def test_gather_equals_all_gather_between_sums():
+    """Gathers share the all-reduces' sequence: a sum, a gather and a sum in one program, any size
+    (word counts not a multiple of 4 are padded), every device's bits exactly."""
+    mesh = Mesh(np.array(GPUS[:2]), ("tp",))
+    peer = PeerBuffers(mesh, "tp", 64 * 1024 * 4)
+    specs = (P("tp", None), P("tp", None), P("tp", None, None), P())
+
+    def mixed(x, ids, table, seq):
+        total = peer_all_reduce(x, table, seq, layout=peer.layout)
+        values = peer_all_gather(x.astype(jnp.float32), table, seq + 1, layout=peer.layout)
+        indices = peer_all_gather(ids, table, seq + 2, layout=peer.layout)
+        again = peer_all_reduce(total, table, seq + 3, layout=peer.layout)
+        want = (jax.lax.all_gather(x.astype(jnp.float32), "tp"), jax.lax.all_gather(ids, "tp"),
+                jax.lax.psum(total, "tp"))
+        return (values, indices, again) + want
+
+    step = jax.jit(jax.shard_map(mixed, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
+    rng = np.random.default_rng(1)
+    seq = 1
+    for rows, width in [(1, 8), (3, 8), (5, 16), (256, 4)] * 2:
+        values = rng.standard_normal((2 * rows, width)).astype(np.float32)
+        values[0, :2] = [np.nan, -0.0]
+        x = jax.device_put(jnp.asarray(values), NamedSharding(mesh, P("tp")))
+        ids = jax.device_put(jnp.asarray(rng.integers(-2**31, 2**31 - 1, (2 * rows, width // 8 + 1)), jnp.int32),
+                             NamedSharding(mesh, P("tp")))
+        got = step(x, ids, peer.table, jnp.full((1,), seq, jnp.int32))
+        seq += 4
+        for a, b in zip(got[:2], got[3:5]):
+            np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+        np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(got[5]))  # NaN's payload may differ
+
+
+def test_gather_inputs_are_checked():
+    layout = PeerLayout(num_devices=2, capacity_words=64)
+    table, seq = jnp.zeros((1, 2, 5), jnp.int32), jnp.ones((1,), jnp.int32)
+    with pytest.raises(ValueError, match="int32 or float32, got bfloat16"):
+        peer_all_gather(jnp.zeros(8, jnp.bfloat16), table, seq, layout=layout)
+    with pytest.raises(ValueError, match="needs 68 words, buffers hold 64"):
+        peer_all_gather(jnp.zeros(65, jnp.int32), table, seq, layout=layout)
