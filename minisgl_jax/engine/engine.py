@@ -412,6 +412,7 @@ class Engine:
     def warmup(self) -> float:
         """Compile every step program now ("capture"), so serving never waits on a compile; then
         freeze what start-up made, so serving never waits on a full garbage collection over it."""
-        seconds = warmup.compile_programs(self)
+        with warmup.collector_paused():
+            seconds = warmup.compile_programs(self)
         warmup.freeze_start_up_objects(self)
         return seconds

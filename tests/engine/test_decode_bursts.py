@@ -8,7 +8,7 @@ import pytest
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, SamplingParams
-from minisgl_jax.engine import Engine
+from minisgl_jax.engine import Engine, warmup
 from minisgl_jax.engine.scheduler import BURST_MAX_ROWS
 from tiny_models import save_tiny_checkpoint, tiny_engine
 
@@ -169,3 +169,22 @@ def test_warmup_compiles_every_program_serving_runs(checkpoint):
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert kv_pages() is None
+
+
+def test_collector_paused_restores_the_collector():
+    """Compiles run with Python's automatic collections off, and the collector comes back as it
+    was, also when the compile raises."""
+    assert gc.isenabled()
+    with warmup.collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="compile failed"), warmup.collector_paused():
+        raise RuntimeError("compile failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with warmup.collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller's choice to keep it off is kept
+    finally:
+        gc.enable()
