@@ -62,9 +62,9 @@ def resolve_all_reduce(mode: str, mesh: Mesh) -> str:
 class StepSums:
     """The collectives of one traced step, numbered in call order.
 
-    `impl` None leaves them to XLA (plain einsum, gather and argmax on sharded arrays); otherwise they
-    run per shard: `impl(partial, index, *extra)` adds partial sums over `tp`, and
-    `gather(x, index, *extra)` stacks every device's x in device order ([devices, *x.shape]).
+    `impl` None leaves the sums to XLA (plain einsum and gather on sharded arrays), `gather` None the
+    sampler's argmax; otherwise they run per shard: `impl(partial, index, *extra)` adds partial sums
+    over `tp`, and `gather(x, index, *extra)` stacks every device's x in device order ([devices, *x.shape]).
     """
 
     def __init__(
@@ -110,7 +110,7 @@ class StepSums:
         """Row argmaxes ([rows] int32) of [rows, vocab] arrays sharded over vocab, in one exchange:
         each device sends its local maximum and index per row and array. Ties go to the lowest
         index, as `jnp.argmax`'s."""
-        if self.impl is None:
+        if self.gather is None:
             return tuple(jnp.argmax(x, axis=-1).astype(jnp.int32) for x in xs)
         index = self.count
         self.count += 1
