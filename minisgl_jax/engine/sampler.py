@@ -38,21 +38,16 @@ def _row_keys(arrays: SamplingArrays) -> jax.Array:
     return jax.vmap(key_of)(arrays.seed_lo, arrays.seed_hi, arrays.token_index)
 
 
-def _row_argmax(*xs: jax.Array) -> tuple[jax.Array, ...]:
-    """Each array's argmax along its last axis (unsharded, or sharded with XLA's collectives)."""
-    return tuple(jnp.argmax(x, axis=-1).astype(jnp.int32) for x in xs)
-
-
 def sample(
     logits: jax.Array, arrays: SamplingArrays, *, mode: str, num_logprobs: int,
-    row_argmax: Callable[..., tuple[jax.Array, ...]] = _row_argmax,
+    row_argmax: Callable[..., tuple[jax.Array, ...]],
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """logits: [seqs, vocab] float32 -> (ids [seqs], chosen logprob [seqs], top ids/logprobs [seqs, n]).
 
     Logprobs are of the model's own distribution (before temperature and filters), as vLLM
     reports them; they are None when num_logprobs is 0 and no row asked for them. `row_argmax`
-    takes [seqs, vocab] arrays to their row argmaxes all at once (tensor parallelism exchanges
-    the vocab shards' maxima in one collective: `StepSums.vocab_argmax`).
+    takes [seqs, vocab] arrays to their row argmaxes all at once (`StepSums.vocab_argmax`: under
+    tensor parallelism the vocab shards' maxima meet in one collective).
     """
     temperature = jnp.where(arrays.temperature > 0, arrays.temperature, 1.0)
     scaled = logits / temperature[:, None]
