@@ -11,6 +11,8 @@ sum. Three ways to add them over the `tp` axis (`--all-reduce`):
 The sampler's argmax over the vocab-parallel logits meets the same way: XLA gathers each argmax's
 local maxima in NCCL all-gathers of its own (four per step, each ending the CUDA graph), while
 under `psum` and `peer` one exchange per step carries them all (`StepSums.vocab_argmax`).
+Filtered sampling's threshold search sums small per-shard counts (`StepSums.vocab_sum`): through
+the step's all-reduce where it has one of its own, else an explicit `psum`.
 Each step numbers its collectives at trace time (`StepSums`); the peer kernel's sequence number
 continues across steps in the device state, so consecutive calls alternate buffer slots.
 """
@@ -110,8 +112,15 @@ class StepSums:
         """Row argmaxes ([rows] int32) of [rows, vocab] arrays sharded over vocab, in one exchange:
         each device sends its local maximum and index per row and array. Ties go to the lowest
         index, as `jnp.argmax`'s."""
+        return tuple(ids for ids, _ in self._vocab_max(xs))
+
+    def vocab_top(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(row argmax [rows] int32, row maximum [rows] float32) of x [rows, vocab], in one exchange."""
+        return self._vocab_max((x,))[0]
+
+    def _vocab_max(self, xs: tuple[jax.Array, ...]) -> list[tuple[jax.Array, jax.Array]]:
         if self.gather is None:
-            return tuple(jnp.argmax(x, axis=-1).astype(jnp.int32) for x in xs)
+            return [(jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.max(x, axis=-1).astype(jnp.float32)) for x in xs]
         index = self.count
         self.count += 1
 
@@ -124,16 +133,31 @@ class StepSums:
                 value = jnp.take_along_axis(x, best[:, None], axis=-1)[:, 0].astype(jnp.float32)
                 words += [jax.lax.bitcast_convert_type(value, jnp.int32), best.astype(jnp.int32) + offset]
             every = self.gather(jnp.stack(words, axis=-1), index, *extra)  # [devices, rows, 2 per array]
-            ids = []
+            found = []
             for i in range(len(xs)):
-                device = jnp.argmax(jax.lax.bitcast_convert_type(every[..., 2 * i], jnp.float32), axis=0)
-                ids.append(jnp.take_along_axis(every[..., 2 * i + 1], device[None], axis=0)[0])
-            return tuple(ids)
+                values = jax.lax.bitcast_convert_type(every[..., 2 * i], jnp.float32)
+                device = jnp.argmax(values, axis=0)[None]
+                found += [jnp.take_along_axis(every[..., 2 * i + 1], device, axis=0)[0],
+                          jnp.take_along_axis(values, device, axis=0)[0]]
+            return tuple(found)
 
         in_specs = (P(None, "tp"),) * len(xs) + tuple(self.extra_specs)
-        fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=in_specs, out_specs=(P(),) * len(xs),
+        fn = jax.shard_map(per_shard, mesh=self.mesh, in_specs=in_specs, out_specs=(P(),) * (2 * len(xs)),
                            check_vma=False)
-        return fn(*xs, *self.extra_args)
+        found = fn(*xs, *self.extra_args)
+        return [(found[2 * i], found[2 * i + 1]) for i in range(len(xs))]
+
+    def vocab_sum(self, local: Callable[..., jax.Array], x: jax.Array, *replicated: jax.Array) -> jax.Array:
+        """local(x's vocab shard, *replicated) summed over the devices: x [rows, vocab] is sharded
+        over vocab, the result replicated. Under `xla` (and in prefill steps) an explicit `psum`."""
+        if self.mesh.size == 1:
+            return local(x, *replicated)
+        specs = (P(None, "tp"),) + (P(),) * len(replicated)
+        if self.impl is None:
+            fn = jax.shard_map(lambda *args: jax.lax.psum(local(*args), "tp"), mesh=self.mesh, in_specs=specs,
+                               out_specs=P(), check_vma=False)
+            return fn(x, *replicated)
+        return self._sum_per_shard(local, (x, *replicated), specs)
 
 
 class AllReduce:

@@ -268,7 +268,7 @@ class ModelRunner:
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
         logits = model.logits(hidden[last])
         ids, logprob, top_ids, top_logprobs = sample(
-            logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs, row_argmax=sums.vocab_argmax
+            logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs, vocab=sums
         )
         state = DeviceState(
             tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,

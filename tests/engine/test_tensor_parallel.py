@@ -14,6 +14,7 @@ from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
 from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
 from minisgl_jax.engine.collectives import AllReduce
+from minisgl_jax.engine.sampler import SEARCH_BITS
 from minisgl_jax.models.config import ModelConfig
 from tiny_models import save_tiny_checkpoint
 
@@ -91,15 +92,22 @@ def test_sampled_tokens_per_shard_match_single_device(tmp_path):
         assert tokens == want_tokens, f"tp={tp}"
         # One exchange per step; XLA's own lowering makes four (a maximum and an index per argmax).
         assert len(re.findall(r" all-gather(?:-start)?\(", decode_hlo(engine))) == 1
+        # Filtered: the maxima, then the threshold search's passes of counts summed over the shards,
+        # then the sampled argmax; never the [rows, vocab] logits gathered whole (as a sort needs).
+        filtered = decode_hlo(engine, "filtered")
+        assert len(re.findall(r" all-gather(?:-start)?\(", filtered)) == 2
+        ways, passes = 1 << SEARCH_BITS, -(-32 // SEARCH_BITS)
+        assert len(re.findall(rf"f32\[4,{2 * ways}\]\{{1,0\}} all-reduce(?:-start)?\(", filtered)) == passes
+        assert not re.search(rf"f32\[\d+,{engine.model_config.vocab_size}\][^\n]* all-gather", filtered)
 
 
-def decode_hlo(engine: Engine) -> str:
-    """The compiled decode step of the engine's smallest bucket (plain sampling)."""
+def decode_hlo(engine: Engine, sample_mode: str = "plain") -> str:
+    """The compiled decode step of the engine's smallest bucket."""
     batch = build_step_batch(
         ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.page_size, engine.pages_per_seq,
         engine.runner.scratch_slot, engine.model_config.vocab_size,
     )
-    return engine.runner.lower_text(batch, is_decode=True, sample_mode="plain", num_logprobs=0)
+    return engine.runner.lower_text(batch, is_decode=True, sample_mode=sample_mode, num_logprobs=0)
 
 
 def test_peer_all_reduce_needs_gpus_of_one_process():

@@ -1,0 +1,80 @@
+"""The sampler's filters (top-k, top-p, min-p) as a threshold search, against the sort that defines them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax.sharding import Mesh
+
+from minisgl_jax.engine.collectives import AllReduce, StepSums
+from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SamplingArrays, filter_threshold, sample
+
+
+def kept_by_sorting(scaled: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """The definition, one row: sort descending, keep rank < top_k, mass before < top_p, prob >= min_p x top."""
+    order = np.argsort(-scaled, kind="stable")
+    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs /= probs.sum()
+    keep = (np.arange(len(order)) < top_k) & ((np.cumsum(probs) - probs) < top_p) & (probs >= min_p * probs[0])
+    keep[0] = True
+    kept = np.zeros(len(order), bool)
+    kept[order[keep]] = True
+    return kept
+
+
+def step_sums(tp: int) -> StepSums:
+    """The reductions of a decode step on a mesh of tp CPU devices (psum exchanges; none at tp=1)."""
+    mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
+    return AllReduce("psum" if tp > 1 else "xla", mesh, jnp.float32, 8, 64).for_step(True, jnp.zeros(1, jnp.int32))
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 32000])
+def test_threshold_keeps_what_sorting_keeps(vocab):
+    rng = np.random.default_rng(vocab)
+    rows = 48
+    scaled = (rng.standard_normal((rows, vocab)) * rng.uniform(0.3, 8.0, (rows, 1))).astype(np.float32)
+    scaled[0] = scaled[0, 0]  # one row of equal logits: all kept or none beyond the first
+    top_k = rng.choice([1, 2, 5, 40, vocab], rows).astype(np.int32)
+    top_p = rng.choice([1e-6, 0.3, 0.9, 0.999, 1.0], rows).astype(np.float32)
+    min_p = rng.choice([0.0, 0.0, 0.05, 0.5], rows).astype(np.float32)
+    top_k[0], top_p[0], min_p[0] = vocab, 1.0, 0.0
+    search = jax.jit(lambda *args: filter_threshold(*args, vocab=step_sums(1)))
+    threshold = np.asarray(search(scaled, scaled.max(axis=1), top_k, top_p, min_p))
+    for r in range(rows):
+        want = kept_by_sorting(scaled[r], top_k[r], top_p[r], min_p[r])
+        got = scaled[r] >= threshold[r]
+        assert np.array_equal(got, want), (r, top_k[r], top_p[r], min_p[r], got.sum(), want.sum())
+
+
+def test_filtered_samples_stay_in_the_kept_set():
+    rows, vocab = 64, 500
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.standard_normal((rows, vocab)) * 3, jnp.float32)
+    arrays = SamplingArrays(
+        temperature=jnp.full(rows, 0.9, jnp.float32), top_k=jnp.full(rows, 5, jnp.int32),
+        top_p=jnp.full(rows, 0.8, jnp.float32), min_p=jnp.zeros(rows, jnp.float32),
+        seed_lo=jnp.arange(rows, dtype=jnp.uint32), seed_hi=jnp.zeros(rows, jnp.uint32),
+        token_index=jnp.zeros(rows, jnp.int32),
+    )
+    ids = np.asarray(sample(logits, arrays, mode=SAMPLE_FILTERED, num_logprobs=0, vocab=step_sums(1))[0])
+    scaled = np.asarray(logits) / 0.9
+    for r in range(rows):
+        assert kept_by_sorting(scaled[r], 5, 0.8, 0.0)[ids[r]]
+    assert len(set(ids.tolist())) > 1 and (ids != np.asarray(jnp.argmax(logits, -1))).any()  # it does sample
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_threshold_over_vocab_shards_matches_one_device(tp):
+    """Each pass's counts summed over the vocab shards give one device's threshold, bit for bit."""
+    rows, vocab = 16, 1000
+    rng = np.random.default_rng(tp)
+    scaled = (rng.standard_normal((rows, vocab)) * 4).astype(np.float32)
+    top_k = rng.choice([3, 50, vocab], rows).astype(np.int32)
+    top_p = rng.choice([0.5, 0.95, 1.0], rows).astype(np.float32)
+    min_p = rng.choice([0.0, 0.1], rows).astype(np.float32)
+    args = (scaled, scaled.max(axis=1), top_k, top_p, min_p)
+    want = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(1)))(*args)
+    got = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(tp)))(*args)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert (np.asarray(got) > -np.inf).all() and len(set(np.asarray(got).tolist())) > 1
