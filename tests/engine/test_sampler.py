@@ -23,10 +23,10 @@ def kept_by_sorting(scaled: np.ndarray, top_k: int, top_p: float, min_p: float) 
     return kept
 
 
-def step_sums(tp: int) -> StepSums:
-    """The reductions of a decode step on a mesh of tp CPU devices (psum exchanges; none at tp=1)."""
+def step_sums(tp: int, mode: str = "psum") -> StepSums:
+    """The reductions of a decode step on a mesh of tp CPU devices (none at tp=1)."""
     mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
-    return AllReduce("psum" if tp > 1 else "xla", mesh, jnp.float32, 8, 64).for_step(True, jnp.zeros(1, jnp.int32))
+    return AllReduce(mode, mesh, jnp.float32, 8, 64).for_step(True, jnp.zeros(1, jnp.int32))
 
 
 @pytest.mark.parametrize("vocab", [7, 1000, 32000])
@@ -64,9 +64,10 @@ def test_filtered_samples_stay_in_the_kept_set():
     assert len(set(ids.tolist())) > 1 and (ids != np.asarray(jnp.argmax(logits, -1))).any()  # it does sample
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_threshold_over_vocab_shards_matches_one_device(tp):
-    """Each pass's counts summed over the vocab shards give one device's threshold, bit for bit."""
+@pytest.mark.parametrize("tp,mode", [(2, "psum"), (4, "psum"), (2, "xla")])
+def test_threshold_over_vocab_shards_matches_one_device(tp, mode):
+    """Each pass's counts summed over the vocab shards (the step's own exchange, or a psum where the
+    step has none) give one device's threshold, bit for bit."""
     rows, vocab = 16, 1000
     rng = np.random.default_rng(tp)
     scaled = (rng.standard_normal((rows, vocab)) * 4).astype(np.float32)
@@ -75,6 +76,6 @@ def test_threshold_over_vocab_shards_matches_one_device(tp):
     min_p = rng.choice([0.0, 0.1], rows).astype(np.float32)
     args = (scaled, scaled.max(axis=1), top_k, top_p, min_p)
     want = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(1)))(*args)
-    got = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(tp)))(*args)
+    got = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(tp, mode)))(*args)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert (np.asarray(got) > -np.inf).all() and len(set(np.asarray(got).tolist())) > 1
