@@ -82,7 +82,7 @@ def filter_threshold(
     A token is kept when fewer than top_k tokens lie above it, they hold less than top_p of the
     probability, and its probability is at least min_p times the top one's; ties are kept together.
     Those sets are the tokens at or above a threshold, found without sorting the vocabulary (a sort
-    took 1.5-3 ms per step on an H200; this 0.2-1.9 ms, benchmarks/RESULTS.md): 11 passes of
+    took 0.1-3.0 ms per step on an H200; this 0.1-2.0 ms, benchmarks/RESULTS.md): 11 passes of
     `threshold_counts`, each splitting an interval of float32 values (as ordered int32 keys) 8 ways
     by the tokens and the probability above 7 cut points. Under tensor parallelism each pass sums
     its counts over the vocab shards in one small exchange.
