@@ -45,6 +45,9 @@ class EngineArgs:
     seed: int = 0
     compile_cache_dir: str | None = "~/.cache/minisgl_jax/xla"
     warmup: bool = True
+    # After warm-up, compile the top-k/top-p/min-p and logprobs variants of every step program in a
+    # background thread, so that the first such request does not wait for them (engine/warmup.py).
+    background_compile: bool = True
     compile_workers: int = 0  # buckets compiled at once at start-up; 0: one per CPU core
     status_interval_s: float = 10.0
     lpm_min_queue: int = 8

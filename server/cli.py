@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="persistent XLA compilation cache ('' to disable)")
     engine.add_argument("--compile-workers", type=int, default=d.compile_workers,
                         help="step buckets compiled at once at start-up (0: one per CPU core)")
+    engine.add_argument("--no-background-compile", action="store_true",
+                        help="compile the top-k/top-p/min-p and logprobs step programs when first needed, "
+                             "not in a background thread after start-up")
     engine.add_argument("--status-interval", type=float, default=d.status_interval_s,
                         help="seconds between engine status lines while busy")
 
@@ -141,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         burst_max_rows=a.burst_max_rows,
         cascade_attention=not a.no_cascade_attention, seed=a.seed,
         compile_cache_dir=a.compile_cache_dir or None, compile_workers=a.compile_workers,
+        background_compile=not a.no_background_compile,
         status_interval_s=a.status_interval, decode_buckets=decode_buckets, nnodes=a.nnodes,
         node_rank=a.node_rank, coordinator=a.coordinator,
     )

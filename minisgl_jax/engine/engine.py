@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import os
 import random
 import time
 from typing import TYPE_CHECKING
@@ -110,6 +111,12 @@ class Engine:
             args.max_running_requests,
         )
         self.warmup_seconds = self.warmup() if args.warmup else 0.0
+        self.background_compiler = None
+        if args.warmup and args.background_compile:
+            variants = [p for mode, n in warmup.SAMPLING_VARIANTS for p in warmup.step_programs(self, mode, n)]
+            # A quarter of the cores: the rest stay with the engine's host work and the server.
+            workers = max(1, (os.cpu_count() or 1) // 4)
+            self.background_compiler = warmup.BackgroundCompiler(self, variants, workers)
 
     @functools.cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:

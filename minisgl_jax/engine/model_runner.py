@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
 from minisgl_jax.engine.collectives import AllReduce
-from minisgl_jax.engine.sampler import SAMPLE_PLAIN, SamplingArrays, sample
+from minisgl_jax.engine.programs import ProgramKey, StepPrograms
+from minisgl_jax.engine.sampler import SamplingArrays, sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
 
 logger = logging.getLogger(__name__)
@@ -191,7 +190,12 @@ class ModelRunner:
             static_argnames=("layout", "is_decode", "sample_mode", "num_logprobs", "num_steps"),
             donate_argnames=("kv_pool", "state"),
         )
-        self._compiled: dict[tuple, Any] = {}  # bucket key -> ahead-of-time compiled step
+        # Lowering needs only shapes and shardings (which never change), not the live, donated arrays,
+        # so a background thread can lower while steps run.
+        self._abstract_args = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (self.params, self.kv_pool, self.state)
+        )
+        self.programs = StepPrograms(self.lower)
 
     def param_state(self) -> nnx.State:
         """The parameters as the model's NNX state (for inspection; the step takes the flat list)."""
@@ -300,46 +304,25 @@ class ModelRunner:
         replay one device buffer to time XLA's launch without the transfer's fresh address)."""
         if jax.process_count() > 1 and isinstance(packed, np.ndarray):
             packed = self.to_device(packed)
-        key = (layout, is_decode, sample_mode, num_logprobs, num_steps)
-        compiled = self._compiled.get(key)
-        if compiled is not None:
-            self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed)
-            return out
-        self.kv_pool, self.state, out = self._step(
-            self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
-            sample_mode=sample_mode, num_logprobs=num_logprobs, num_steps=num_steps,
-        )
+        key = ProgramKey(layout, is_decode, sample_mode, num_logprobs, num_steps)
+        compiled = self.programs.compiled.get(key)
+        if compiled is None:
+            compiled = self.programs.get(key, packed)
+        self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed)
         return out
 
-    def compile(self, batches: list[tuple[StepBatch, bool, int]], workers: int) -> None:
-        """Compile the step for each (example batch, is_decode, num_steps) ahead of time.
-
-        Tracing and lowering are Python and hold the GIL, so they run here one program at a time;
-        each lowered program goes to a pool of `workers` threads at once, where XLA compiles (or
-        loads from the persistent cache) outside the GIL while the next one is traced. Tracing
-        in every thread at once was slower: the threads contended for the GIL (H200: 21.3 s for
-        18 cached programs, against 16.8 s one after the other). `run` then calls the compiled
-        executables directly.
-        """
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            pending = []
-            for batch, is_decode, num_steps in tqdm(batches, desc="lowering step programs", disable=None):
-                packed, layout = pack_batch(batch)
-                lowered = self._step.lower(
-                    self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
-                    sample_mode=SAMPLE_PLAIN, num_logprobs=0, num_steps=num_steps,
-                )
-                pending.append(((layout, is_decode, SAMPLE_PLAIN, 0, num_steps), pool.submit(lowered.compile)))
-            for key, future in pending:
-                self._compiled[key] = future.result()
+    def lower(self, key: ProgramKey, packed: np.ndarray | jax.Array) -> jax.stages.Lowered:
+        """Trace and lower the step program of `key` (Python, under the GIL)."""
+        params, kv_pool, state = self._abstract_args
+        return self._step.lower(
+            params, kv_pool, state, packed, layout=key.layout,
+            is_decode=key.is_decode, sample_mode=key.sample_mode, num_logprobs=key.num_logprobs, num_steps=key.num_steps,
+        )
 
     def lower_text(
         self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int, num_steps: int = 1
     ) -> str:
         """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""
         packed, layout = pack_batch(batch)
-        lowered = self._step.lower(
-            self.params, self.kv_pool, self.state, packed, layout=layout, is_decode=is_decode,
-            sample_mode=sample_mode, num_logprobs=num_logprobs, num_steps=num_steps,
-        )
-        return lowered.compile().as_text()
+        key = ProgramKey(layout, is_decode, sample_mode, num_logprobs, num_steps)
+        return self.lower(key, packed).compile().as_text()

@@ -1,33 +1,45 @@
 """Start-up compilation, CUDA-graph capture's counterpart: every step program the engine can launch
-(decode buckets, their cascade and burst variants, prefill buckets), compiled in parallel and run once."""
+(decode buckets, their cascade and burst variants, prefill buckets), compiled in parallel and run
+once; then, in a background thread while the engine serves, the same programs' variants that
+sample with top-k / top-p / min-p or report logprobs."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import gc
 import logging
 import os
+import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from minisgl_jax.engine import cascade as cascade_groups
 from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
-from minisgl_jax.engine.model_runner import StepBatch
-from minisgl_jax.engine.sampler import SAMPLE_PLAIN
+from minisgl_jax.engine.model_runner import MAX_LOGPROBS, pack_batch
+from minisgl_jax.engine.programs import ProgramKey
+from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN
 
 if TYPE_CHECKING:
     from minisgl_jax.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
+# (sample mode, logprobs) of the programs compiled in the background, the likeliest first.
+SAMPLING_VARIANTS = ((SAMPLE_FILTERED, 0), (SAMPLE_PLAIN, MAX_LOGPROBS), (SAMPLE_FILTERED, MAX_LOGPROBS))
 
-def step_programs(engine: Engine) -> list[tuple[StepBatch, bool, int]]:
-    """An empty example batch of each program: (batch, is_decode, decode steps per launch)."""
-    batches = []
+
+def step_programs(
+    engine: Engine, sample_mode: str = SAMPLE_PLAIN, num_logprobs: int = 0
+) -> list[tuple[ProgramKey, np.ndarray]]:
+    """Each program's key with an empty example batch (packed)."""
+    programs = []
     no_groups = (np.zeros(0, np.int32), np.zeros((cascade_groups.MAX_GROUPS, 3), np.int32))
     cascade_buckets = [n for n in engine.decode_buckets if engine.cascade and n >= cascade_groups.MIN_BUCKET]
     for is_decode, size, cascade, steps in (
@@ -37,26 +49,126 @@ def step_programs(engine: Engine) -> list[tuple[StepBatch, bool, int]]:
         + [(False, n, None, 1) for n in engine.prefill_buckets]
     ):
         seqs = size if is_decode else min(size, engine.args.max_running_requests)
-        batches.append((build_step_batch(
+        packed, layout = pack_batch(build_step_batch(
             ScheduledBatch(rows=[], is_decode=is_decode, num_steps=steps), size, seqs, engine.page_size,
             engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size, cascade,
-        ), is_decode, steps))
-    return batches
+        ))
+        programs.append((ProgramKey(layout, is_decode, sample_mode, num_logprobs, steps), packed))
+    return programs
 
 
 def compile_programs(engine: Engine) -> float:
-    """Compile and run every step program once; returns the seconds it took."""
+    """Compile and run every plain step program once; returns the seconds it took."""
     started = time.perf_counter()
-    batches = step_programs(engine)
+    programs = step_programs(engine)
     workers = engine.args.compile_workers or os.cpu_count() or 1
-    engine.runner.compile(batches, workers=min(len(batches), workers))
-    for batch, is_decode, steps in batches:
-        engine.runner.run(
-            batch, is_decode=is_decode, sample_mode=SAMPLE_PLAIN, num_logprobs=0, num_steps=steps
+    engine.runner.programs.compile_all(programs, workers=min(len(programs), workers))
+    for key, packed in programs:
+        engine.runner.run_packed(
+            packed, key.layout, is_decode=key.is_decode, sample_mode=key.sample_mode,
+            num_logprobs=key.num_logprobs, num_steps=key.num_steps,
         ).ids.block_until_ready()
     seconds = time.perf_counter() - started
-    logger.info("compiled %d step programs in %.1fs", len(batches), seconds)
+    logger.info("compiled %d step programs in %.1fs", len(programs), seconds)
     return seconds
+
+
+class BackgroundCompiler:
+    """Compiles the sampling variants of every step program (SAMPLING_VARIANTS) in a daemon thread
+    while the engine is idle.
+
+    Start-up compiles only the plain programs (greedy and temperature, no logprobs): compiling all
+    four kinds there would take about 4x as long. Without this, the first request with top_p (or
+    logprobs) in a batch of each new shape waited for that program's compile, and so did its whole
+    batch (Llama-3.1-8B on an H200: the first top_p pass over a 4.9 s workload took 16.5 s).
+
+    Tracing holds the GIL, which the engine's own host work needs: traced while the engine served,
+    the variants slowed it 2.4x for a minute (benchmarks/RESULTS.md). So a program is traced only
+    while the engine has no requests; the compiles themselves (outside the GIL) run whenever, in up
+    to `workers` threads at once. A request that needs a program before this thread gets to it compiles it
+    itself; one that needs a program under way here waits for it (StepPrograms.get)."""
+
+    POLL_S = 0.05  # how often a paused compiler looks whether the engine is idle
+
+    def __init__(self, engine: Engine, programs: list[tuple[ProgramKey, np.ndarray]], workers: int) -> None:
+        self._stop = threading.Event()
+        # The thread holds the engine weakly: a dropped engine ends it after the programs under way.
+        self.thread = threading.Thread(
+            target=self._compile_each, args=(weakref.ref(engine), programs, workers), name="compile-variants",
+            daemon=True,
+        )
+        self.thread.start()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """Compile nothing more; wait for the programs under way. Registered for exit: a daemon
+        thread still inside XLA's compiler as the interpreter shuts down can crash it."""
+        self._stop.set()
+        self.thread.join()
+        atexit.unregister(self.stop)
+
+    def _compile_each(self, engine_ref: weakref.ref, programs: list[tuple[ProgramKey, np.ndarray]], workers: int) -> None:
+        started = time.perf_counter()
+        in_flight: set[Future] = set()
+        try:
+            for key, packed in programs:
+                if len(in_flight) >= workers:  # lower no further ahead than the compiles go
+                    _, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                if not self._wait_until_idle(engine_ref):
+                    return
+                engine = engine_ref()
+                try:
+                    future = engine.runner.programs.start_compile(key, packed, _DaemonThreads())
+                except Exception as error:  # the request that needs it meets the error again, in its step
+                    logger.warning("background compile of %s failed: %s", _describe(key), error)
+                    future = None
+                del engine
+                if future is not None:
+                    future.add_done_callback(functools.partial(_log_failure, key))
+                    in_flight.add(future)
+        finally:
+            wait(in_flight)
+        logger.info("compiled %d more step programs (top-k/top-p/min-p, logprobs) in the background in %.1fs",
+                    len(programs), time.perf_counter() - started)
+
+    def _wait_until_idle(self, engine_ref: weakref.ref) -> bool:
+        """Wait while the engine has requests; False when stopped or the engine is gone."""
+        while not self._stop.is_set():
+            engine = engine_ref()
+            if engine is None:
+                return False
+            if not engine.has_unfinished():
+                return True
+            del engine
+            self._stop.wait(self.POLL_S)
+        return False
+
+
+class _DaemonThreads(Executor):
+    """Runs each call in a daemon thread of its own. Not concurrent.futures' pool: at exit it joins
+    its workers and refuses new work before the atexit handlers (BackgroundCompiler.stop) run."""
+
+    def submit(self, fn: Callable, /, *args) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:
+                future.set_exception(error)
+
+        threading.Thread(target=run, name="compile-variant", daemon=True).start()
+        return future
+
+
+def _log_failure(key: ProgramKey, future: Future) -> None:
+    if future.exception() is not None:
+        logger.warning("background compile of %s failed: %s", _describe(key), future.exception())
+
+
+def _describe(key: ProgramKey) -> str:
+    phase = "decode" if key.is_decode else "prefill"
+    return f"the {phase} program ({key.sample_mode} sampling, {key.num_logprobs} logprobs, {key.num_steps} steps)"
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ def main() -> None:
     prompts = json.loads(sys.argv[5])
     engine = Engine(EngineArgs(
         model=model, dtype="float32", attention_backend="reference", cache="naive", num_pages=64, page_size=16,
-        max_running_requests=4, max_prefill_tokens=64, compile_cache_dir=None, warmup=True, tp=2,
+        max_running_requests=4, max_prefill_tokens=64, compile_cache_dir=None, warmup=True, background_compile=False, tp=2,
         nnodes=2, node_rank=rank, coordinator=f"127.0.0.1:{port}",
     ))
     if rank == 0:

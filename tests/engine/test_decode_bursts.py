@@ -150,19 +150,27 @@ def test_decode_steps_is_validated():
 
 
 def test_warmup_compiles_every_program_serving_runs(checkpoint):
-    """After warm-up, prefill, single decode steps and bursts all run precompiled programs: the
-    jitted step never traces again (serving never waits on a compile)."""
+    """Start-up compiles the plain programs, the background compiler their top-k/top-p/min-p and
+    logprobs variants; after it, prefill, single decode steps and bursts with every kind of
+    sampling run precompiled programs (serving never waits on a compile)."""
     gc.unfreeze()  # whatever an earlier test froze
     engine = make_engine(checkpoint, decode_steps=4, warmup=True, cache="naive", max_prefill_tokens=64)
     assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's way
-    compiled = len(engine.runner._compiled)
-    assert compiled == len(engine.decode_buckets) + len(engine.burst_buckets()) + len(engine.prefill_buckets)
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 12, 6)]
-    result = run(engine, ["a", "b", "c", "d"], params)
-    assert [len(t) for t in result["tokens"].values()] == [3, 9, 12, 6]
+    plain = len(engine.decode_buckets) + len(engine.burst_buckets()) + len(engine.prefill_buckets)
+    assert len(engine.runner.programs.compiled) >= plain
+    engine.background_compiler.thread.join()
+    assert len(engine.runner.programs.compiled) == 4 * plain
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=19, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=14, ignore_eos=True, seed=11, logprobs=3),
+        SamplingParams(temperature=0.7, min_p=0.1, top_k=5, max_tokens=12, ignore_eos=True, seed=3),
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, seed=7),
+    ]
+    result = run(engine, list("abcde"), params)
+    assert [len(t) for t in result["tokens"].values()] == [19, 14, 12, 6, 9]
     assert engine.stats()["burst_steps"] > 0
-    assert len(engine.runner._compiled) == compiled
-    assert engine.runner._step._cache_size() == 0  # nothing fell back to the jitted (tracing) path
+    assert len(engine.runner.programs.compiled) == 4 * plain  # nothing compiled while serving
     # Dropped, the engine thaws what it froze, and its device arrays (in reference cycles) are freed.
     kv_pages = weakref.ref(engine.runner.kv_pool[0][0])
     del engine

@@ -15,6 +15,7 @@ import httpx
 TEST_FLAGS = [
     "--attention-backend", "reference", "--max-running-requests", "4", "--max-prefill-tokens", "64",
     "--num-pages", "96", "--page-size", "16", "--decode-buckets", "1,2,4", "--status-interval", "1000",
+    "--no-background-compile",  # the tests' 2 CPU cores are better spent on the tests
 ]
 
 
@@ -42,13 +43,18 @@ def is_running(pid: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: str, log_path: str, *extra_flags: str, compile_cache: str | None = None) -> None:
+    def __init__(
+        self, model_dir: str, log_path: str, *extra_flags: str, compile_cache: str | None = None,
+        background_compile: bool = False,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "minisgl_jax", "--model", model_dir, "--port", str(self.port), *TEST_FLAGS]
         if compile_cache:
             cmd += ["--compile-cache-dir", compile_cache]
+        if background_compile:
+            cmd.remove("--no-background-compile")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd + list(extra_flags), stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
