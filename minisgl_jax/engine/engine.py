@@ -199,7 +199,10 @@ class Engine:
         self._finals.append(self._output(req))
 
     def shutdown(self) -> None:
-        """Multi-host: tell the other nodes to leave their follower loop (node 0 only)."""
+        """Stop the background compiler; multi-host: tell the other nodes to leave their follower
+        loop (node 0 only)."""
+        if self.background_compiler is not None:
+            self.background_compiler.stop()
         if self.channel is not None:
             self.channel.stop()
             self.step()

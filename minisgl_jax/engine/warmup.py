@@ -85,8 +85,8 @@ class BackgroundCompiler:
     Tracing holds the GIL, which the engine's own host work needs: traced while the engine served,
     the variants slowed it 2.4x for a minute (benchmarks/RESULTS.md). So a program is traced only
     while the engine has no requests; the compiles themselves (outside the GIL) run whenever, in up
-    to `workers` threads at once. A request that needs a program before this thread gets to it compiles it
-    itself; one that needs a program under way here waits for it (StepPrograms.get)."""
+    to `workers` threads at once. A request that needs a program before this thread gets to it
+    compiles it itself; one that needs a program under way here waits for it (StepPrograms.get)."""
 
     POLL_S = 0.05  # how often a paused compiler looks whether the engine is idle
 
@@ -101,8 +101,9 @@ class BackgroundCompiler:
         atexit.register(self.stop)
 
     def stop(self) -> None:
-        """Compile nothing more; wait for the programs under way. Registered for exit: a daemon
-        thread still inside XLA's compiler as the interpreter shuts down can crash it."""
+        """Compile nothing more; wait for the programs under way (at exit: at most one compile, ~6 s
+        cold for Llama-3.1-8B). Registered for exit, so that no thread is inside XLA's compiler while
+        the interpreter and XLA's own state are torn down."""
         self._stop.set()
         self.thread.join()
         atexit.unregister(self.stop)
@@ -110,6 +111,7 @@ class BackgroundCompiler:
     def _compile_each(self, engine_ref: weakref.ref, programs: list[tuple[ProgramKey, np.ndarray]], workers: int) -> None:
         started = time.perf_counter()
         in_flight: set[Future] = set()
+        threads = _DaemonThreads()
         try:
             for key, packed in programs:
                 if len(in_flight) >= workers:  # lower no further ahead than the compiles go
@@ -118,7 +120,7 @@ class BackgroundCompiler:
                     return
                 engine = engine_ref()
                 try:
-                    future = engine.runner.programs.start_compile(key, packed, _DaemonThreads())
+                    future = engine.runner.programs.start_compile(key, packed, threads)
                 except Exception as error:  # the request that needs it meets the error again, in its step
                     logger.warning("background compile of %s failed: %s", _describe(key), error)
                     future = None

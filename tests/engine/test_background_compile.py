@@ -80,10 +80,10 @@ def test_the_background_compiler_waits_for_an_idle_engine(checkpoint):
 
 
 def test_stopping_the_background_compiler_leaves_serving_whole(checkpoint):
-    """Stopped (as at exit), the compiler ends after the programs under way; a request whose
-    program it never reached compiles it when first needed and runs."""
+    """Stopped (by Engine.shutdown, or at exit), the compiler ends after the programs under way; a
+    request whose program it never reached compiles it when first needed and runs."""
     engine = small_engine(checkpoint, warmup=True)
-    engine.background_compiler.stop()
+    engine.shutdown()
     assert not engine.background_compiler.thread.is_alive()
     outputs = engine.generate(
         [[5, 6, 7, 8, 9]], SamplingParams(temperature=0.9, top_p=0.8, max_tokens=5, ignore_eos=True, seed=1)
