@@ -131,7 +131,31 @@ def sample(
     ids = jnp.where(arrays.temperature > 0, sampled.astype(jnp.int32), greedy_ids)
     if num_logprobs == 0:
         return ids, None, None, None
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
-    return ids, chosen, top_ids.astype(jnp.int32), top_logprobs
+    normalizer = jax.nn.logsumexp(logits, axis=-1)  # log-probabilities are logits - normalizer
+    chosen = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - normalizer
+    top_logits, top_ids = top_k(logits, num_logprobs)
+    return ids, chosen, top_ids.astype(jnp.int32), top_logits - normalizer[:, None]
+
+
+# XLA's GPU top-k kernel takes k <= 16; a larger k sorts the rows. From 32 rows on, pieces of 16
+# are faster; at 1 row the sort is (H200, rows x 128,256, ms for k=16 / k=20 / a full sort: 256 rows
+# 0.56 / 2.23 / 2.15; 32 rows 0.28 / 0.94 / 0.87; 1 row 0.27 / 0.12 / 0.10; 2 to 31 rows not measured).
+TOP_K_PIECE = 16
+TOP_K_PIECES_MIN_ROWS = 32
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` of rows of finite values. With TOP_K_PIECES_MIN_ROWS rows or more, in pieces of
+    at most TOP_K_PIECE: each piece is the top of the row with the earlier pieces' picks set to
+    -inf. Same values and ids, ties by lower id."""
+    if x.shape[0] < TOP_K_PIECES_MIN_ROWS:
+        return jax.lax.top_k(x, k)
+    values, ids = [], []
+    while k > 0:
+        piece_values, piece_ids = jax.lax.top_k(x, min(k, TOP_K_PIECE))
+        values.append(piece_values)
+        ids.append(piece_ids)
+        k -= piece_values.shape[1]
+        if k > 0:
+            x = x.at[jnp.arange(x.shape[0])[:, None], piece_ids].set(-jnp.inf)
+    return jnp.concatenate(values, axis=1), jnp.concatenate(ids, axis=1)

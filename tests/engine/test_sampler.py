@@ -8,7 +8,9 @@ import pytest
 from jax.sharding import Mesh
 
 from minisgl_jax.engine.collectives import AllReduce, StepSums
-from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SamplingArrays, filter_threshold, sample
+from minisgl_jax.engine.sampler import (
+    SAMPLE_FILTERED, SAMPLE_PLAIN, TOP_K_PIECES_MIN_ROWS, SamplingArrays, filter_threshold, sample, top_k,
+)
 
 
 def kept_by_sorting(scaled: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -79,3 +81,32 @@ def test_threshold_over_vocab_shards_matches_one_device(tp, mode):
     got = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(tp, mode)))(*args)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert (np.asarray(got) > -np.inf).all() and len(set(np.asarray(got).tolist())) > 1
+
+
+@pytest.mark.parametrize("k", [1, 16, 17, 20, 40])
+def test_top_k_in_pieces_is_lax_top_k(k):
+    """Pieces of at most 16 (XLA's GPU kernel; a larger k sorts) give lax.top_k's values and ids,
+    ties (many, from small integers) ordered by id as it orders them."""
+    rng = np.random.default_rng(k)
+    half = TOP_K_PIECES_MIN_ROWS // 2  # enough rows for the pieces
+    x = np.concatenate([rng.standard_normal((half, 500)), rng.integers(0, 6, (half, 500))]).astype(np.float32)
+    values, ids = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)
+    want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+
+
+def test_logprobs_are_the_log_softmax():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((4, 300)) * 4, jnp.float32)
+    arrays = SamplingArrays(
+        temperature=jnp.array([0.0, 0.8, 1.0, 0.0], jnp.float32), top_k=jnp.full(4, 300, jnp.int32),
+        top_p=jnp.ones(4, jnp.float32), min_p=jnp.zeros(4, jnp.float32), seed_lo=jnp.arange(4, dtype=jnp.uint32),
+        seed_hi=jnp.zeros(4, jnp.uint32), token_index=jnp.zeros(4, jnp.int32),
+    )
+    ids, chosen, top_ids, top_logprobs = sample(logits, arrays, mode=SAMPLE_PLAIN, num_logprobs=20, vocab=step_sums(1))
+    logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(np.asarray(chosen), logprobs[np.arange(4), np.asarray(ids)], rtol=1e-6, atol=1e-6)
+    order = np.argsort(-logprobs, axis=1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(np.asarray(top_ids), order)
+    np.testing.assert_allclose(np.asarray(top_logprobs), np.take_along_axis(logprobs, order, axis=1), rtol=1e-6, atol=1e-6)
