@@ -20,7 +20,7 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 @pytest.fixture(scope="module")
 def keyed_server(tiny_model_dir, compile_cache, tmp_path_factory):
     log = str(tmp_path_factory.mktemp("logs") / "keyed.log")
-    # The variants' background compiler runs here: shutdown must not wait for it.
+    # The variants' background compiler runs here: SIGTERM must still stop everything within 10 s.
     proc = ServerProcess(tiny_model_dir, log, "--api-key", "sesame", "--served-model-name", "tiny",
                          compile_cache=compile_cache, background_compile=True)
     yield proc
