@@ -113,10 +113,9 @@ class Engine:
         self.warmup_seconds = self.warmup() if args.warmup else 0.0
         self.background_compiler = None
         if args.warmup and args.background_compile:
-            variants = [p for mode, n in warmup.SAMPLING_VARIANTS for p in warmup.step_programs(self, mode, n)]
             # A quarter of the cores: the rest stay with the engine's host work and the server.
             workers = max(1, (os.cpu_count() or 1) // 4)
-            self.background_compiler = warmup.BackgroundCompiler(self, variants, workers)
+            self.background_compiler = warmup.BackgroundCompiler(self, warmup.variant_programs(self), workers)
 
     @functools.cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:

@@ -57,6 +57,11 @@ def step_programs(
     return programs
 
 
+def variant_programs(engine: Engine) -> list[tuple[ProgramKey, np.ndarray]]:
+    """Every program in each of SAMPLING_VARIANTS: what the background compiler compiles."""
+    return [program for mode, logprobs in SAMPLING_VARIANTS for program in step_programs(engine, mode, logprobs)]
+
+
 def compile_programs(engine: Engine) -> float:
     """Compile and run every plain step program once; returns the seconds it took."""
     started = time.perf_counter()

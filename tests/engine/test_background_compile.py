@@ -66,7 +66,7 @@ def test_the_background_compiler_waits_for_an_idle_engine(checkpoint):
     engine = small_engine(checkpoint, warmup=True, background_compile=False)
     compiled = len(engine.runner.programs.compiled)
     engine.add_request("busy", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    variants = [p for mode, n in warmup.SAMPLING_VARIANTS for p in warmup.step_programs(engine, mode, n)]
+    variants = warmup.variant_programs(engine)
     compiler = warmup.BackgroundCompiler(engine, variants, workers=1)
     time.sleep(5 * compiler.POLL_S)
     assert compiler.thread.is_alive() and len(engine.runner.programs.compiled) == compiled
