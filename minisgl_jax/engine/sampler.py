@@ -137,11 +137,12 @@ def sample(
     return ids, chosen, top_ids.astype(jnp.int32), top_logits - normalizer[:, None]
 
 
-# XLA's GPU top-k kernel takes k <= 16; a larger k sorts the rows. From 32 rows on, pieces of 16
-# are faster; at 1 row the sort is (H200, rows x 128,256, ms for k=16 / k=20 / a full sort: 256 rows
-# 0.56 / 2.23 / 2.15; 32 rows 0.28 / 0.94 / 0.87; 1 row 0.27 / 0.12 / 0.10; 2 to 31 rows not measured).
+# XLA's GPU top-k kernel takes k <= 16; a larger k sorts the rows. The sort's cost grows with the
+# rows, the pieces' (16 then 4) hardly does: H200, k=20 over 128,256 columns, ms for the sort / the
+# pieces: 1 row 0.14 / 0.33, 8 rows 0.25 / 0.33, 12 rows 0.35 / 0.33, 16 rows 0.44 / 0.33, 32 rows
+# 0.94 / 0.34, 256 rows 2.23 / 0.98 (benchmarks/RESULTS.md).
 TOP_K_PIECE = 16
-TOP_K_PIECES_MIN_ROWS = 32
+TOP_K_PIECES_MIN_ROWS = 12
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
