@@ -159,7 +159,7 @@ def main() -> None:
         args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
         decode_steps=args.decode_steps, tp=args.tp, num_pages=args.num_pages, all_reduce=args.all_reduce,
-        max_prefill_tokens=args.max_prefill_tokens,
+        max_prefill_tokens=args.max_prefill_tokens, background_compile=False,  # plain sampling only
         decode_buckets=[int(b) for b in args.decode_buckets.split(",")] if args.decode_buckets else [],
     )
     decode = [decode_latency(llm, int(b), args.context, args.steps) for b in args.batches.split(",")]

@@ -45,6 +45,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches (1: off)")
+    parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have (default: the engine's)")
+    parser.add_argument("--background-compile", action="store_true",
+                        help="compile the top-p / logprobs variants while idle, as the engine does by default (off here: "
+                             "this workload never uses them, and with a cold compile cache their compiles slow its first run)")
     parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
     parser.add_argument("--compile-workers", type=int, default=0, help="buckets compiled at once (0: one per core)")
     parser.add_argument("--num-pages", type=int, default=None)
@@ -61,8 +65,8 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
-        overlap=not args.no_overlap, decode_steps=args.decode_steps, num_pages=args.num_pages,
-        compile_cache_dir=args.compile_cache_dir,
+        overlap=not args.no_overlap, decode_steps=args.decode_steps, burst_max_rows=args.burst_max_rows,
+        background_compile=args.background_compile, num_pages=args.num_pages, compile_cache_dir=args.compile_cache_dir,
         mem_fraction=args.mem_fraction, cache=args.cache, compile_workers=args.compile_workers, max_model_len=args.max_model_len,
     )
     startup = time.perf_counter() - started
@@ -88,7 +92,7 @@ def main() -> None:
         output_tokens_per_s=out_tokens / seconds, copy_bandwidth_gbs=copy_bw / 1e9, roofline_seconds=roof_seconds,
         fraction_of_roofline=roof_seconds / seconds, startup_seconds=startup, load_seconds=engine.load_seconds,
         warmup_seconds=engine.warmup_seconds, steps=engine.stats()["steps"], burst_steps=engine.stats()["burst_steps"],
-        decode_steps=args.decode_steps,
+        decode_steps=args.decode_steps, burst_max_rows=engine.scheduler.burst_max_rows,
         retractions=engine.stats()["num_retractions"], overlap=not args.no_overlap,
         attention_backend=args.attention_backend, page_size=args.page_size,
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,

@@ -104,6 +104,7 @@ def main() -> None:
             cascade_attention=cache != "radix-no-cascade", attention_backend=args.attention_backend,
             max_model_len=args.max_model_len, max_running_requests=args.max_running_requests,
             num_pages=args.num_pages, compile_cache_dir=args.compile_cache_dir,
+            background_compile=False,  # plain sampling only: the variants' compiles would run inside the timed runs
         ))
         for name, sessions in workloads(args).items():
             runs = []

@@ -116,7 +116,8 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy", cache="naive", max_model_len=args.max_model_len,
               compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
               decode_buckets=[max(8, args.batch)], tp=args.tp, max_running_requests=max(args.batch, 8),
-              decode_steps=args.decode_steps, all_reduce=args.all_reduce)
+              decode_steps=args.decode_steps, all_reduce=args.all_reduce,
+              background_compile=False)  # greedy only: no variant compiles inside the trace
     engine = llm.engine
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)

@@ -1,6 +1,11 @@
 """Throughput of the offline workload at several tensor-parallel sizes, in one call, and greedy agreement.
 
     NCCL_NVLS_ENABLE=0 python benchmarks/tp_scaling.py --model meta-llama/Llama-3.1-8B --tps 1,2
+    python benchmarks/tp_scaling.py --model meta-llama/Llama-3.1-8B --tps 1,shard2    # one GPU
+
+`shardN` runs, on one GPU, the model one GPU of tp=N holds: heads, KV heads, intermediate size and
+vocabulary divided by N. It does exactly that GPU's GEMMs, attention and sampling, without the
+all-reduces: its speed-up over tp=1 is the most tp=N can reach with these kernels.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -20,18 +26,41 @@ from offline import workload  # noqa: E402
 from minisgl_jax import SamplingParams  # noqa: E402
 from minisgl_jax.config import EngineArgs  # noqa: E402
 from minisgl_jax.engine import Engine  # noqa: E402
-from minisgl_jax.engine.setup import enable_compile_cache  # noqa: E402
+from minisgl_jax.engine.setup import enable_compile_cache, resolve_model  # noqa: E402
+
+
+def shard_model(model: str, tp: int) -> str:
+    """A folder with the config.json of one GPU's share of `model` at tensor parallel `tp` (dummy weights)."""
+    config = resolve_model(EngineArgs(model=model, load_format="dummy"))[0].for_tp(tp)
+    hf = dict(
+        architectures=[{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                        "qwen3": "Qwen3ForCausalLM"}[config.architecture]],
+        vocab_size=config.vocab_size // tp, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size // tp, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_q_heads // tp, num_key_value_heads=config.num_kv_heads // tp,
+        head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+        rope_scaling=config.rope_scaling, max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings, attention_bias=config.o_bias,
+    )
+    folder = tempfile.mkdtemp(prefix=f"shard{tp}-")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f)
+    return folder
 
 
 def run(args: argparse.Namespace, spec: str) -> dict:
-    """spec: TP or TP:ALL_REDUCE (e.g. 2:xla)."""
+    """spec: TP, TP:ALL_REDUCE (e.g. 2:xla) or shardN (one GPU running one GPU's share of tp=N)."""
+    model, label = args.model, spec
+    if spec.startswith("shard"):
+        model, spec = shard_model(args.model, int(spec[len("shard"):])), "1"
     tp, _, all_reduce = spec.partition(":")
     tp = int(tp)
     started = time.perf_counter()
     engine = Engine(EngineArgs(
-        model=args.model, load_format="dummy", tp=tp, dtype=args.dtype, cache="naive", max_model_len=args.max_model_len,
+        model=model, load_format="dummy", tp=tp, dtype=args.dtype, cache="naive", max_model_len=args.max_model_len,
         compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
-        decode_steps=args.decode_steps, all_reduce=all_reduce or "auto",
+        decode_steps=args.decode_steps, all_reduce=all_reduce or "auto", burst_max_rows=args.burst_max_rows,
+        background_compile=args.background_compile,
     ))
     startup = time.perf_counter() - started
     greedy_prompts = [[(7 * i + 13 * j) % 10000 for j in range(128)] for i in range(8)]
@@ -47,7 +76,7 @@ def run(args: argparse.Namespace, spec: str) -> dict:
     timing = {k: engine.timing[k] - v for k, v in timing_before.items()}
     tokens = sum(len(o) for o in outputs)
     engine.check_kv_invariant()
-    result = dict(tp=tp, all_reduce=engine.runner.all_reduce.mode, seconds=seconds, output_tokens=tokens,
+    result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode, seconds=seconds, output_tokens=tokens,
                   tokens_per_s=tokens / seconds, startup_s=startup, kv_pages=engine.allocator.num_usable,
                   greedy=greedy, timing=timing)
     del engine
@@ -67,26 +96,31 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=0, help="cut prompts to this length: a decode-heavy run")
     parser.add_argument("--dtype", default="bfloat16", help="float32 separates kernel bugs from bf16 near-ties")
     parser.add_argument("--decode-steps", type=int, default=4, help="1: no decode bursts")
+    parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have (default: the engine's)")
+    parser.add_argument("--background-compile", action="store_true",
+                        help="compile the top-p / logprobs variants while idle, as the engine does by default (off here: "
+                             "this workload never uses them, and with a cold compile cache their compiles slow its first run)")
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     enable_compile_cache(args.compile_cache_dir)
     results = [run(args, spec) for spec in args.tps.split(",")]
-    print(f"\ndtype {args.dtype}, decode_steps {args.decode_steps}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"\ndtype {args.dtype}, decode_steps {args.decode_steps}, burst_max_rows {args.burst_max_rows}, "
+          f"background compile {args.background_compile}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     base = results[0]
     print(f"\n{args.model}, {args.num_requests} requests\n| tp | all-reduce | seconds | output tok/s | speed-up | "
-          f"start-up s | KV pages | greedy = tp{base['tp']} |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"start-up s | KV pages | greedy = {base['run']} |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        same = sum(a == b for a, b in zip(r["greedy"], base["greedy"]))
+        same = "-" if r["shard"] or base["shard"] else f"{sum(a == b for a, b in zip(r['greedy'], base['greedy']))}/8"
         speedup = r["tokens_per_s"] / base["tokens_per_s"]
-        print(f"| {r['tp']} | {r['all_reduce']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f}x "
-              f"| {r['startup_s']:.0f} | {r['kv_pages']} | {same}/8 |")
+        print(f"| {r['run']} | {r['all_reduce']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f}x "
+              f"| {r['startup_s']:.0f} | {r['kv_pages']} | {same} |")
     print("\n| tp | all-reduce | engine step s | of it waiting for the device s | launching s |"
           "\n| --- | --- | --- | --- | --- |")
     for r in results:
         t = r["timing"]
-        print(f"| {r['tp']} | {r['all_reduce']} | {t['step_s']:.2f} | {t['wait_s']:.2f} | {t['launch_s']:.2f} |")
+        print(f"| {r['run']} | {r['all_reduce']} | {t['step_s']:.2f} | {t['wait_s']:.2f} | {t['launch_s']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
