@@ -23,6 +23,9 @@ from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
 from minisgl_jax import LLM, SamplingParams  # noqa: E402
 from minisgl_jax.engine.setup import enable_compile_cache  # noqa: E402
 
+BACKGROUND_COMPILE_HELP = ("compile the top-p / logprobs variants while idle, as the engine does by default; off here: "
+                           "this workload never uses them, and their compiles slow a cold-cache first run (RESULTS.md)")
+
 
 def workload(num_requests: int, min_len: int, max_len: int) -> tuple[list[list[int]], list[int]]:
     random.seed(0)
@@ -45,10 +48,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches (1: off)")
-    parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have (default: the engine's)")
-    parser.add_argument("--background-compile", action="store_true",
-                        help="compile the top-p / logprobs variants while idle, as the engine does by default (off here: "
-                             "this workload never uses them, and with a cold compile cache their compiles slow its first run)")
+    parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have")
+    parser.add_argument("--background-compile", action="store_true", help=BACKGROUND_COMPILE_HELP)
     parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
     parser.add_argument("--compile-workers", type=int, default=0, help="buckets compiled at once (0: one per core)")
     parser.add_argument("--num-pages", type=int, default=None)
@@ -66,8 +67,9 @@ def main() -> None:
         args.model, load_format=args.load_format, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
         overlap=not args.no_overlap, decode_steps=args.decode_steps, burst_max_rows=args.burst_max_rows,
-        background_compile=args.background_compile, num_pages=args.num_pages, compile_cache_dir=args.compile_cache_dir,
-        mem_fraction=args.mem_fraction, cache=args.cache, compile_workers=args.compile_workers, max_model_len=args.max_model_len,
+        background_compile=args.background_compile, num_pages=args.num_pages,
+        compile_cache_dir=args.compile_cache_dir, mem_fraction=args.mem_fraction, cache=args.cache,
+        compile_workers=args.compile_workers, max_model_len=args.max_model_len,
     )
     startup = time.perf_counter() - started
     prompts, output_lens = workload(args.num_requests, args.min_len, args.max_len)

@@ -21,28 +21,27 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from offline import workload  # noqa: E402
+from offline import BACKGROUND_COMPILE_HELP, workload  # noqa: E402
 
 from minisgl_jax import SamplingParams  # noqa: E402
 from minisgl_jax.config import EngineArgs  # noqa: E402
+from minisgl_jax.models.config import SUPPORTED_ARCHITECTURES  # noqa: E402
 from minisgl_jax.engine import Engine  # noqa: E402
 from minisgl_jax.engine.setup import enable_compile_cache, resolve_model  # noqa: E402
 
 
-def shard_model(model: str, tp: int) -> str:
-    """A folder with the config.json of one GPU's share of `model` at tensor parallel `tp` (dummy weights)."""
+def write_shard_config(model: str, tp: int, folder: str) -> str:
+    """Write into `folder` the config.json of one GPU's share of `model` at tensor parallel `tp`; returns `folder`."""
     config = resolve_model(EngineArgs(model=model, load_format="dummy"))[0].for_tp(tp)
+    architecture = next(name for name, arch in SUPPORTED_ARCHITECTURES.items() if arch == config.architecture)
     hf = dict(
-        architectures=[{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                        "qwen3": "Qwen3ForCausalLM"}[config.architecture]],
-        vocab_size=config.vocab_size // tp, hidden_size=config.hidden_size,
+        architectures=[architecture], vocab_size=config.vocab_size // tp, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size // tp, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_q_heads // tp, num_key_value_heads=config.num_kv_heads // tp,
         head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
         rope_scaling=config.rope_scaling, max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=config.tie_word_embeddings, attention_bias=config.o_bias,
     )
-    folder = tempfile.mkdtemp(prefix=f"shard{tp}-")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f)
     return folder
@@ -51,17 +50,18 @@ def shard_model(model: str, tp: int) -> str:
 def run(args: argparse.Namespace, spec: str) -> dict:
     """spec: TP, TP:ALL_REDUCE (e.g. 2:xla) or shardN (one GPU running one GPU's share of tp=N)."""
     model, label = args.model, spec
-    if spec.startswith("shard"):
-        model, spec = shard_model(args.model, int(spec[len("shard"):])), "1"
-    tp, _, all_reduce = spec.partition(":")
-    tp = int(tp)
     started = time.perf_counter()
-    engine = Engine(EngineArgs(
-        model=model, load_format="dummy", tp=tp, dtype=args.dtype, cache="naive", max_model_len=args.max_model_len,
-        compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
-        decode_steps=args.decode_steps, all_reduce=all_reduce or "auto", burst_max_rows=args.burst_max_rows,
-        background_compile=args.background_compile,
-    ))
+    with tempfile.TemporaryDirectory(prefix="shard-config-") as folder:  # read by the engine's start only
+        if spec.startswith("shard"):
+            model, spec = write_shard_config(args.model, int(spec[len("shard"):]), folder), "1"
+        tp, _, all_reduce = spec.partition(":")
+        tp = int(tp)
+        engine = Engine(EngineArgs(
+            model=model, load_format="dummy", tp=tp, dtype=args.dtype, cache="naive", max_model_len=args.max_model_len,
+            compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
+            decode_steps=args.decode_steps, all_reduce=all_reduce or "auto", burst_max_rows=args.burst_max_rows,
+            background_compile=args.background_compile,
+        ))
     startup = time.perf_counter() - started
     greedy_prompts = [[(7 * i + 13 * j) % 10000 for j in range(128)] for i in range(8)]
     greedy = engine.generate(greedy_prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
@@ -76,9 +76,9 @@ def run(args: argparse.Namespace, spec: str) -> dict:
     timing = {k: engine.timing[k] - v for k, v in timing_before.items()}
     tokens = sum(len(o) for o in outputs)
     engine.check_kv_invariant()
-    result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode, seconds=seconds, output_tokens=tokens,
-                  tokens_per_s=tokens / seconds, startup_s=startup, kv_pages=engine.allocator.num_usable,
-                  greedy=greedy, timing=timing)
+    result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode,
+                  seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds, startup_s=startup,
+                  kv_pages=engine.allocator.num_usable, greedy=greedy, timing=timing)
     del engine
     gc.collect()
     return result
@@ -96,10 +96,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=0, help="cut prompts to this length: a decode-heavy run")
     parser.add_argument("--dtype", default="bfloat16", help="float32 separates kernel bugs from bf16 near-ties")
     parser.add_argument("--decode-steps", type=int, default=4, help="1: no decode bursts")
-    parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have (default: the engine's)")
-    parser.add_argument("--background-compile", action="store_true",
-                        help="compile the top-p / logprobs variants while idle, as the engine does by default (off here: "
-                             "this workload never uses them, and with a cold compile cache their compiles slow its first run)")
+    parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have")
+    parser.add_argument("--background-compile", action="store_true", help=BACKGROUND_COMPILE_HELP)
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

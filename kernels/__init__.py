@@ -5,7 +5,6 @@ from .hopper_prefill_attention import hopper_prefill_attention, hopper_prefill_u
 from .paged_decode_attention import paged_decode_attention
 from .ragged_paged_attention import ragged_paged_attention
 from .reference import ragged_paged_attention_reference, write_kv_reference
-from .write_kv import write_kv
 
 __all__ = [
     "cascade_decode_attention",
@@ -14,6 +13,5 @@ __all__ = [
     "paged_decode_attention",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
-    "write_kv",
     "write_kv_reference",
 ]

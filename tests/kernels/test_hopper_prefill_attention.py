@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from paged_inputs import make_batch, poison_unused_slots, rel_err
+from paged_inputs import make_batch, rel_err
 
 from minisgl_jax.kernels import hopper_prefill_attention, hopper_prefill_unsupported, ragged_paged_attention_reference
 

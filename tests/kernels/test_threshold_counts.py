@@ -1,6 +1,5 @@
 """The sampler's threshold-counting kernel against its pure-jnp reference (interpret mode on the CPU)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
