@@ -278,7 +278,8 @@ def bench_mixed(results: dict) -> None:
 
 
 def bench_kv_write(results: dict, tokens: int = 256, num_pages: int = 65536, page_size: int = 16) -> None:
-    """XLA's scatter, as the engine writes it and promised unique slots, with donated pools (in place): their cost should be the new rows, not the pool."""
+    """XLA's scatter as the engine writes K/V, and with unique slots promised; donated pools (in place),
+    so their cost should be the new rows, not the pool."""
     pools = (jnp.zeros((KV_HEADS, num_pages, page_size, HEAD_DIM), jnp.bfloat16),) * 2
     new = jax.random.normal(jax.random.key(3), (tokens, KV_HEADS, HEAD_DIM), jnp.bfloat16)
     results["kv_write"] = dict(tokens=tokens, pool_bytes=2 * pools[0].size * 2)

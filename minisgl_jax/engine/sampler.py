@@ -140,7 +140,7 @@ def sample(
 # XLA's GPU top-k kernel takes k <= 16; a larger k sorts the rows. The sort's cost grows with the
 # rows, the pieces' (16 then 4) hardly does: H200, k=20 over 128,256 columns, ms for the sort / the
 # pieces: 1 row 0.14 / 0.33, 8 rows 0.25 / 0.33, 12 rows 0.35 / 0.33, 16 rows 0.44 / 0.33, 32 rows
-# 0.94 / 0.34, 256 rows 2.23 / 0.98 (benchmarks/RESULTS.md).
+# 0.94 / 0.34, 64 rows 1.03 / 0.37 (benchmarks/RESULTS.md).
 TOP_K_PIECE = 16
 TOP_K_PIECES_MIN_ROWS = 12
 
