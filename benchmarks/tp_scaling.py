@@ -25,9 +25,9 @@ from offline import BACKGROUND_COMPILE_HELP, workload  # noqa: E402
 
 from minisgl_jax import SamplingParams  # noqa: E402
 from minisgl_jax.config import EngineArgs  # noqa: E402
-from minisgl_jax.models.config import SUPPORTED_ARCHITECTURES  # noqa: E402
 from minisgl_jax.engine import Engine  # noqa: E402
 from minisgl_jax.engine.setup import enable_compile_cache, resolve_model  # noqa: E402
+from minisgl_jax.models.config import SUPPORTED_ARCHITECTURES  # noqa: E402
 
 
 def write_shard_config(model: str, tp: int, folder: str) -> str:

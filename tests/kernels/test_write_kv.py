@@ -30,4 +30,3 @@ def test_donated_pools_alias_their_outputs_in_the_compiled_program():
     hlo = compiled.as_text()
     assert "input_output_alias" in hlo
     assert hlo.count("may-alias") + hlo.count("must-alias") >= 2
-
