@@ -2,7 +2,7 @@
 
 Times 64 chained all-reduces under `shard_map` in one jitted program (a decode step of a
 32-layer model has 65: two per layer and one for the vocab-parallel embedding), for each
-implementation: `xla` (`psum`, XLA's collective thunk), `peer` (kernels/peer_allreduce.py, what
+implementation: `xla` (`psum`, XLA's collective thunk), `peer` (kernels/src/peer_allreduce.py, what
 the engine's decode steps use on the GPUs of one process) and `oneshot`, a candidate kept here
 because it lost: a Mosaic GPU kernel that reads every peer's shard straight from its memory over
 NVLink and sums in float32. Before timing, each candidate's result on random shards is compared

@@ -1,6 +1,6 @@
 """Attention backends behind one narrow interface, chosen per phase by `--attention-backend`.
 
-Every backend reads and writes the same paged layout (see kernels/reference.py):
+Every backend reads and writes the same paged layout (see kernels/src/reference.py):
 one layer's pool is k_pages, v_pages: [kv_heads, num_pages, page_size, head_dim].
 """
 

@@ -1,4 +1,4 @@
-"""Which decode rows share a cached prefix: the groups of cascade attention (kernels/cascade_attention.py).
+"""Which decode rows share a cached prefix: the groups of cascade attention (kernels/src/cascade_attention.py).
 
 Pages are shared only through the radix cache, and a shared page is full and never written
 again, so two rows whose page tables begin with the same page ids hold the same keys there. The

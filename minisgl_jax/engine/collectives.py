@@ -5,7 +5,7 @@ sum. Three ways to add them over the `tp` axis (`--all-reduce`):
   xla   GSPMD places the all-reduce. Under jax 0.11 on GPUs each one is a collective thunk that
         ends the step's CUDA graph: a Llama-8B tp=2 step is 67 graphs per GPU (benchmarks/RESULTS.md).
   psum  the same sums as an explicit `psum` per shard: XLA's collective, our placement.
-  peer  kernels/peer_allreduce.py: a Pallas Triton kernel over NVLink peer memory, captured in
+  peer  kernels/src/peer_allreduce.py: a Pallas Triton kernel over NVLink peer memory, captured in
         XLA's CUDA graph like any kernel. Decode steps only (their rows fit the receive buffers);
         prefill steps keep XLA's all-reduce. One process must drive all the mesh's GPUs.
 The sampler's argmax over the vocab-parallel logits meets the same way: XLA gathers each argmax's

@@ -1,7 +1,7 @@
 """The Hopper (Mosaic GPU) prefill kernel: lowers on any machine, agrees with the reference on an H100/H200.
 
 Mosaic GPU kernels have no CPU interpreter that covers wgmma on transposed tiles, so the numerical
-checks run only where JAX sees a Hopper GPU (`benchmarks/kernels.py` runs them too); CI checks
+checks run only where JAX sees a Hopper GPU (`benchmarks/kernel_bench.py` runs them too); CI checks
 that the kernel still lowers for CUDA with this jax, and the input checks.
 """
 

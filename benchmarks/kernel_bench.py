@@ -1,6 +1,6 @@
 """GPU benchmark of the paged-attention kernels against the measured floors and the baselines.
 
-    PYTHONUNBUFFERED=1 python benchmarks/kernels.py [--out DIR]
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py [--out DIR]
 
 One run: copy-bandwidth ceiling; correctness of every kernel path against the reference on fresh
 random inputs; decode (ours, tuned variants, vs jax's bundled Pallas paged_attention) in GB/s of

@@ -34,13 +34,23 @@ class ServerArgs:
     limits: RequestLimits = field(default_factory=RequestLimits)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' only where the help does not already say the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default:" in help_text or action.default is None:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = EngineArgs(model="")
     s = ServerArgs()
     p = argparse.ArgumentParser(
         prog="python -m minisgl_jax",
         description="Serve a model with an OpenAI-compatible API (or chat with it in the terminal: --shell).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     model = p.add_argument_group("model")
     model.add_argument("--model", required=True, help="local folder (config.json, *.safetensors) or Hugging Face id; "
@@ -98,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = p.add_argument_group("server")
     server.add_argument("--host", default=s.host, help="address to bind (0.0.0.0 to listen on every interface)")
-    server.add_argument("--port", type=int, default=s.port)
+    server.add_argument("--port", type=int, default=s.port, help="HTTP port")
     server.add_argument("--api-key", default=os.environ.get("MINISGL_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MINISGL_API_KEY, else none)")
     server.add_argument("--max-request-bytes", type=int, default=s.max_request_bytes,
