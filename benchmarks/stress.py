@@ -5,7 +5,14 @@ complete, an invalid one must get an OpenAI-shaped 4xx, a hang-up or an abort mu
 clean); then the server must drain, stay healthy and account for every KV page. Exit status 0 only
 when no request failed and every end check passed.
 
+--chaos (a server on this host) adds what goes wrong in production: the scheduler process is paused
+(SIGSTOP) and resumed at random, attack bodies (integers past int64, NaN/Infinity literals, lone
+surrogates, deep nesting) join the invalid mix, and greedy canary outputs must be the same before and
+after. The report counts accepted requests, lost ones (accepted, then no complete answer), leaked KV
+pages and 5xx answers (a clean 503 refusal and a request's own 504 timeout aside).
+
     python benchmarks/stress.py --base-url http://127.0.0.1:1919 --duration 300 --clients 64 --out stress.json
+    python benchmarks/stress.py --chaos --duration 360 --clients 256 --max-pause 20 --out chaos.json
 """
 
 from __future__ import annotations
@@ -23,15 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from report import emit  # benchmarks/report.py: the script's folder is on sys.path
 from serving import WORDS, first_model
+from stress_chaos import Pauses, attack_requests, canary_texts, find_scheduler_pid, pause_scheduler
+from stress_metrics import drain, idle, increase, increases, pages_balance, read_metrics
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 ABORT_GRACE_S = 30.0  # a stream must end this soon after /abort accepted its id
 EXAMPLES_PER_KIND = 3
-OUTCOMES = ("completed", "disconnected", "aborted", "timed_out", "overloaded_503", "invalid_4xx_ok")
+OUTCOMES = ("completed", "disconnected", "aborted", "timed_out", "overloaded_503", "unavailable_503",
+            "invalid_4xx_ok")
 
 
 @dataclass
@@ -43,10 +52,17 @@ class Outcome:
     retry_after_s: float = 0.0
     failure: str = ""
     detail: str = ""
+    accepted: bool = False  # a valid request the server answered 200: it owes a complete answer
+    server_error: bool = False  # an HTTP 5xx that is not a clean refusal
 
 
-def failed(kind: str, detail: str) -> Outcome:
-    return Outcome("failed", failure=kind, detail=detail[:600])
+def failed(kind: str, detail: str, *, server_error: bool = False) -> Outcome:
+    return Outcome("failed", failure=kind, detail=detail[:600], server_error=server_error)
+
+
+def accepted(outcome: Outcome) -> Outcome:
+    outcome.accepted = True
+    return outcome
 
 
 @dataclass
@@ -74,6 +90,7 @@ class Context:
     args: argparse.Namespace
     client: httpx.AsyncClient
     headers: dict[str, str]
+    invalid_bodies: list[tuple[str, bytes]]
 
     def url(self, path: str) -> str:
         return self.args.base_url.rstrip("/") + path
@@ -87,10 +104,16 @@ class Tally:
     failures: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     output_tokens: int = 0
+    accepted: int = 0
+    lost: int = 0
+    server_errors: int = 0
 
     def add(self, outcome: Outcome) -> None:
         self.outcomes[outcome.status] += 1
         self.output_tokens += outcome.output_tokens
+        self.accepted += outcome.accepted
+        self.lost += outcome.accepted and outcome.status == "failed"
+        self.server_errors += outcome.server_error
         if outcome.status == "failed":
             self.failures[outcome.failure] += 1
             if len(self.examples[outcome.failure]) < EXAMPLES_PER_KIND:
@@ -145,11 +168,15 @@ def error_body_ok(response: httpx.Response) -> bool:
 
 
 def overloaded(response: httpx.Response) -> Outcome | None:
-    """Admission control's answer, 503 with Retry-After (seconds; a date counts as 1 s), is a clean one."""
-    if response.status_code != 503 or "retry-after" not in response.headers:
+    """Admission control's answer, 503 with Retry-After (seconds; a date counts as 1 s), is a clean one;
+    so is a 503 with an error body while the server is not ready (its scheduler paused): nothing was
+    accepted, the client retries."""
+    if response.status_code != 503:
         return None
-    retry_after = response.headers["retry-after"]
-    return Outcome("overloaded_503", retry_after_s=float(retry_after) if retry_after.isdigit() else 1.0)
+    retry_after = response.headers.get("retry-after")
+    if retry_after is not None:
+        return Outcome("overloaded_503", retry_after_s=float(retry_after) if retry_after.isdigit() else 1.0)
+    return Outcome("unavailable_503", retry_after_s=0.5) if error_body_ok(response) else None
 
 
 def refusal(response: httpx.Response, call: Call) -> Outcome:
@@ -158,7 +185,8 @@ def refusal(response: httpx.Response, call: Call) -> Outcome:
         return outcome
     if response.status_code == 504 and "timeout" in call.body and error_body_ok(response):
         return Outcome("timed_out")
-    return failed(f"HTTP {response.status_code}", f"{call.describe()} -> {response.text[:300]}")
+    return failed(f"HTTP {response.status_code}", f"{call.describe()} -> {response.text[:300]}",
+                  server_error=response.status_code >= 500)
 
 
 async def post_whole(ctx: Context, call: Call) -> Outcome:
@@ -169,14 +197,16 @@ async def post_whole(ctx: Context, call: Call) -> Outcome:
             return refusal(response, call)
         data = response.json()
     except ValueError as e:
-        return failed("malformed JSON", f"{call.describe()} -> {e}")
-    except httpx.HTTPError as e:
+        return accepted(failed("malformed JSON", f"{call.describe()} -> {e}"))
+    except httpx.ConnectError as e:
         return failed(type(e).__name__, f"{call.describe()} -> {e!r}")
+    except httpx.HTTPError as e:  # sent, and no answer came: the server lost it
+        return accepted(failed(type(e).__name__, f"{call.describe()} -> {e!r}"))
     reasons = [choice.get("finish_reason") for choice in data.get("choices") or []]
     usage = data.get("usage") or {}
     if len(reasons) != call.n or not set(reasons) <= {"stop", "length"} or "completion_tokens" not in usage:
-        return failed("incomplete response", f"{call.describe()} -> {json.dumps(data)[:300]}")
-    return Outcome("completed", usage["completion_tokens"])
+        return accepted(failed("incomplete response", f"{call.describe()} -> {json.dumps(data)[:300]}"))
+    return accepted(Outcome("completed", usage["completion_tokens"]))
 
 
 async def abort_later(ctx: Context, rid: str, delay_s: float, limit: asyncio.Timeout) -> int:
@@ -202,7 +232,15 @@ async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
 
 async def post_stream(ctx: Context, call: Call, hang_up_after: int | None = None,
                       abort_delay_s: float | None = None) -> Outcome:
-    """A streamed request, optionally hung up on after some events or aborted by id from the side."""
+    """A streamed request, optionally hung up on after some events or aborted by id from the side.
+    Once the server has answered 200, every outcome counts as accepted."""
+    answered: list[bool] = []
+    outcome = await read_stream(ctx, call, hang_up_after, abort_delay_s, answered)
+    return accepted(outcome) if answered else outcome
+
+
+async def read_stream(ctx: Context, call: Call, hang_up_after: int | None, abort_delay_s: float | None,
+                      answered: list[bool]) -> Outcome:
     finish: dict[int, str] = {}
     tokens, events, done, error, payload = 0, 0, False, None, ""
     abort_task: asyncio.Task[int] | None = None
@@ -213,6 +251,7 @@ async def post_stream(ctx: Context, call: Call, hang_up_after: int | None = None
                 if response.status_code != 200:
                     await response.aread()
                     return refusal(response, call)
+                answered.append(True)
                 async for payload in sse_data(response):
                     if payload == "[DONE]":
                         done = True
@@ -278,8 +317,8 @@ async def abort(ctx: Context, rng: random.Random) -> Outcome:
 
 
 async def invalid(ctx: Context, rng: random.Random) -> Outcome:
-    path, content = rng.choice(invalid_requests(ctx.args.model))
-    describe = f"POST {path} {content.decode()}"
+    path, content = rng.choice(ctx.invalid_bodies)
+    describe = f"POST {path} {content[:300].decode(errors='replace')}"
     headers = {**ctx.headers, "Content-Type": "application/json"}
     try:
         response = await ctx.client.post(ctx.url(path), content=content, headers=headers)
@@ -288,7 +327,8 @@ async def invalid(ctx: Context, rng: random.Random) -> Outcome:
     if (outcome := overloaded(response)) is not None:
         return outcome
     if not 400 <= response.status_code < 500:
-        return failed(f"invalid request got HTTP {response.status_code}", f"{describe} -> {response.text[:300]}")
+        return failed(f"invalid request got HTTP {response.status_code}", f"{describe} -> {response.text[:300]}",
+                      server_error=response.status_code >= 500)
     if not error_body_ok(response):
         return failed("error body not OpenAI-shaped", f"{describe} -> {response.text[:300]}")
     return Outcome("invalid_4xx_ok")
@@ -323,81 +363,43 @@ async def client_loop(ctx: Context, index: int, deadline: float, tally: Tally) -
             await asyncio.sleep(0.1)  # a server that refuses connections is not hammered in a busy loop
 
 
-# ---- the server's state ----------------------------------------------------------------------------
-
-async def read_metrics(ctx: Context) -> dict[str, float]:
-    """Every sample, keyed as Prometheus writes it: name, or name{label="value",...}."""
-    response = await ctx.client.get(ctx.url("/metrics"), headers=ctx.headers)
-    response.raise_for_status()
-    values = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
-
-
-def idle(m: dict[str, float]) -> bool:
-    return m.get("minisgl_num_running_requests") == 0 and m.get("minisgl_num_waiting_requests") == 0
-
-
-def pages_balance(m: dict[str, float]) -> bool:
-    parts = [m.get(k) for k in ("minisgl_kv_pages_free", "minisgl_kv_cached_pages", "minisgl_kv_pages_total")]
-    return None not in parts and parts[0] + parts[1] == parts[2]
-
-
-async def drain(ctx: Context) -> dict[str, float]:
-    """Metrics once the server is idle with its pages in balance, or the last ones at --drain-timeout.
-
-    The figures come with the scheduler's heartbeat, so a hang-up that has just been aborted may still
-    show as running: the checks are read when all settle, not at the first idle reading.
-    """
-    deadline = time.monotonic() + ctx.args.drain_timeout
-    while True:
-        try:
-            m = await read_metrics(ctx)
-        except httpx.HTTPError:  # a server that died or hangs: the checks below then fail
-            m = {}
-        settled = idle(m) and pages_balance(m) and m.get("minisgl_kv_invariant_ok", 1) == 1
-        if settled or time.monotonic() > deadline:
-            return m
-        await asyncio.sleep(0.25)
-
-
-def increase(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
-    """Growth of a gauge that totals since start; None when the server does not report it."""
-    return after[name] - before.get(name, 0.0) if name in after else None
-
-
-def increases(before: dict[str, float], after: dict[str, float], prefix: str) -> dict[str, float]:
-    """Growth of every labelled series of a counter, keyed by its labels."""
-    return {k[len(prefix) + 1:-1]: v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix + "{")}
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=2 * args.clients + 4)  # each client: its request and an /abort
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(args.read_timeout, connect=10)) as client:
-        ctx = Context(args, client, headers)
-        before = await read_metrics(ctx)
+        invalid_bodies = invalid_requests(args.model) + (attack_requests(args.model) if args.chaos else [])
+        ctx = Context(args, client, headers, invalid_bodies)
+        before = await read_metrics(client, args.base_url, headers)
+        canaries_before = await canary_texts(client, args.base_url, args.model, headers) if args.chaos else None
         tally = Tally()
         start = time.monotonic()
-        await asyncio.gather(*(client_loop(ctx, i, start + args.duration, tally) for i in range(args.clients)))
+        deadline = start + args.duration
+        pausing = (asyncio.create_task(pause_scheduler(args.scheduler_pid, deadline, args.pause_every, args.max_pause,
+                                                       args.seed)) if args.chaos else None)
+        await asyncio.gather(*(client_loop(ctx, i, deadline, tally) for i in range(args.clients)))
+        pauses = await pausing if pausing is not None else Pauses()
         elapsed = time.monotonic() - start
-        after = await drain(ctx)
+        after = await drain(client, args.base_url, headers, args.drain_timeout)
         try:
             health_ok = (await client.get(ctx.url("/health"), headers=headers)).status_code == 200
         except httpx.HTTPError:
             health_ok = False
+        canaries_after = await canary_texts(client, args.base_url, args.model, headers) if args.chaos else None
 
     invariant = after.get("minisgl_kv_invariant_ok")
+    canaries_identical = None  # None: not compared (no --chaos)
+    if args.chaos:
+        canaries_identical = canaries_before is not None and canaries_before == canaries_after
     kv = {k: after.get(f"minisgl_kv_{k}") for k in ("pages_free", "cached_pages", "pages_total")}
     checks = {
         "drained": idle(after),
         "health_ok": health_ok,
         "kv_pages_balance": pages_balance(after),
         "kv_invariant_ok": None if invariant is None else invariant == 1,  # None: not reported
+        "canaries_identical": canaries_identical,
+        "scheduler_alive": None if pausing is None else not pauses.scheduler_gone,
     }
+    leaked = None if None in kv.values() else kv["pages_total"] - kv["pages_free"] - kv["cached_pages"]
     total = sum(tally.outcomes.values())
     failures = sum(tally.failures.values())
     settings = {k: v for k, v in vars(args).items() if k != "api_key"}
@@ -407,6 +409,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests": total,
         "requests_per_s": total / elapsed,
         **{name: tally.outcomes[name] for name in OUTCOMES},
+        "accepted": tally.accepted,
+        "lost": tally.lost,
+        "leaked_pages": leaked,
+        "server_errors_5xx": tally.server_errors,
+        "scheduler_pauses": pauses.count,
+        "scheduler_paused_s": pauses.seconds,
         "failures": failures,
         "failures_by_kind": dict(tally.failures),
         "failure_examples": dict(tally.examples),
@@ -417,7 +425,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "request_errors": increases(before, after, "minisgl_request_errors_total"),
         "kv_pages": kv,
         **checks,
-        "passed": failures == 0 and all(v is not False for v in checks.values()),
+        "passed": failures == 0 and tally.lost == 0 and tally.server_errors == 0 and not leaked
+                  and tally.outcomes["completed"] > 0 and all(v is not False for v in checks.values()),
     }
 
 
@@ -436,9 +445,19 @@ def main() -> None:
     parser.add_argument("--read-timeout", type=float, default=120.0,
                         help="seconds without a byte from the server before a request counts as hung")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chaos", action="store_true",
+                        help="pause and resume the scheduler at random, add attack bodies, compare greedy canaries "
+                             "before and after (the server must run on this host)")
+    parser.add_argument("--scheduler-pid", type=int, default=None,
+                        help="--chaos: the scheduler process to pause (default: the one named minisgl-schedul here)")
+    parser.add_argument("--pause-every", type=float, default=5.0, help="--chaos: mean seconds between pauses")
+    parser.add_argument("--max-pause", type=float, default=3.0,
+                        help="--chaos: longest pause (s); past 15 s /health turns 503 and new requests are refused")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     args.model = args.model or first_model(args)
+    if args.chaos and args.scheduler_pid is None:
+        args.scheduler_pid = find_scheduler_pid()
     report = asyncio.run(run(args))
     emit(report, args.out)
     sys.exit(0 if report["passed"] else 1)
