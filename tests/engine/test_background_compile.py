@@ -12,6 +12,8 @@ from minisgl_jax.engine.programs import StepPrograms
 from minisgl_jax.engine.sampler import SAMPLE_FILTERED
 from tiny_models import save_tiny_checkpoint, tiny_engine
 
+pytestmark = pytest.mark.slow  # engines of its own
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

@@ -1,5 +1,7 @@
 """Cascade attention in the engine: rows sharing cached prefix pages are grouped, and greedy text is unchanged."""
 
+import pytest
+
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
@@ -7,6 +9,8 @@ from minisgl_jax.engine.batch import ScheduledRow
 from minisgl_jax.engine.cascade import MAX_GROUPS, MIN_SHARED_TOKENS, plan_cascade
 from minisgl_jax.engine.request import Req
 from tiny_models import save_tiny_checkpoint
+
+pytestmark = pytest.mark.slow  # engines of its own
 
 PAGE = 16
 SHARED = [(7 * i) % 300 + 1 for i in range(300)]  # 300 tokens: 18 whole pages, above MIN_SHARED_TOKENS

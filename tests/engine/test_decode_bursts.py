@@ -12,6 +12,8 @@ from minisgl_jax.engine import Engine, warmup
 from minisgl_jax.engine.scheduler import BURST_MAX_ROWS
 from tiny_models import save_tiny_checkpoint, tiny_engine
 
+pytestmark = pytest.mark.slow  # engines of its own
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

@@ -6,10 +6,14 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
 from tiny_models import save_tiny_checkpoint
+
+pytestmark = pytest.mark.slow  # processes and engines of its own
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71))]
 

@@ -8,6 +8,8 @@ from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
 from tiny_models import save_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # engines of its own
+
 
 @pytest.mark.parametrize("backends", ["pallas", "reference,pallas"])
 def test_pallas_backend_matches_reference(tmp_path_factory, backends):

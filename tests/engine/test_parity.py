@@ -13,6 +13,8 @@ from minisgl_jax.engine import Engine
 from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
 from tiny_models import save_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # engines of its own
+
 CASES = [
     ("llama", dict(tie_word_embeddings=False)),  # llama3 rope scaling
     ("qwen2", dict(tie_word_embeddings=True)),  # qkv bias

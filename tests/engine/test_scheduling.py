@@ -7,6 +7,8 @@ from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import Engine
 from tiny_models import save_tiny_checkpoint, tiny_engine
 
+pytestmark = pytest.mark.slow  # engines of its own
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 

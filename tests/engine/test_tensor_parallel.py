@@ -18,6 +18,8 @@ from minisgl_jax.engine.sampler import SEARCH_BITS
 from minisgl_jax.models.config import ModelConfig
 from tiny_models import save_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # engines of its own
+
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71)), list(range(100, 120))]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
 

@@ -8,6 +8,8 @@ import pytest
 from server_process import ServerProcess
 from test_errors_and_aborts import wait_idle
 
+pytestmark = pytest.mark.slow  # a server of its own
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 LIMIT_FLAGS = ["--max-queued-requests", "2", "--max-n", "2", "--max-stop", "2", "--max-messages", "3",

@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 from server_process import TEST_FLAGS, ServerProcess, free_port
+
+pytestmark = pytest.mark.slow  # servers of its own
 
 BODY = {"prompt": "two hosts, one answer", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 

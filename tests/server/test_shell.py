@@ -8,7 +8,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from server_process import TEST_FLAGS
+
+pytestmark = pytest.mark.slow  # an engine of its own
 
 
 class Terminal:

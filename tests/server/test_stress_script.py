@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from server_process import ServerProcess, child_pids
 
+pytestmark = pytest.mark.slow  # a server of its own
+
 STRESS = Path(__file__).resolve().parents[2] / "benchmarks" / "stress.py"
 
 
