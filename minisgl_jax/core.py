@@ -5,12 +5,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+INT32_MAX = 2**31 - 1  # top_k, token ids and lengths travel in the step's int32 arrays
+# Below it sampling is greedy, as in vLLM: logits divided by a tinier float32 overflow to inf.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to sample one request; mirrors vLLM's `SamplingParams`.
 
-    temperature 0 means greedy. top_k -1 and top_p 1.0 and min_p 0.0 mean "off".
+    temperature 0 (anything below GREEDY_TEMPERATURE) means greedy. top_k -1 and top_p 1.0 and
+    min_p 0.0 mean "off"; a top_k at or above the vocabulary size keeps every token.
     A request without a seed gets a random one at submission, so its samples are still
     reproducible from the seed recorded on the request.
     """
@@ -30,35 +35,40 @@ class SamplingParams:
     MAX_LOGPROBS = 20
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise ValueError naming the first invalid field and its allowed range.
+
+        The ranges are what the step's float32 and int32 arrays hold; NaN fails every comparison.
+        """
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not (self.top_k == -1 or 1 <= self.top_k <= INT32_MAX):
+            raise ValueError(f"top_k must be -1 (off) or in [1, {INT32_MAX}], got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t <= INT32_MAX]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {INT32_MAX}], got {bad[0]}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
+    ERROR = "error"  # the request's step failed; RequestOutput.error says how
 
 
 @dataclass
@@ -82,3 +92,4 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    error: str | None = None  # with FinishReason.ERROR: what failed

@@ -147,9 +147,12 @@ def test_probe_paths_are_open_routes_of_the_app():
         for kind, probe in probes.items():
             assert probe_urls(probe), f"{path.name} {kind} checks no URL"
             used.update(probe_urls(probe))
-        assert probe_urls(probes["readinessProbe"]) == ["/health/ready"]
-        assert probe_urls(probes["livenessProbe"]) == ["/health"]
-    assert used == {"/health", "/health/ready"}
+        # /health: a request would be served now (vLLM's and SGLang's meaning); /health/live: the API answers.
+        assert probe_urls(probes["startupProbe"]) == ["/health"]
+        assert probe_urls(probes["readinessProbe"]) == ["/health"]
+        assert probe_urls(probes["livenessProbe"]) == ["/health/live"]
+    assert LOCAL_URL.findall(" ".join(dockerfile("HEALTHCHECK"))) == ["/health"]
+    assert used == {"/health", "/health/live"}
     assert used <= routes
     assert used <= set(OPEN_PATHS)
 

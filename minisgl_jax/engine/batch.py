@@ -56,7 +56,7 @@ def sampling_row(req: Req, vocab_size: int) -> tuple:
     if req.sampling_row is None:
         p = req.params
         req.sampling_row = (
-            p.temperature, p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p,
+            0.0 if p.greedy else p.temperature, p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p,
             req.seed & 0xFFFFFFFF, (req.seed >> 32) & 0xFFFFFFFF,
         )
     return req.sampling_row

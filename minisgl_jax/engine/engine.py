@@ -2,6 +2,11 @@
 
 `step` dispatches the next batch before reading the previous one's tokens (overlap scheduling),
 so the host's bookkeeping runs while the device computes.
+
+A step that fails ends the requests in it with FinishReason.ERROR, and the engine goes on;
+a device error, or MAX_FAILED_STEPS failed steps in a row, raise `EngineBroken` instead. Across
+hosts every node builds and reads the same batches, so a step error that the batch itself causes
+ends the same requests on every node, which stay in lockstep.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -38,6 +44,26 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+# Failed steps in a row that end the engine: a fault that every step meets, not one batch's.
+MAX_FAILED_STEPS = 3
+
+
+class EngineBroken(RuntimeError):
+    """The engine cannot serve any more: a device error, or MAX_FAILED_STEPS failed steps in a row."""
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Whether a step's failure came from the device runtime, which ends the engine.
+
+    jax raises a launched program's runtime failures (CUDA errors, device out of memory, NCCL
+    failures) as JaxRuntimeError (jaxlib's XlaRuntimeError), at launch or when its results are
+    read; the donated KV pool and device state are then in an unknown state. Every other failure
+    is a step error, which only that step's requests pay for: the step's batch failed to build
+    on the host, its program failed to compile (CompileError, raised before anything runs), or the
+    host's bookkeeping of its results raised.
+    """
+    return isinstance(error, jax.errors.JaxRuntimeError)
 
 
 def make_prefix_cache(kind: str, allocator: PageAllocator, page_size: int) -> PrefixCache:
@@ -95,6 +121,7 @@ class Engine:
         self.requests: dict[str, Req] = {}
         self._finals: list[RequestOutput] = []
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
+        self._failed_in_a_row = 0
         self._rng = random.Random(args.seed)
         self._arrivals = 0
         self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0, burst_steps=0)
@@ -149,8 +176,12 @@ class Engine:
         if n == 0:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}) (the vocabulary), got {bad[0]}")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}) (the vocabulary), got {bad[0]}")
         if n >= self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens; the context length is {self.max_model_len}")
         if n >= self.allocator.num_usable * self.page_size:
@@ -228,19 +259,33 @@ class Engine:
         self.timing["step_s"] += time.perf_counter() - started
         return outputs
 
+    @property
+    def compiling(self) -> bool:
+        """Whether the step under way waits for a step program to compile: slow, not hung."""
+        return self.runner.programs.compiling
+
     def _step(self) -> list[RequestOutput]:
         if self.channel is not None:
             self._apply_commands()
         outputs, self._finals = self._finals, []
         batch = self.scheduler.schedule()
-        launched = None
+        launched = failure = None
         if batch is not None:
-            launched = (batch, self._dispatch(batch))
+            try:
+                launched = (batch, self._dispatch(batch))
+            except Exception as error:
+                failure = error
+                # Nothing ran: take its positions back before the read below may release these
+                # requests, so that the prefix cache receives only pages the device has written.
+                for row in batch.rows:
+                    row.req.kv_len = row.start
         if self._in_flight is not None:
-            outputs += self._process(*self._in_flight)
+            outputs += self._read(*self._in_flight)
         self._in_flight = launched
+        if failure is not None:  # after the read: the previous batch ran before this one
+            outputs += self._fail([row.req for row in batch.rows if not row.req.finished], failure, batch)
         if not self.args.overlap and self._in_flight is not None:
-            outputs += self._process(*self._in_flight)
+            outputs += self._read(*self._in_flight)
             self._in_flight = None
         for out in outputs:
             if out.finished:
@@ -279,6 +324,43 @@ class Engine:
         self._counters["steps"] += 1
         self._counters["burst_steps"] += batch.num_steps > 1
         return out
+
+    def _read(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
+        """A launched step's outputs; if reading or processing its tokens fails, an error for each
+        of its requests that had not finished before (the outputs of the rows before the failure
+        are lost with it)."""
+        pending = [row.req for row in batch.rows if not row.req.finished]
+        try:
+            outputs = self._process(batch, out)
+        except Exception as error:
+            return self._fail(pending, error, batch)
+        self._failed_in_a_row = 0
+        return outputs
+
+    def _fail(self, reqs: list[Req], error: Exception, batch: ScheduledBatch) -> list[RequestOutput]:
+        """End `reqs`, the requests of a failed step, with an error and give their pages back;
+        raise EngineBroken when the engine cannot go on."""
+        kind = "decode" if batch.is_decode else "prefill"
+        if is_device_error(error):
+            raise EngineBroken(f"a device error in a {kind} step: {error}") from error
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= MAX_FAILED_STEPS:
+            raise EngineBroken(
+                f"{self._failed_in_a_row} steps failed in a row; the last, a {kind} step: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        logger.error(
+            "a %s step failed (%s: %s): its requests (%d) end with an error, the others go on "
+            "(%d of %d failed steps in a row end the engine)",
+            kind, type(error).__name__, error, len(batch.rows), self._failed_in_a_row, MAX_FAILED_STEPS,
+            exc_info=error,
+        )
+        outputs: list[RequestOutput] = []
+        for req in reqs:
+            if not req.finished:
+                self.scheduler.finish(req, FinishReason.ERROR)
+            outputs.append(dataclasses.replace(self._output(req), error=f"{type(error).__name__}: {error}"))
+        return outputs
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         waited = time.perf_counter()

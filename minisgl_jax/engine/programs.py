@@ -3,7 +3,8 @@
 Three kinds of thread compile programs: start-up (every plain program, in a pool), the background
 compiler (the sampling variants, engine/warmup.py) and the engine's own step, for a program nobody
 compiled yet. A thread that needs a program another has under way waits for it instead of
-compiling it a second time.
+compiling it a second time. A program that fails to compile raises CompileError: a failure on
+the host, which leaves the device's state as it was.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ class ProgramKey(NamedTuple):
     num_logprobs: int
     num_steps: int
 
+    def describe(self) -> str:
+        phase = "decode" if self.is_decode else "prefill"
+        return (f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, "
+                f"{self.num_steps} steps)")
+
+
+class CompileError(RuntimeError):
+    """A step program failed to trace, lower or compile."""
+
 
 Lower = Callable[[ProgramKey, np.ndarray], jax.stages.Lowered]
 
@@ -40,14 +50,23 @@ class StepPrograms:
         self.compiled: dict[ProgramKey, Any] = {}  # ready to call
         self._compiling: dict[ProgramKey, Future] = {}  # under way, or done, in some thread
         self._lock = threading.Lock()
+        # Whether a caller of get() waits for a program to compile: the scheduler reports a step
+        # that waits this way as compiling, not as hung.
+        self.compiling = False
 
     def get(self, key: ProgramKey, packed: np.ndarray) -> Any:
         """The compiled program of `key`: compiled here on first use, or awaited from the thread
         that already has it under way."""
         future, mine = self._claim(key)
-        if mine:
-            self._settle(key, future, lambda: self._lower(key, packed).compile())
-        return future.result()
+        if future.done():
+            return future.result()
+        self.compiling = True
+        try:
+            if mine:
+                self._settle(key, future, lambda: self._lower(key, packed).compile())
+            return future.result()
+        finally:
+            self.compiling = False
 
     def start_compile(self, key: ProgramKey, packed: np.ndarray, pool: Executor) -> Future | None:
         """Lower `key` here and compile it in `pool` (XLA compiles outside the GIL); returns the
@@ -89,6 +108,10 @@ class StepPrograms:
     def _settle(self, key: ProgramKey, future: Future, make: Callable[[], Any]) -> None:
         try:
             self.compiled[key] = compiled = make()
+        except Exception as error:
+            failure = CompileError(f"compiling {key.describe()} failed: {type(error).__name__}: {error}")
+            failure.__cause__ = error
+            self._fail(key, future, failure)
         except BaseException as error:
             self._fail(key, future, error)
         else:

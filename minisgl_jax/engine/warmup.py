@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import gc
 import logging
 import os
@@ -127,11 +126,11 @@ class BackgroundCompiler:
                 try:
                     future = engine.runner.programs.start_compile(key, packed, threads)
                 except Exception as error:  # the request that needs it meets the error again, in its step
-                    logger.warning("background compile of %s failed: %s", _describe(key), error)
+                    logger.warning("background compile of %s failed: %s", key.describe(), error)
                     future = None
                 del engine
                 if future is not None:
-                    future.add_done_callback(functools.partial(_log_failure, key))
+                    future.add_done_callback(_log_failure)
                     in_flight.add(future)
         finally:
             wait(in_flight)
@@ -168,14 +167,9 @@ class _DaemonThreads(Executor):
         return future
 
 
-def _log_failure(key: ProgramKey, future: Future) -> None:
-    if future.exception() is not None:
-        logger.warning("background compile of %s failed: %s", _describe(key), future.exception())
-
-
-def _describe(key: ProgramKey) -> str:
-    phase = "decode" if key.is_decode else "prefill"
-    return f"the {phase} program ({key.sample_mode} sampling, {key.num_logprobs} logprobs, {key.num_steps} steps)"
+def _log_failure(future: Future) -> None:
+    if future.exception() is not None:  # a CompileError, which names the program
+        logger.warning("background %s", future.exception())
 
 
 @contextlib.contextmanager

@@ -39,6 +39,10 @@ from minisgl_jax.core import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# The scheduler's heartbeat thread beats every 0.5 s: this long a silence means the process is
+# stopped or hung hard (a pass that runs long still beats; --watchdog-timeout judges those).
+HEARTBEAT_TIMEOUT_S = 10.0
+
 
 @dataclass
 class APIConfig:
@@ -46,7 +50,9 @@ class APIConfig:
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
     watchdog_timeout_s: float = 120.0
-    children_alive: Callable[[], bool] = lambda: True
+    # Why the launcher cannot serve now (a worker process has exited, the server is shutting
+    # down), or None.
+    launcher_problem: Callable[[], str | None] = lambda: None
     allow_origins: list[str] = field(default_factory=list)
     limits: RequestLimits = field(default_factory=RequestLimits)
 
@@ -64,9 +70,10 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = f"{param}: {first['msg']}" if param else f"the request body must be a JSON object: {first['msg']}"
+        # The deepest error: a union field's value fails every member, and the member it was meant for goes furthest.
+        error = max(err.errors(), key=lambda e: len(e["loc"]))
+        param = body_path(error, err.body)
+        message = f"{param}: {error['msg']}" if param else f"the request body must be a JSON object: {error['msg']}"
         client.metrics.errors.labels("400").inc()
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
@@ -75,19 +82,30 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
         client.metrics.errors.labels(str(err.status_code)).inc()
         return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception) -> JSONResponse:
+        """A bug, not bad input: an OpenAI-shaped 500 for the client; Starlette logs the traceback."""
+        client.metrics.errors.labels("500").inc()
+        return JSONResponse(APIError(500, f"internal server error ({type(err).__name__})").body(), status_code=500)
+
     # ---- health and metrics ------------------------------------------------------------------
 
     def not_ready_reason() -> str | None:
-        if not config.children_alive():
-            return "a worker process has exited"
+        """Why a request would not be served now, or None: /health's check (vLLM's and SGLang's
+        meaning), and the gate of every route that needs the engine."""
+        problem = config.launcher_problem()
+        if problem is not None:
+            return problem
         if client.ready is None:
             return "the model is still loading and compiling"
         silent = time.monotonic() - client.stats_at
-        if silent > config.watchdog_timeout_s:
-            return f"the scheduler has sent no heartbeat for {silent:.0f}s"
+        if silent > HEARTBEAT_TIMEOUT_S:
+            return f"the scheduler process has sent no heartbeat for {silent:.0f}s: it is stopped or hung"
         stats = client.stats
-        if stats is not None and stats.has_work and stats.seconds_since_step > config.watchdog_timeout_s:
-            return f"the scheduler has work but has not finished a step for {stats.seconds_since_step:.0f}s"
+        if stats is not None and stats.busy_s > config.watchdog_timeout_s:
+            doing = "has waited for a step program to compile" if stats.compiling else "has made no progress"
+            return (f"the scheduler {doing} for {stats.busy_s:.0f}s, longer than --watchdog-timeout "
+                    f"{config.watchdog_timeout_s:g}s")
         return None
 
     def require_ready() -> None:
@@ -96,17 +114,18 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
             raise APIError(503, f"the server is not ready: {reason}", kind="service_unavailable")
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        if not config.children_alive():
-            return JSONResponse({"status": "a worker process has exited"}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
     @app.get("/health/ready")
-    async def ready() -> JSONResponse:
+    async def health() -> JSONResponse:
+        """200 only when a request would be served now; else 503 with the reason."""
         reason = not_ready_reason()
         if reason is not None:
-            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
-        return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/health/live")
+    async def liveness() -> JSONResponse:
+        """Liveness: the API process answers (the launcher ends the server if a worker dies)."""
+        return JSONResponse({"status": "alive"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -252,8 +271,6 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         check_model(body.model)
         require_ready()
-        if any(t < 0 for t in body.tokens):
-            raise APIError(400, "tokens must be non-negative ids", "tokens")
         rid = f"detok-{uuid.uuid4().hex}"
         reply = await client.call(rid, TokenizeReq(rid, token_ids=body.tokens))
         return {"prompt": reply.text}
@@ -296,6 +313,22 @@ async def until(chunks: AsyncIterator[TextChunk], deadline: float | None) -> Asy
         except StopAsyncIteration:
             return
         yield chunk
+
+
+def body_path(error: dict[str, Any], body: Any) -> str | None:
+    """A validation error's location as a dotted path into the request body, without the names of
+    the union members that pydantic puts in it."""
+    loc = error["loc"]
+    if loc[:1] != ("body",):  # a path or query parameter
+        return ".".join(str(part) for part in loc)
+    parts, value = [], body
+    for i, part in enumerate(loc[1:], start=1):
+        if isinstance(value, dict) and part in value or isinstance(value, list) and isinstance(part, int):
+            parts.append(part)
+            value = value[part]
+        elif error["type"] == "missing" and i == len(loc) - 1:
+            parts.append(part)
+    return ".".join(str(part) for part in parts) or None
 
 
 def _wire(params: SamplingParams) -> dict[str, Any]:

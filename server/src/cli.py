@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-request-bytes", type=int, default=s.max_request_bytes,
                         help="larger request bodies get 413")
     server.add_argument("--watchdog-timeout", type=float, default=s.watchdog_timeout,
-                        help="readiness fails when the scheduler has work but no step finished for this long (s)")
+                        help="/health answers 503 while one pass of the scheduler's loop (a step, or a compile "
+                             "it waits for) has run longer than this (s)")
     server.add_argument("--shutdown-timeout", type=float, default=s.shutdown_timeout,
-                        help="on SIGTERM/Ctrl-C, seconds to let in-flight requests finish before aborting them")
+                        help="on SIGTERM/Ctrl-C, new requests get 503 and those in flight get this many seconds "
+                             "to finish before they end with 503")
     server.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (default: CORS off)")
     limits = p.add_argument_group("limits", "each breach is refused: 400 naming the field, 503 when the queue is full")
     lim = RequestLimits()

@@ -25,7 +25,12 @@ from minisgl_jax.server.messages import (
 from minisgl_jax.server.metrics import ServerMetrics
 from minisgl_jax.server.protocol import APIError
 
+from minisgl_jax.core import FinishReason
+
 logger = logging.getLogger(__name__)
+
+STEP_FAILED = ("the engine failed while running this request and ended it; other requests go on "
+               "(the server log has the details)")
 
 
 class EngineClient:
@@ -70,6 +75,12 @@ class EngineClient:
     def send(self, message: Any) -> None:
         ipc.send(self.to_tokenizer, message)
 
+    def fail_all(self, status: int, message: str) -> None:
+        """End every request that awaits a reply with this error: the scheduler is gone, or the
+        server stops before they finished."""
+        for rid, queue in self.queues.items():
+            queue.put_nowait(ErrorReply(rid, message, None, status))
+
     async def call(self, rid: str, message: Any) -> Any:
         """Send a request with a single reply (tokenize, flush) and await that reply."""
         self.queues[rid] = queue = asyncio.Queue()
@@ -108,6 +119,9 @@ class EngineClient:
                 if isinstance(item, ErrorReply):
                     raise APIError(item.status, item.message, item.param)
                 index = int(item.rid.rsplit("/", 1)[1])
+                if item.finish_reason == FinishReason.ERROR.value:  # its step failed in the engine
+                    unfinished.discard(index)  # the engine has ended it already
+                    raise APIError(500, STEP_FAILED)
                 self._observe(item, index, arrival, last_token)
                 if item.finished:
                     unfinished.discard(index)

@@ -1,8 +1,10 @@
 """Start the server: the worker processes, the API on uvicorn, and a clean stop of all of them.
 
 The API process never imports JAX. It watches its children; one that dies takes the server down
-with a log line naming it and a non-zero exit. Children get SIGKILL if this process dies
-(PR_SET_PDEATHSIG), so nothing is left behind even then.
+with a log line naming it and a non-zero exit, and every request in flight gets an error. Children
+get SIGKILL if this process dies (PR_SET_PDEATHSIG), so nothing is left behind even then.
+SIGTERM or Ctrl-C drains first: new requests get 503 while those in flight get up to
+--shutdown-timeout seconds to finish; then the server exits 0.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -56,9 +60,13 @@ def child_main(level: str, target: str, *args: Any) -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         libc.prctl(PR_SET_NAME, f"minisgl-{multiprocessing.current_process().name}"[:15].encode())
+    if os.getppid() != multiprocessing.parent_process().pid:
+        sys.exit(1)  # the parent died before PR_SET_PDEATHSIG was set, which then never fires
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(ipc.STOP_SIGNAL, lambda *_: sys.exit(0))
+    # At once, without the interpreter's teardown, whose last collection took over 3 s on a busy
+    # host: a worker has nothing to save (the scheduler, once loaded, stops its own way).
+    signal.signal(ipc.STOP_SIGNAL, lambda *_: os._exit(0))
     module, function = target.split(":")
     try:
         getattr(importlib.import_module(module), function)(*args)
@@ -73,6 +81,7 @@ class Launcher:
         self.run_dir = ipc.RunDir(tempfile.mkdtemp(prefix="minisgl-jax-"))  # mode 0700
         self.exit_code = 0
         self.uvicorn: uvicorn.Server | None = None
+        self.drain_deadline: float | None = None  # monotonic; set once SIGTERM or Ctrl-C arrives
         spawn = multiprocessing.get_context("spawn")
         tokenizer = (engine_args.tokenizer or engine_args.model, engine_args.load_format == "dummy",
                      model_vocab_size(engine_args.model))
@@ -87,26 +96,30 @@ class Launcher:
             )
         }
 
-    def children_alive(self) -> bool:
-        return all(p.is_alive() for p in self.children.values())
+    def problem(self) -> str | None:
+        """Why this server cannot serve now (the API's not-ready reason), or None."""
+        if self.drain_deadline is not None:
+            return "the server is shutting down"
+        dead = [name for name, child in self.children.items() if not child.is_alive()]
+        return f"the {dead[0]} process has exited" if dead else None
 
     def run(self) -> int:
         a = self.server_args
         client = EngineClient(self.run_dir, ServerMetrics())
         config = APIConfig(
             served_model_name=a.served_model_name, api_key=a.api_key, max_body_bytes=a.max_request_bytes,
-            watchdog_timeout_s=a.watchdog_timeout, children_alive=self.children_alive,
+            watchdog_timeout_s=a.watchdog_timeout, launcher_problem=self.problem,
             allow_origins=a.allow_origins or [], limits=a.limits,
         )
         app = build_app(client, config)
         app.router.lifespan_context = self._lifespan(client)
         for child in self.children.values():
             child.start()
-        logger.info("loading %s; http://%s:%d/health/ready answers 503 until the model is compiled; "
+        logger.info("loading %s; http://%s:%d/health answers 503 until the model is compiled; "
                     "IPC sockets in %s", self.engine_args.model, a.host, a.port, self.run_dir.path)
-        self.uvicorn = uvicorn.Server(uvicorn.Config(
+        self.uvicorn = DrainingServer(uvicorn.Config(
             app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=a.shutdown_timeout,
-        ))
+        ), drain=lambda: self._start_drain(client))
         try:
             self.uvicorn.run()
         finally:
@@ -126,8 +139,14 @@ class Launcher:
 
         return lifespan
 
+    def _start_drain(self, client: EngineClient) -> None:
+        self.drain_deadline = time.monotonic() + self.server_args.shutdown_timeout
+        logger.info("shutting down: new requests get 503; %d in flight get up to %gs to finish",
+                    len(client.queues), self.server_args.shutdown_timeout)
+
     async def _watch(self, client: EngineClient) -> None:
-        """Report readiness once; from then on, take the server down if a child dies."""
+        """Report readiness once; take the server down if a child dies; end a drain once nothing
+        is in flight or its time is up."""
         reported = False
         while True:
             await asyncio.sleep(0.2)
@@ -136,9 +155,17 @@ class Launcher:
                     code = child.exitcode
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                     logger.error("the %s process %s (its last log lines are above); shutting down", name, how)
+                    client.fail_all(500, f"the {name} process {how}; the server is shutting down")
                     self.exit_code = 1
                     self.uvicorn.should_exit = True
                     return
+            if self.drain_deadline is not None and (not client.queues or time.monotonic() > self.drain_deadline):
+                if client.queues:
+                    logger.warning("%d requests did not finish within --shutdown-timeout; they end with 503",
+                                   len(client.queues))
+                    client.fail_all(503, "the server shut down before this request finished")
+                self.uvicorn.should_exit = True
+                return
             if client.ready is not None and not reported:
                 reported = True
                 self._report(client)
@@ -165,6 +192,23 @@ class Launcher:
                 child.kill()
                 child.join()
         shutil.rmtree(self.run_dir.path, ignore_errors=True)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM or Ctrl-C starts the launcher's drain instead of stopping
+    (uvicorn would stop listening at once); a second one stops as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        self.drain()
 
 
 def model_vocab_size(model: str) -> int:

@@ -177,7 +177,10 @@ class SchedulerReady:
 
 @dataclass
 class SchedulerStats:
-    """The scheduler's heartbeat: sent every half second, and the readiness watchdog's input."""
+    """The scheduler's heartbeat, sent every half second by a thread of its own: /health's input.
+
+    The figures are as of the loop's latest pass; busy_s, compiling and has_work are as of sending.
+    """
 
     num_running: int
     num_waiting: int
@@ -189,9 +192,10 @@ class SchedulerStats:
     generation_tokens: int
     num_retractions: int
     num_evicted_pages: int
-    seconds_since_step: float  # since the last completed step; 0 when idle
+    busy_s: float  # how long the loop's current pass (a step, a message) has run; about 0 between passes
     has_work: bool
-    kv_invariant_ok: bool  # free + cached + held by requests == all pages, checked at this heartbeat
+    kv_invariant_ok: bool  # free + cached + held by requests == all pages, checked at the latest pass
+    compiling: bool  # the current pass waits for a step program to compile
 
 
 MESSAGES: dict[str, type] = {

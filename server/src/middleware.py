@@ -12,7 +12,7 @@ import json
 from minisgl_jax.server.protocol import APIError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-OPEN_PATHS = ("/health", "/health/ready", "/metrics")
+OPEN_PATHS = ("/health", "/health/ready", "/health/live", "/metrics")
 
 
 async def send_error(send: Send, error: APIError) -> None:

@@ -1,16 +1,21 @@
 """The OpenAI request schemas (and our native /generate), and their mapping to SamplingParams.
 
 Unknown fields are refused (extra="forbid"), and so are known OpenAI fields this server does not
-implement, by name: a parameter is honoured or refused, never silently ignored.
+implement, by name: a parameter is honoured or refused, never silently ignored. Every number is
+bounded by what the engine holds (int32 token ids and lengths, finite floats), and every value by
+what msgpack carries to the workers, so nothing a client sends can fail past validation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from minisgl_jax.core import SamplingParams
+from minisgl_jax.core import INT32_MAX, SamplingParams
+
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # the engine also checks it against the vocabulary
+MAX_NESTING = 32  # lists and objects within a field: more than any request needs, far from the recursion limit
 
 
 class APIError(Exception):
@@ -30,7 +35,32 @@ class APIError(Exception):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Refuses unknown fields, NaN and infinities, and any value the workers could not be sent."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _fits_the_wire(cls, value: Any) -> Any:
+        check_wire_value(value)
+        return value
+
+
+def check_wire_value(value: Any, depth: int = 0) -> None:
+    """Raise ValueError for what msgpack cannot carry: text that is not valid Unicode (a lone UTF-16
+    surrogate), integers beyond 64 bits, nesting past MAX_NESTING. Nested models check themselves."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text must be valid Unicode: {err.reason} (character {err.start})") from None
+    elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+        raise ValueError(f"integers must fit in 64 bits, got {value}")
+    elif isinstance(value, list | dict):
+        if depth == MAX_NESTING:
+            raise ValueError(f"lists and objects may nest at most {MAX_NESTING} levels deep")
+        for item in (value if isinstance(value, list) else [*value.keys(), *value.values()]):
+            check_wire_value(item, depth + 1)
 
 
 class StreamOptions(StrictModel):
@@ -58,16 +88,16 @@ class SamplingFields(StrictModel):
     """The fields both OpenAI endpoints share, plus the vLLM/SGLang extensions people send."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = -1
+    top_k: int = Field(default=-1, ge=-1, le=INT32_MAX)  # 0 is refused by SamplingParams.validate
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1)  # bounded by --max-n
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = Field(default=None, ge=0, lt=2**63)
@@ -105,7 +135,7 @@ class SamplingFields(StrictModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=SamplingParams.MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -132,11 +162,22 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=SamplingParams.MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _token_ids_in_range(cls, prompt: str | list[Any]) -> str | list[Any]:
+        """TokenId's range, checked here: a TokenId in the union would name a union member in its errors."""
+        rows = prompt if prompt and isinstance(prompt[0], list) else [prompt]
+        ids = [t for row in rows if isinstance(row, list) for t in row if isinstance(t, int)]
+        bad = [t for t in ids if not 0 <= t <= INT32_MAX]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {INT32_MAX}], got {bad[0]}")
+        return prompt
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -163,13 +204,13 @@ class CompletionRequest(SamplingFields):
 class NativeSamplingParams(StrictModel):
     """/generate's sampling_params, named as SGLang's native API names them."""
 
-    max_new_tokens: int | None = Field(default=128, ge=1)
+    max_new_tokens: int | None = Field(default=128, ge=1, le=INT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = -1
+    top_k: int = Field(default=-1, ge=-1, le=INT32_MAX)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = Field(default=None, ge=0, lt=2**63)
@@ -177,7 +218,7 @@ class NativeSamplingParams(StrictModel):
 
 class GenerateRequest(StrictModel):
     text: str | None = None
-    input_ids: list[int] | None = None
+    input_ids: list[TokenId] | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: bool = False
     timeout: float | None = Field(default=None, gt=0)
@@ -214,4 +255,4 @@ class TokenizeRequest(StrictModel):
 
 class DetokenizeRequest(StrictModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

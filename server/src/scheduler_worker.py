@@ -1,13 +1,20 @@
 """The scheduler process: owns the Engine (every local GPU) and steps it while there is work.
 
-Between steps it drains its inbox without blocking; idle, it waits on the inbox. Twice a second
-it sends the API a heartbeat with the queue and KV figures, which the readiness check and the
-Prometheus gauges read.
+Between steps it drains its inbox without blocking; idle, it waits on the inbox. A thread of its
+own sends the API a heartbeat twice a second: the queue and KV figures of the loop's latest pass,
+how long the loop's current pass has run, and whether it waits for a compile. The heartbeat keeps
+coming while a pass runs long, so /health tells a stopped process (no heartbeat) from a loop that
+makes no progress (a pass past --watchdog-timeout) and from a long compile.
+
+A step that fails ends its requests with an error and the loop goes on; a broken engine
+(EngineBroken) ends the process with code 1, and the API then fails every request in flight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +39,8 @@ from minisgl_jax.server.messages import (
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
+from minisgl_jax.engine import Engine
+from minisgl_jax.engine.engine import EngineBroken
 
 logger = logging.getLogger(__name__)
 
@@ -47,46 +56,51 @@ class SchedulerWorker:
         self.inbox = ipc.bind_inbox(context, run_dir, "scheduler")
         self.to_detokenizer = ipc.connect_outbox(context, run_dir, "detokenizer")
         self.to_api = ipc.connect_outbox(context, run_dir, "api")
+        self.heartbeats = ipc.connect_outbox(context, run_dir, "api")  # the heartbeat thread's: a socket per thread
         self.stopping = False
         self.busy = False
-        self._last_step = time.monotonic()
-        self._last_heartbeat = 0.0
+        self._pass_started = time.monotonic()
+        self._figures: dict[str, Any] = {}  # the heartbeat's figures, as of the latest pass that took them
+        self._figures_at = 0.0
 
     def serve_forever(self) -> None:
-        threading.Thread(target=self._report_stalls, args=(threading.get_ident(),), daemon=True,
-                         name="stall-reporter").start()
+        self._maybe_take_figures()
+        threading.Thread(target=self._beat, args=(threading.get_ident(),), daemon=True, name="heartbeat").start()
         while not self.stopping:
+            self._pass_started = time.monotonic()
             self.busy = busy = self.engine.has_unfinished()
             for message in ipc.receive_all(self.inbox, timeout_ms=0 if busy else IDLE_POLL_MS):
                 self.handle(message)
             if self.engine.has_unfinished():
                 self._step()
-            else:
-                self._last_step = time.monotonic()
-            self._maybe_heartbeat()
+            self._maybe_take_figures()
         steps, timing = self.engine.stats()["steps"], self.engine.timing
         logger.info("scheduler stopping after %d steps: %.2f ms host and %.2f ms waiting for the device per step",
                     steps, 1e3 * (timing["step_s"] - timing["wait_s"]) / max(1, steps),
                     1e3 * timing["wait_s"] / max(1, steps))
         self.engine.shutdown()
 
-    def _report_stalls(self, loop_thread: int) -> None:
-        """Log where the loop is, once per stall, when it has work but no step finished in time.
+    def _beat(self, loop_thread: int) -> None:
+        """Send the heartbeat every HEARTBEAT_S; when the loop's current pass runs past the watchdog
+        timeout, log where the loop is, once per stall.
 
-        The API's readiness check fails at the same moment (it reads the heartbeat); this line
-        tells the operator which call is stuck.
+        /health fails at the same moment (it reads the heartbeat); this line tells the operator
+        which call is stuck.
         """
         reported = False
         while not self.stopping:
-            time.sleep(min(1.0, self.watchdog_timeout_s / 4))
-            silent = time.monotonic() - self._last_step
-            stalled = self.busy and silent > self.watchdog_timeout_s
+            busy_s, compiling = time.monotonic() - self._pass_started, self.engine.compiling
+            ipc.send(self.heartbeats, SchedulerStats(**self._figures, busy_s=busy_s, has_work=self.busy,
+                                                     compiling=compiling))
+            stalled = busy_s > self.watchdog_timeout_s
             if stalled and not reported:
                 frame = sys._current_frames().get(loop_thread)
                 where = "".join(traceback.format_stack(frame)) if frame is not None else "(loop thread gone)\n"
-                logger.error("scheduler: work queued but no step finished for %.0fs; the loop is at:\n%s",
-                             silent, where.rstrip())
+                doing = "waiting for a step program to compile" if compiling else "in a step or a message"
+                logger.error("scheduler: no progress for %.0fs, %s; the loop is at:\n%s", busy_s, doing,
+                             where.rstrip())
             reported = stalled
+            time.sleep(HEARTBEAT_S)
 
     def handle(self, message: Any) -> None:
         if isinstance(message, AddReq):
@@ -106,8 +120,7 @@ class SchedulerWorker:
             for _, prompt_ids, params in prepared:
                 self.engine.check_request(prompt_ids, params)
         except (TypeError, ValueError) as err:
-            param = "max_tokens" if "max_tokens" in str(err) else "prompt"
-            ipc.send(self.to_api, ErrorReply(message.rid, str(err), param))
+            ipc.send(self.to_api, ErrorReply(message.rid, str(err), refused_field(str(err))))
             return
         for rid, prompt_ids, params in prepared:
             self.engine.add_request(rid, prompt_ids, params)
@@ -117,7 +130,6 @@ class SchedulerWorker:
 
     def _step(self) -> None:
         outputs = self.engine.step()
-        self._last_step = time.monotonic()
         if not outputs:
             return
         batch = [
@@ -131,11 +143,13 @@ class SchedulerWorker:
         ]
         ipc.send(self.to_detokenizer, TokenBatch(batch))
 
-    def _maybe_heartbeat(self) -> None:
+    def _maybe_take_figures(self) -> None:
+        """Every HEARTBEAT_S, between passes (where the KV invariant must hold), the figures the
+        heartbeat sends."""
         now = time.monotonic()
-        if now - self._last_heartbeat < HEARTBEAT_S:
+        if now - self._figures_at < HEARTBEAT_S:
             return
-        self._last_heartbeat = now
+        self._figures_at = now
         s = self.engine.stats()
         try:
             self.engine.check_kv_invariant()
@@ -143,19 +157,25 @@ class SchedulerWorker:
         except RuntimeError as err:
             invariant_ok = False
             logger.error("scheduler: %s", err)
-        ipc.send(self.to_api, SchedulerStats(
+        self._figures = dict(
             num_running=s["num_running"], num_waiting=s["num_waiting"], kv_pages_total=s["kv_pages_total"],
             kv_pages_free=s["kv_pages_free"], kv_pages_cached=s["kv_pages_cached"],
             cache_hit_tokens=s["cache_hit_tokens"], prompt_tokens=s["prompt_tokens"],
             generation_tokens=s["generation_tokens"], num_retractions=s["num_retractions"],
-            num_evicted_pages=s["num_evicted_pages"], seconds_since_step=now - self._last_step,
-            has_work=self.engine.has_unfinished(), kv_invariant_ok=invariant_ok,
-        ))
+            num_evicted_pages=s["num_evicted_pages"], kv_invariant_ok=invariant_ok,
+        )
+
+
+def refused_field(message: str) -> str:
+    """The request field an engine refusal names: its first word when that is a sampling field
+    (SamplingParams and check_request start their messages so), else max_tokens or the prompt."""
+    first = message.split(maxsplit=1)[0] if message else ""
+    if first in {f.name for f in dataclasses.fields(SamplingParams)}:
+        return first
+    return "max_tokens" if "max_tokens" in message else "prompt"
 
 
 def run_scheduler(run_dir: str, engine_args: EngineArgs, watchdog_timeout_s: float) -> None:
-    from minisgl_jax.engine import Engine  # JAX is imported in this process only
-
     started = time.perf_counter()
     engine = Engine(engine_args)
     worker = SchedulerWorker(ipc.RunDir(run_dir), engine, watchdog_timeout_s)
@@ -166,5 +186,12 @@ def run_scheduler(run_dir: str, engine_args: EngineArgs, watchdog_timeout_s: flo
         page_size=plan["page_size"], max_running_requests=plan["max_running_requests"],
         max_model_len=plan["max_model_len"], startup_seconds=time.perf_counter() - started,
     ))
-    worker.serve_forever()
+    try:
+        worker.serve_forever()
+    except EngineBroken as err:
+        logger.error("scheduler: the engine is broken (%s); exiting, so that the server stops and can be "
+                     "restarted", err, exc_info=err)
+        # No interpreter teardown: after a device error XLA's exit hooks may block on the device,
+        # and the API fails its requests only once it sees this process gone.
+        os._exit(1)
 

@@ -1,5 +1,6 @@
 """Raw HTTP against a real server: every error case with its status and body; aborts free every page."""
 
+import json
 import threading
 import time
 
@@ -9,6 +10,7 @@ import pytest
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HI = [{"role": "user", "content": "hi"}]
+NESTED_40 = json.loads("[" * 40 + "0" + "]" * 40)
 
 ERROR_CASES = [
     # (path, body, status, param, words in the message)
@@ -36,9 +38,25 @@ ERROR_CASES = [
     (COMPLETIONS, {"prompt": "x" * 600, "max_tokens": 1}, 400, "prompt", ["600", "512"]),
     (COMPLETIONS, {"prompt": [999999]}, 400, "prompt", ["token ids"]),
     (COMPLETIONS, {"prompt": "x", "echo": True}, 400, "echo", []),
+    (COMPLETIONS, {"prompt": {"text": "x"}}, 400, "prompt", []),  # the field, not the union member tried last
     (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs", []),
     ("/generate", {"sampling_params": {"max_new_tokens": 2}}, 400, "text", ["exactly one"]),
     ("/generate", {"text": "x", "sampling_params": {"temperature": -1}}, 400, "sampling_params.temperature", []),
+    # Numbers past what the engine's int32 arrays or msgpack hold: each once passed validation and
+    # failed beyond it (top_k 2**63 stopped the scheduler; the others were 500s).
+    (COMPLETIONS, {"prompt": "x", "top_k": 2**63}, 400, "top_k", ["2147483647"]),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**64}, 400, "max_tokens", ["2147483647"]),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [1, 2**64]}, 400, "stop_token_ids.1", ["2147483647"]),
+    (COMPLETIONS, {"prompt": [2**64]}, 400, "prompt", ["64 bits"]),
+    (COMPLETIONS, {"prompt": [[5], [2**31]]}, 400, "prompt", ["token ids", "2147483648"]),
+    (COMPLETIONS, {"prompt": [-1]}, 400, "prompt", ["token ids"]),
+    (CHAT, {"messages": HI, "seed": 2**63}, 400, "seed", []),
+    (CHAT, {"messages": HI, "max_completion_tokens": 2**31}, 400, "max_completion_tokens", []),
+    (CHAT, {"messages": HI, "chat_template_kwargs": {"x": [2**64]}}, 400, "chat_template_kwargs", ["64 bits"]),
+    (CHAT, {"messages": HI, "chat_template_kwargs": {"x": NESTED_40}}, 400, "chat_template_kwargs", ["32 levels"]),
+    ("/generate", {"input_ids": [3, 2**64]}, 400, "input_ids.1", []),
+    ("/generate", {"text": "x", "sampling_params": {"top_k": -(2**63)}}, 400, "sampling_params.top_k", []),
+    ("/detokenize", {"tokens": [2**64]}, 400, "tokens.0", []),
 ]
 
 
@@ -50,6 +68,43 @@ def test_error_status_and_body(server, path, body, status, param, words):
     assert error["param"] == param and error["type"] == "invalid_request_error"
     for word in words:
         assert word in error["message"], error["message"]
+
+
+# Bodies json.dumps will not write: lone UTF-16 surrogates (a 500 before issue 28) and non-finite numbers.
+RAW_ERROR_CASES = [
+    # (path, body as JSON text, param, words in the message)
+    (CHAT, '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content", ["Unicode"]),
+    (CHAT, '{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfffb"}]}]}',
+     "messages.0.content.0.text", ["Unicode"]),
+    (CHAT, '{"messages": [{"role": "user", "content": "hi", "name": "\\udc00"}]}', "messages.0.name", ["Unicode"]),
+    (COMPLETIONS, '{"prompt": "\\ud800"}', "prompt", ["Unicode"]),
+    (COMPLETIONS, '{"prompt": "x", "stop": ["ok", "\\ud800"]}', "stop", ["Unicode"]),
+    ("/generate", '{"text": "\\ud83d"}', "text", ["Unicode"]),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt", ["Unicode"]),
+    (COMPLETIONS, '{"prompt": "x", "timeout": Infinity}', "timeout", ["finite"]),
+    (COMPLETIONS, '{"prompt": "x", "timeout": 1e400}', "timeout", ["finite"]),
+    (COMPLETIONS, '{"prompt": "x", "temperature": NaN}', "temperature", []),
+    (CHAT, '{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', "top_p", []),
+    ("/generate", '{"text": "x", "sampling_params": {"min_p": NaN}}', "sampling_params.min_p", []),
+]
+
+
+@pytest.mark.parametrize("path,text,param,words", RAW_ERROR_CASES)
+def test_unencodable_text_and_non_finite_numbers_are_400_naming_the_field(server, path, text, param, words):
+    response = httpx.post(server.url + path, content=text.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+    for word in words:
+        assert word in error["message"], error["message"]
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(server):
+    """The API cannot know the vocabulary; the engine's check refuses the id before the request runs."""
+    response = httpx.post(server.url + COMPLETIONS, json={"prompt": "x", "stop_token_ids": [999_999]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "stop_token_ids" in error["message"] and error["param"] == "stop_token_ids"
 
 
 def test_malformed_json_is_400_not_422(server):
@@ -129,5 +184,7 @@ def test_abort_endpoint_ends_the_request(server):
 def test_flush_cache_empties_the_prefix_cache(server):
     httpx.post(server.url + COMPLETIONS, json={"prompt": "y" * 40, "max_tokens": 2})
     assert httpx.post(server.url + "/flush_cache").json()["flushed_pages"] >= 1
-    time.sleep(0.6)
+    deadline = time.monotonic() + 5  # the gauge comes with the heartbeat: up to a second behind
+    while server.metric("minisgl_kv_cached_pages") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert server.metric("minisgl_kv_cached_pages") == 0

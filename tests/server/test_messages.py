@@ -16,7 +16,7 @@ SAMPLES = [
                              [m.TokenLogprobText("é", 5, -0.5, [m.TopLogprob("a", 6, -1.0)])], 2, 1, 0)]),
     m.ErrorReply("r1", "too long", "max_tokens"),
     m.SchedulerReady(10, 20, 320, 16, 4, 512, 1.5),
-    m.SchedulerStats(1, 2, 100, 50, 10, 7, 70, 30, 0, 3, 0.25, True, True),
+    m.SchedulerStats(1, 2, 100, 50, 10, 7, 70, 30, 0, 3, 0.25, True, True, False),
 ]
 
 
