@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from minisgl_jax import LLM, SamplingParams
-from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, build_step_batch
-from minisgl_jax.engine.model_runner import pack_batch
+from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, StepKey, build_step_batch, pack_batch
+from minisgl_jax.engine.programs import ProgramKey
 from minisgl_jax.engine.request import Phase
 
 
@@ -56,7 +56,8 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
         scheduled, size, size, engine.page_size, engine.pages_per_seq, engine.runner.scratch_slot,
         engine.model_config.vocab_size,
     )
-    run = lambda: engine.runner.run(step_batch, is_decode=True, sample_mode=scheduled.sample_mode, num_logprobs=0)
+    key = StepKey(is_decode=True, sample_mode=scheduled.sample_mode)
+    run = lambda: engine.runner.run(step_batch, key)  # noqa: E731
     run().ids.block_until_ready()
     launch = 0.0
     start = time.perf_counter()
@@ -76,9 +77,8 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
             ScheduledBatch(rows=rows, is_decode=True, num_steps=burst), size, size, engine.page_size,
             engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size,
         )
-        replay_burst = lambda: engine.runner.run(  # noqa: E731
-            burst_batch, is_decode=True, sample_mode=scheduled.sample_mode, num_logprobs=0, num_steps=burst
-        )
+        burst_key = StepKey(is_decode=True, sample_mode=scheduled.sample_mode, num_steps=burst)
+        replay_burst = lambda: engine.runner.run(burst_batch, burst_key)  # noqa: E731
         replay_burst().ids.block_until_ready()
         start = time.perf_counter()
         for _ in range(steps // burst):
@@ -91,9 +91,7 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
     # temporaries may still move).
     packed, layout = pack_batch(step_batch)
     packed = jax.device_put(packed)
-    replay = lambda: engine.runner.run_packed(  # noqa: E731
-        packed, layout, is_decode=True, sample_mode=scheduled.sample_mode, num_logprobs=0
-    )
+    replay = lambda: engine.runner.run_packed(packed, ProgramKey(layout, key))  # noqa: E731
     replay().ids.block_until_ready()
     fixed_launch = 0.0
     for _ in range(steps):

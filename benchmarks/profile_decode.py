@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from minisgl_jax import LLM, SamplingParams
-from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, build_step_batch
+from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, StepKey, build_step_batch
 from minisgl_jax.engine.model_runner import pad_bucket
 from minisgl_jax.engine.request import Phase
 
@@ -164,8 +164,7 @@ def write_decode_hlo(engine, path: str) -> None:
     batch = build_step_batch(scheduled, size, size, engine.page_size, engine.pages_per_seq,
                              engine.runner.scratch_slot, engine.model_config.vocab_size)
     with open(path, "w") as f:
-        f.write(engine.runner.lower_text(batch, is_decode=True, sample_mode=scheduled.sample_mode, num_logprobs=0,
-                                         num_steps=num_steps))
+        f.write(engine.runner.lower_text(batch, StepKey(True, scheduled.sample_mode, num_steps=num_steps)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # top logprobs per token at most: the step computes this many whenever any row asks
 INT32_MAX = 2**31 - 1  # top_k, token ids and lengths travel in the step's int32 arrays
 # Below it sampling is greedy, as in vLLM: logits divided by a tinier float32 overflow to inf.
 GREEDY_TEMPERATURE = 1e-5
@@ -32,8 +33,6 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
 
-    MAX_LOGPROBS = 20
-
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and its allowed range.
 
@@ -49,8 +48,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens is not None and not 1 <= self.max_tokens <= INT32_MAX:
             raise ValueError(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         bad = [t for t in self.stop_token_ids if not 0 <= t <= INT32_MAX]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from minisgl_jax.core import INT32_MAX, SamplingParams
+from minisgl_jax.core import INT32_MAX, MAX_LOGPROBS, SamplingParams
 
 
 @pytest.mark.parametrize("field,value", [
@@ -13,7 +13,7 @@ from minisgl_jax.core import INT32_MAX, SamplingParams
     ("min_p", math.nan), ("min_p", -math.inf), ("min_p", 1.5),
     ("top_k", 0), ("top_k", -2), ("top_k", INT32_MAX + 1), ("top_k", 2**63), ("top_k", -(2**63)),
     ("max_tokens", 0), ("max_tokens", INT32_MAX + 1), ("max_tokens", 2**64),
-    ("logprobs", -1), ("logprobs", SamplingParams.MAX_LOGPROBS + 1), ("logprobs", 2**63),
+    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1), ("logprobs", 2**63),
     ("seed", -1), ("seed", 2**63), ("seed", 2**64),
     ("stop_token_ids", [5, -1]), ("stop_token_ids", [INT32_MAX + 1]), ("stop_token_ids", [2**64]),
     ("stop", [""]), ("stop", [7]),
@@ -26,7 +26,7 @@ def test_each_field_out_of_range_is_a_value_error_naming_it(field, value):
 @pytest.mark.parametrize("field,value", [
     ("temperature", 0.0), ("temperature", 100.0), ("top_p", 1e-300), ("min_p", 1.0), ("top_k", -1),
     ("top_k", INT32_MAX), ("max_tokens", INT32_MAX), ("seed", 0), ("seed", 2**63 - 1),
-    ("stop_token_ids", [0, INT32_MAX]), ("logprobs", SamplingParams.MAX_LOGPROBS),
+    ("stop_token_ids", [0, INT32_MAX]), ("logprobs", MAX_LOGPROBS),
 ])
 def test_the_limits_themselves_are_valid(field, value):
     SamplingParams(**{field: value}).validate()

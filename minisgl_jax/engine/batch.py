@@ -1,15 +1,36 @@
-"""Turn the scheduler's choice of rows into one step's padded arrays (numpy, then device)."""
+"""One step's batch on its way to the device: the scheduler's rows (ScheduledBatch) and the static
+choices they make (StepKey), their padded arrays (StepBatch), packed into one int32 vector, and
+the arrays the step gives back (StepOutput)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from minisgl_jax.core import MAX_LOGPROBS
 from minisgl_jax.engine.attention import AttentionMetadata
-from minisgl_jax.engine.model_runner import MAX_LOGPROBS, StepBatch
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN, SamplingArrays
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """The static choices of one step program, as the scheduler's batch makes them. Everything
+    downstream (the runner, the program cache, warm-up) takes this one key; a new static choice of
+    the step (a logits-processing stage, the KV cache dtype) is a new field here."""
+
+    is_decode: bool
+    sample_mode: str = SAMPLE_PLAIN
+    num_logprobs: int = 0  # 0, or MAX_LOGPROBS when some row asks for logprobs
+    num_steps: int = 1  # decode steps per launch (a burst)
+
+    def describe(self) -> str:
+        phase = "decode" if self.is_decode else "prefill"
+        return f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, {self.num_steps} steps)"
 
 
 @dataclass
@@ -49,6 +70,81 @@ class ScheduledBatch:
     @property
     def num_logprobs(self) -> int:
         return MAX_LOGPROBS if any(r.req.params.logprobs is not None for r in self.rows) else 0
+
+    @property
+    def key(self) -> StepKey:
+        return StepKey(self.is_decode, self.sample_mode, self.num_logprobs, self.num_steps)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepBatch:
+    """One step's host-made inputs. tokens: T, seqs: S (bucket sizes); R = S for prefill, 0 for decode."""
+
+    input_ids: jax.Array  # [T] int32 (ignored in decode: read from state.tokens)
+    positions: jax.Array  # [T] int32
+    token_slots: jax.Array  # [T] int32: request slot of each token
+    attn: AttentionMetadata
+    seq_slots: jax.Array  # [S] int32
+    page_rows: jax.Array  # [R, pages_per_seq] int32: full page-table rows to install (prefill)
+    sampling: SamplingArrays
+    row_steps: jax.Array  # [S] int32: decode steps each row takes in a burst (>= 1; ignored otherwise)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepOutput:
+    """Device arrays of one step; the host reads them after dispatching the next step."""
+
+    ids: jax.Array  # [S]
+    logprob: jax.Array | None  # [S]
+    top_ids: jax.Array | None  # [S, MAX_LOGPROBS]
+    top_logprobs: jax.Array | None
+
+    def start_copy(self) -> None:
+        for array in (self.ids, self.logprob, self.top_ids, self.top_logprobs):
+            if array is not None:
+                array.copy_to_host_async()
+
+    @staticmethod
+    def to_host(array: jax.Array | None) -> np.ndarray | None:
+        """The value of a replicated output, read from this host's first shard."""
+        return None if array is None else np.asarray(array.addressable_data(0))
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each array of a StepBatch lies in the one int32 vector the host sends per step.
+
+    One transfer instead of ~15: each argument of a jitted call is its own host-to-device copy
+    and its own fresh device address, which the step's CUDA graphs must then be updated for.
+    """
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+
+def pack_batch(batch: StepBatch) -> tuple[np.ndarray, PackedLayout]:
+    """The batch's 32-bit arrays, bit-cast to int32 and concatenated."""
+    leaves, treedef = jax.tree.flatten(batch)
+    for leaf in leaves:
+        if leaf.dtype.itemsize != 4:
+            raise TypeError(f"step batch arrays must be 32-bit, got {leaf.dtype}")
+    packed = np.concatenate([np.ascontiguousarray(leaf).view(np.int32).ravel() for leaf in leaves])
+    layout = PackedLayout(treedef, tuple(leaf.shape for leaf in leaves), tuple(leaf.dtype.name for leaf in leaves))
+    return packed, layout
+
+
+def unpack_batch(packed: jax.Array, layout: PackedLayout) -> StepBatch:
+    """Inverse of pack_batch, inside the jitted step (static slices and bit casts)."""
+    leaves, offset = [], 0
+    for shape, dtype in zip(layout.shapes, layout.dtypes):
+        size = int(np.prod(shape))
+        part = packed[offset:offset + size].reshape(shape)
+        leaves.append(part if dtype == "int32" else jax.lax.bitcast_convert_type(part, jnp.dtype(dtype)))
+        offset += size
+    return jax.tree.unflatten(layout.treedef, leaves)
 
 
 def sampling_row(req: Req, vocab_size: int) -> tuple:

@@ -29,10 +29,10 @@ from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenL
 from minisgl_jax.engine import cascade as cascade_groups
 from minisgl_jax.engine import multihost, setup, warmup
 from minisgl_jax.engine.attention import AttentionBackend
-from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
+from minisgl_jax.engine.batch import ScheduledBatch, StepOutput, build_step_batch
 from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
-from minisgl_jax.engine.model_runner import ModelRunner, StepOutput, decode_buckets, pad_bucket, prefill_buckets
+from minisgl_jax.engine.model_runner import ModelRunner, decode_buckets, pad_bucket, prefill_buckets
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.scheduler import BURST_MAX_ROWS, Scheduler
 from minisgl_jax.kvcache.allocator import PageAllocator
@@ -315,10 +315,7 @@ class Engine:
             self.model_config.vocab_size, cascade,
         )
         launched = time.perf_counter()
-        out = self.runner.run(
-            step_batch, is_decode=batch.is_decode, sample_mode=batch.sample_mode, num_logprobs=batch.num_logprobs,
-            num_steps=batch.num_steps,
-        )
+        out = self.runner.run(step_batch, batch.key)
         out.start_copy()
         self.timing["launch_s"] += time.perf_counter() - launched
         self._counters["steps"] += 1

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +24,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.engine.batch import PackedLayout, StepBatch, StepKey, StepOutput, pack_batch, unpack_batch
 from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.engine.programs import ProgramKey, StepPrograms
-from minisgl_jax.engine.sampler import SamplingArrays, sample
+from minisgl_jax.engine.sampler import sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
 
 logger = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20
-
 
 @jax.tree_util.register_dataclass
 @dataclass
@@ -43,77 +40,6 @@ class DeviceState:
     tokens: jax.Array  # [slots] int32: last sampled token
     page_table: jax.Array  # [slots, pages_per_seq] int32
     all_reduce_seq: jax.Array  # [1] int32: the peer all-reduce kernel's next sequence number
-
-
-@jax.tree_util.register_dataclass
-@dataclass
-class StepBatch:
-    """One step's host-made inputs. tokens: T, seqs: S (bucket sizes); R = S for prefill, 0 for decode."""
-
-    input_ids: jax.Array  # [T] int32 (ignored in decode: read from state.tokens)
-    positions: jax.Array  # [T] int32
-    token_slots: jax.Array  # [T] int32: request slot of each token
-    attn: AttentionMetadata
-    seq_slots: jax.Array  # [S] int32
-    page_rows: jax.Array  # [R, pages_per_seq] int32: full page-table rows to install (prefill)
-    sampling: SamplingArrays
-    row_steps: jax.Array  # [S] int32: decode steps each row takes in a burst (>= 1; ignored otherwise)
-
-
-@jax.tree_util.register_dataclass
-@dataclass
-class StepOutput:
-    """Device arrays of one step; the host reads them after dispatching the next step."""
-
-    ids: jax.Array  # [S]
-    logprob: jax.Array | None  # [S]
-    top_ids: jax.Array | None  # [S, MAX_LOGPROBS]
-    top_logprobs: jax.Array | None
-
-    def start_copy(self) -> None:
-        for array in (self.ids, self.logprob, self.top_ids, self.top_logprobs):
-            if array is not None:
-                array.copy_to_host_async()
-
-    @staticmethod
-    def to_host(array: jax.Array | None) -> np.ndarray | None:
-        """The value of a replicated output, read from this host's first shard."""
-        return None if array is None else np.asarray(array.addressable_data(0))
-
-
-@dataclass(frozen=True)
-class PackedLayout:
-    """Where each array of a StepBatch lies in the one int32 vector the host sends per step.
-
-    One transfer instead of ~15: each argument of a jitted call is its own host-to-device copy
-    and its own fresh device address, which the step's CUDA graphs must then be updated for.
-    """
-
-    treedef: Any
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-
-def pack_batch(batch: StepBatch) -> tuple[np.ndarray, PackedLayout]:
-    """The batch's 32-bit arrays, bit-cast to int32 and concatenated."""
-    leaves, treedef = jax.tree.flatten(batch)
-    for leaf in leaves:
-        if leaf.dtype.itemsize != 4:
-            raise TypeError(f"step batch arrays must be 32-bit, got {leaf.dtype}")
-    packed = np.concatenate([np.ascontiguousarray(leaf).view(np.int32).ravel() for leaf in leaves])
-    layout = PackedLayout(treedef, tuple(leaf.shape for leaf in leaves), tuple(leaf.dtype.name for leaf in leaves))
-    return packed, layout
-
-
-def unpack_batch(packed: jax.Array, layout: PackedLayout) -> StepBatch:
-    """Inverse of pack_batch, inside the jitted step (static slices and bit casts)."""
-    leaves, offset = [], 0
-    for shape, dtype in zip(layout.shapes, layout.dtypes):
-        size = int(np.prod(shape))
-        part = packed[offset:offset + size].reshape(shape)
-        leaves.append(part if dtype == "int32" else jax.lax.bitcast_convert_type(part, jnp.dtype(dtype)))
-        offset += size
-    return jax.tree.unflatten(layout.treedef, leaves)
 
 
 def pad_bucket(n: int, buckets: list[int]) -> int:
@@ -187,7 +113,7 @@ class ModelRunner:
         ))
         self._step = jax.jit(
             self._step_fn,
-            static_argnames=("layout", "is_decode", "sample_mode", "num_logprobs", "num_steps"),
+            static_argnames=("layout", "key"),
             donate_argnames=("kv_pool", "state"),
         )
         # Lowering needs only shapes and shardings (which never change), not the live, donated arrays,
@@ -201,18 +127,14 @@ class ModelRunner:
         """The parameters as the model's NNX state (for inspection; the step takes the flat list)."""
         return jax.tree.unflatten(self.params_treedef, self.params)
 
-    def _step_fn(
-        self, params, kv_pool, state: DeviceState, packed, *, layout, is_decode, sample_mode, num_logprobs, num_steps
-    ):
+    def _step_fn(self, params, kv_pool, state: DeviceState, packed, *, layout: PackedLayout, key: StepKey):
         batch = unpack_batch(packed, layout)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self.params_treedef, params))
-        forward = functools.partial(
-            self._forward, model, is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs
-        )
-        if num_steps == 1:
+        forward = functools.partial(self._forward, model, key=key)
+        if key.num_steps == 1:
             kv_pool, state, out = forward(kv_pool, state, batch)
         else:
-            kv_pool, state, out = self._multi_step(forward, kv_pool, state, batch, num_steps)
+            kv_pool, state, out = self._multi_step(forward, kv_pool, state, batch, key.num_steps)
         # Replicated outputs: every host reads the whole of them from its own first device.
         return kv_pool, state, jax.lax.with_sharding_constraint(out, self.replicated)
 
@@ -248,10 +170,10 @@ class ModelRunner:
         (kv_pool, state), out = jax.lax.scan(substep, (kv_pool, state), steps)
         return kv_pool, state, out  # every output gains a leading [num_steps] axis
 
-    def _forward(self, model, kv_pool, state: DeviceState, batch: StepBatch, *, is_decode, sample_mode, num_logprobs):
+    def _forward(self, model, kv_pool, state: DeviceState, batch: StepBatch, *, key: StepKey):
         """One step of the model on one batch: write its K/V, sample a token per sequence."""
         page_size = self.page_size
-        if is_decode:
+        if key.is_decode:
             input_ids = state.tokens[batch.token_slots]
             page_table = state.page_table.at[batch.token_slots, batch.positions // page_size].set(
                 batch.attn.slot_mapping // page_size
@@ -267,12 +189,12 @@ class ModelRunner:
             prefix_lens=batch.attn.prefix_lens,
             cascade_groups=batch.attn.cascade_groups,
         )
-        sums = self.all_reduce.for_step(is_decode, state.all_reduce_seq)
-        hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, is_decode, sums)
+        sums = self.all_reduce.for_step(key.is_decode, state.all_reduce_seq)
+        hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, key.is_decode, sums)
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
         logits = model.logits(hidden[last])
         ids, logprob, top_ids, top_logprobs = sample(
-            logits, batch.sampling, mode=sample_mode, num_logprobs=num_logprobs, vocab=sums
+            logits, batch.sampling, mode=key.sample_mode, num_logprobs=key.num_logprobs, vocab=sums
         )
         state = DeviceState(
             tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,
@@ -287,42 +209,28 @@ class ModelRunner:
             return jax.device_put(tree, self.replicated)
         return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(self.replicated, a), tree)
 
-    def run(
-        self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int, num_steps: int = 1
-    ) -> StepOutput:
-        """Launch one step (or a burst of `num_steps` decode steps) on a host-made batch."""
+    def run(self, batch: StepBatch, key: StepKey) -> StepOutput:
+        """Launch one step (or a burst of `key.num_steps` decode steps) on a host-made batch."""
         packed, layout = pack_batch(batch)
-        return self.run_packed(
-            packed, layout, is_decode=is_decode, sample_mode=sample_mode, num_logprobs=num_logprobs, num_steps=num_steps
-        )
+        return self.run_packed(packed, ProgramKey(layout, key))
 
-    def run_packed(
-        self, packed: np.ndarray | jax.Array, layout: PackedLayout, *, is_decode: bool, sample_mode: str,
-        num_logprobs: int, num_steps: int = 1,
-    ) -> StepOutput:
+    def run_packed(self, packed: np.ndarray | jax.Array, program: ProgramKey) -> StepOutput:
         """Launch the step on a packed batch, from the host or already on the device (benchmarks
         replay one device buffer to time XLA's launch without the transfer's fresh address)."""
         if jax.process_count() > 1 and isinstance(packed, np.ndarray):
             packed = self.to_device(packed)
-        key = ProgramKey(layout, is_decode, sample_mode, num_logprobs, num_steps)
-        compiled = self.programs.compiled.get(key)
+        compiled = self.programs.compiled.get(program)
         if compiled is None:
-            compiled = self.programs.get(key, packed)
+            compiled = self.programs.get(program, packed)
         self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed)
         return out
 
-    def lower(self, key: ProgramKey, packed: np.ndarray | jax.Array) -> jax.stages.Lowered:
-        """Trace and lower the step program of `key` (Python, under the GIL)."""
+    def lower(self, program: ProgramKey, packed: np.ndarray | jax.Array) -> jax.stages.Lowered:
+        """Trace and lower the step program of `program` (Python, under the GIL)."""
         params, kv_pool, state = self._abstract_args
-        return self._step.lower(
-            params, kv_pool, state, packed, layout=key.layout,
-            is_decode=key.is_decode, sample_mode=key.sample_mode, num_logprobs=key.num_logprobs, num_steps=key.num_steps,
-        )
+        return self._step.lower(params, kv_pool, state, packed, layout=program.layout, key=program.step)
 
-    def lower_text(
-        self, batch: StepBatch, *, is_decode: bool, sample_mode: str, num_logprobs: int, num_steps: int = 1
-    ) -> str:
+    def lower_text(self, batch: StepBatch, key: StepKey) -> str:
         """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""
         packed, layout = pack_batch(batch)
-        key = ProgramKey(layout, is_decode, sample_mode, num_logprobs, num_steps)
-        return self.lower(key, packed).compile().as_text()
+        return self.lower(ProgramKey(layout, key), packed).compile().as_text()

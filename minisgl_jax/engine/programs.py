@@ -12,29 +12,23 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from minisgl_jax.engine.model_runner import PackedLayout
+from minisgl_jax.engine.batch import PackedLayout, StepKey
 
 
 class ProgramKey(NamedTuple):
-    """What selects one step program: the batch's bucket and layout, and the static choices."""
+    """What selects one compiled step program: the batch's bucket and layout, and the step's key."""
 
     layout: PackedLayout
-    is_decode: bool
-    sample_mode: str
-    num_logprobs: int
-    num_steps: int
+    step: StepKey
 
     def describe(self) -> str:
-        phase = "decode" if self.is_decode else "prefill"
-        return (f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, "
-                f"{self.num_steps} steps)")
+        return self.step.describe()
 
 
 class CompileError(RuntimeError):

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from minisgl_jax.engine import cascade as cascade_groups
-from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
-from minisgl_jax.engine.model_runner import MAX_LOGPROBS, pack_batch
+from minisgl_jax.core import MAX_LOGPROBS
+from minisgl_jax.engine.batch import ScheduledBatch, StepKey, build_step_batch, pack_batch
 from minisgl_jax.engine.programs import ProgramKey
 from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN
 
@@ -52,7 +52,7 @@ def step_programs(
             ScheduledBatch(rows=[], is_decode=is_decode, num_steps=steps), size, seqs, engine.page_size,
             engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size, cascade,
         ))
-        programs.append((ProgramKey(layout, is_decode, sample_mode, num_logprobs, steps), packed))
+        programs.append((ProgramKey(layout, StepKey(is_decode, sample_mode, num_logprobs, steps)), packed))
     return programs
 
 
@@ -67,11 +67,8 @@ def compile_programs(engine: Engine) -> float:
     programs = step_programs(engine)
     workers = engine.args.compile_workers or os.cpu_count() or 1
     engine.runner.programs.compile_all(programs, workers=min(len(programs), workers))
-    for key, packed in programs:
-        engine.runner.run_packed(
-            packed, key.layout, is_decode=key.is_decode, sample_mode=key.sample_mode,
-            num_logprobs=key.num_logprobs, num_steps=key.num_steps,
-        ).ids.block_until_ready()
+    for program, packed in programs:
+        engine.runner.run_packed(packed, program).ids.block_until_ready()
     seconds = time.perf_counter() - started
     logger.info("compiled %d step programs in %.1fs", len(programs), seconds)
     return seconds

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from minisgl_jax.server.protocol import APIError
 
-from minisgl_jax.core import SamplingParams
+from minisgl_jax.core import MAX_LOGPROBS, SamplingParams
 
 
 @dataclass
@@ -19,7 +19,7 @@ class RequestLimits:
     max_tokens: int | None = None  # None: only the context length bounds max_tokens
     max_stop: int = 16  # stop strings, and stop token ids
     max_messages: int = 1024  # chat messages per request
-    max_logprobs: int = SamplingParams.MAX_LOGPROBS
+    max_logprobs: int = MAX_LOGPROBS
     max_queued_requests: int = 1024  # choices waiting beyond the running batch
     request_timeout_s: float | None = None  # server-wide; a request's own `timeout` may only shorten it
 
@@ -29,8 +29,8 @@ class RequestLimits:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"--max-tokens-limit must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.max_logprobs <= SamplingParams.MAX_LOGPROBS:
-            raise ValueError(f"--max-logprobs must be in 0..{SamplingParams.MAX_LOGPROBS}, got {self.max_logprobs}")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"--max-logprobs must be in 0..{MAX_LOGPROBS}, got {self.max_logprobs}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"--request-timeout must be > 0, got {self.request_timeout_s}")
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from minisgl_jax.core import INT32_MAX, SamplingParams
+from minisgl_jax.core import INT32_MAX, MAX_LOGPROBS, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # the engine also checks it against the vocabulary
 MAX_NESTING = 32  # lists and objects within a field: more than any request needs, far from the recursion limit
@@ -137,7 +137,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
@@ -163,7 +163,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
-    logprobs: int | None = Field(default=None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

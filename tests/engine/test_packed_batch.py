@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minisgl_jax.engine.attention import AttentionMetadata
-from minisgl_jax.engine.model_runner import StepBatch, pack_batch, unpack_batch
+from minisgl_jax.engine.batch import StepBatch, pack_batch, unpack_batch
 from minisgl_jax.engine.sampler import SamplingArrays
 
 

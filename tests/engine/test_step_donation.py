@@ -4,7 +4,7 @@ import re
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.engine import Engine
-from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
+from minisgl_jax.engine.batch import ScheduledBatch, StepKey, build_step_batch
 from tiny_models import save_tiny_checkpoint
 
 
@@ -19,7 +19,7 @@ def test_kv_pool_is_aliased_not_copied(tmp_path):
         ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.page_size, engine.pages_per_seq,
         runner.scratch_slot, engine.model_config.vocab_size,
     )
-    hlo = runner.lower_text(batch, is_decode=True, sample_mode="plain", num_logprobs=0)
+    hlo = runner.lower_text(batch, StepKey(is_decode=True))
     header = hlo.splitlines()[0]
     assert "input_output_alias=" in header, "the compiled step aliases no input to an output"
     aliases = re.findall(r"\{\d+\}: \(\d+, \{\}, (?:may|must)-alias\)", header)

@@ -12,7 +12,7 @@ import pytest
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import engine as engine_module
 from minisgl_jax.engine.engine import MAX_FAILED_STEPS, EngineBroken, is_device_error
-from minisgl_jax.engine.model_runner import StepOutput
+from minisgl_jax.engine.batch import StepKey, StepOutput
 from minisgl_jax.engine.programs import CompileError, ProgramKey, StepPrograms
 from tiny_models import save_tiny_checkpoint, tiny_engine
 
@@ -222,7 +222,7 @@ def test_a_step_that_waits_for_a_compile_says_so_and_a_failed_compile_is_a_step_
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
 
     programs = StepPrograms(lambda key, packed: Lowered())
-    key = ProgramKey(layout=None, is_decode=True, sample_mode="plain", num_logprobs=0, num_steps=1)
+    key = ProgramKey(layout=None, step=StepKey(is_decode=True))
     with pytest.raises(CompileError, match="compiling the decode program .* failed: JaxRuntimeError") as failure:
         programs.get(key, np.zeros(1, np.int32))
     assert seen == [True] and not programs.compiling

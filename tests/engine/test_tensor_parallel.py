@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
-from minisgl_jax.engine.batch import ScheduledBatch, build_step_batch
+from minisgl_jax.engine.batch import ScheduledBatch, StepKey, build_step_batch
 from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.engine.sampler import SEARCH_BITS
 from minisgl_jax.models.config import ModelConfig
@@ -109,7 +109,7 @@ def decode_hlo(engine: Engine, sample_mode: str = "plain") -> str:
         ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.page_size, engine.pages_per_seq,
         engine.runner.scratch_slot, engine.model_config.vocab_size,
     )
-    return engine.runner.lower_text(batch, is_decode=True, sample_mode=sample_mode, num_logprobs=0)
+    return engine.runner.lower_text(batch, StepKey(is_decode=True, sample_mode=sample_mode))
 
 
 def test_peer_all_reduce_needs_gpus_of_one_process():
