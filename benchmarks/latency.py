@@ -51,11 +51,8 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
 
     rows = [ScheduledRow(r, r.kv_len - 1, 1, samples=True, token_index=0) for r in engine.scheduler.running]
     scheduled = ScheduledBatch(rows=rows, is_decode=True)
-    size = engine._bucket(scheduled)[0]
-    step_batch = build_step_batch(
-        scheduled, size, size, engine.page_size, engine.pages_per_seq, engine.runner.scratch_slot,
-        engine.model_config.vocab_size,
-    )
+    size = engine.buckets.shape(True, len(rows), len(rows))[0]
+    step_batch = build_step_batch(scheduled, size, size, engine.batch_constants)
     key = StepKey(is_decode=True, sample_mode=scheduled.sample_mode)
     run = lambda: engine.runner.run(step_batch, key)  # noqa: E731
     run().ids.block_until_ready()
@@ -70,12 +67,11 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
 
     burst_ms = float("nan")
     burst = engine.args.decode_steps
-    if size in engine.burst_buckets():  # the burst program replayed: positions already written, rewritten
+    if size in engine.buckets.burst_buckets():  # the burst program replayed: positions already written, rewritten
         rows = [ScheduledRow(r, r.kv_len - burst, 1, samples=True, token_index=0, steps=burst)
                 for r in engine.scheduler.running]
         burst_batch = build_step_batch(
-            ScheduledBatch(rows=rows, is_decode=True, num_steps=burst), size, size, engine.page_size,
-            engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size,
+            ScheduledBatch(rows=rows, is_decode=True, num_steps=burst), size, size, engine.batch_constants,
         )
         burst_key = StepKey(is_decode=True, sample_mode=scheduled.sample_mode, num_steps=burst)
         replay_burst = lambda: engine.runner.run(burst_batch, burst_key)  # noqa: E731
@@ -102,10 +98,7 @@ def decode_latency(llm: LLM, batch: int, context: int, steps: int) -> dict[str, 
 
     start = time.perf_counter()
     for _ in range(steps):
-        build_step_batch(
-            scheduled, size, size, engine.page_size, engine.pages_per_seq, engine.runner.scratch_slot,
-            engine.model_config.vocab_size,
-        )
+        build_step_batch(scheduled, size, size, engine.batch_constants)
     build_ms = (time.perf_counter() - start) / steps * 1e3
 
     for rid in list(engine.requests):

@@ -94,7 +94,7 @@ def main() -> None:
         output_tokens_per_s=out_tokens / seconds, copy_bandwidth_gbs=copy_bw / 1e9, roofline_seconds=roof_seconds,
         fraction_of_roofline=roof_seconds / seconds, startup_seconds=startup, load_seconds=engine.load_seconds,
         warmup_seconds=engine.warmup_seconds, steps=engine.stats()["steps"], burst_steps=engine.stats()["burst_steps"],
-        decode_steps=args.decode_steps, burst_max_rows=engine.scheduler.burst_max_rows,
+        decode_steps=args.decode_steps, burst_max_rows=engine.buckets.burst_max_rows,
         retractions=engine.stats()["num_retractions"], overlap=not args.no_overlap,
         attention_backend=args.attention_backend, page_size=args.page_size,
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,

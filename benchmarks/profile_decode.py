@@ -23,7 +23,6 @@ import numpy as np
 
 from minisgl_jax import LLM, SamplingParams
 from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, StepKey, build_step_batch
-from minisgl_jax.engine.model_runner import pad_bucket
 from minisgl_jax.engine.request import Phase
 
 
@@ -156,13 +155,12 @@ def main() -> None:
 def write_decode_hlo(engine, path: str) -> None:
     """The compiled HLO of the step that just ran (a burst where the engine ran one), so the trace's
     fusion names can be read in it."""
-    size = pad_bucket(len(engine.scheduler.running), engine.decode_buckets)
-    num_steps = engine.args.decode_steps if size in engine.burst_buckets() else 1
+    size = engine.buckets.shape(True, len(engine.scheduler.running), 0)[0]
+    num_steps = engine.args.decode_steps if size in engine.buckets.burst_buckets() else 1
     rows = [ScheduledRow(r, r.kv_len - num_steps, 1, samples=True, token_index=0, steps=num_steps)
             for r in engine.scheduler.running]
     scheduled = ScheduledBatch(rows=rows, is_decode=True, num_steps=num_steps)
-    batch = build_step_batch(scheduled, size, size, engine.page_size, engine.pages_per_seq,
-                             engine.runner.scratch_slot, engine.model_config.vocab_size)
+    batch = build_step_batch(scheduled, size, size, engine.batch_constants)
     with open(path, "w") as f:
         f.write(engine.runner.lower_text(batch, StepKey(True, scheduled.sample_mode, num_steps=num_steps)))
 

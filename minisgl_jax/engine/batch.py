@@ -147,6 +147,17 @@ def unpack_batch(packed: jax.Array, layout: PackedLayout) -> StepBatch:
     return jax.tree.unflatten(layout.treedef, leaves)
 
 
+@dataclass(frozen=True)
+class BatchConstants:
+    """What every step batch of one engine shares: the page geometry, the padding rows' slot, the
+    vocabulary (top-k's "off")."""
+
+    page_size: int
+    pages_per_seq: int
+    scratch_slot: int
+    vocab_size: int
+
+
 def sampling_row(req: Req, vocab_size: int) -> tuple:
     """(temperature, top_k, top_p, min_p, seed_lo, seed_hi) of a request, computed once."""
     if req.sampling_row is None:
@@ -162,10 +173,7 @@ def build_step_batch(
     batch: ScheduledBatch,
     token_bucket: int,
     seq_bucket: int,
-    page_size: int,
-    pages_per_seq: int,
-    scratch_slot: int,
-    vocab_size: int,
+    constants: BatchConstants,
     cascade: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepBatch:
     """Pad rows to (token_bucket, seq_bucket); padding tokens write into the scratch page 0.
@@ -174,6 +182,7 @@ def build_step_batch(
     cascade: (prefix_lens per row, groups) of a decode batch whose rows are in the plan's order
     (engine/cascade.py); padding rows share no prefix.
     """
+    page_size, scratch_slot, vocab_size = constants.page_size, constants.scratch_slot, constants.vocab_size
     input_ids = np.zeros(token_bucket, np.int32)
     positions = np.zeros(token_bucket, np.int32)
     token_slots = np.full(token_bucket, scratch_slot, np.int32)
@@ -182,7 +191,7 @@ def build_step_batch(
     kv_lens = np.zeros(seq_bucket, np.int32)
     seq_slots = np.full(seq_bucket, scratch_slot, np.int32)
     num_page_rows = 0 if batch.is_decode else seq_bucket
-    page_rows = np.zeros((num_page_rows, pages_per_seq), np.int32)
+    page_rows = np.zeros((num_page_rows, constants.pages_per_seq), np.int32)
     temperature = np.zeros(seq_bucket, np.float32)
     top_k = np.full(seq_bucket, vocab_size, np.int32)
     top_p = np.ones(seq_bucket, np.float32)

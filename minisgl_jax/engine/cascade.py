@@ -17,7 +17,6 @@ from minisgl_jax.engine.batch import ScheduledRow
 MAX_GROUPS = 8  # groups per step: a static shape of the compiled step
 MIN_SHARED_TOKENS = 256  # below this, reading the prefix once per row costs less than the extra pass
 MIN_GROUP_ROWS = 2
-MIN_BUCKET = 16  # decode buckets this large or larger get a cascade variant; smaller ones never group
 
 
 @dataclass

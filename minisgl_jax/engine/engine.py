@@ -29,12 +29,13 @@ from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenL
 from minisgl_jax.engine import cascade as cascade_groups
 from minisgl_jax.engine import multihost, setup, warmup
 from minisgl_jax.engine.attention import AttentionBackend
-from minisgl_jax.engine.batch import ScheduledBatch, StepOutput, build_step_batch
+from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepOutput, build_step_batch
+from minisgl_jax.engine.buckets import Buckets
 from minisgl_jax.engine.collectives import AllReduce
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
-from minisgl_jax.engine.model_runner import ModelRunner, decode_buckets, pad_bucket, prefill_buckets
+from minisgl_jax.engine.model_runner import ModelRunner
 from minisgl_jax.engine.request import Req
-from minisgl_jax.engine.scheduler import BURST_MAX_ROWS, Scheduler
+from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
 from minisgl_jax.kvcache.allocator import PageAllocator
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
@@ -102,22 +103,22 @@ class Engine:
             prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5, mesh=self.mesh,
             dtype=dtype, head_dim=cfg.head_dim, page_size=args.page_size,
         )
-        max_decode_rows = max(args.decode_buckets or [args.max_running_requests])
-        all_reduce = AllReduce(args.all_reduce, self.mesh, dtype, max_decode_rows, cfg.hidden_size)
+        # Shared prefixes exist only with the radix cache; the cascade kernel is a Pallas kernel.
+        cascade = args.cascade_attention and args.cache == "radix" and decode_backend == "pallas"
+        self.buckets = Buckets.from_args(args, cascade)
+        all_reduce = AllReduce(args.all_reduce, self.mesh, dtype, max(self.buckets.decode), cfg.hidden_size)
         self.runner = ModelRunner(
             model, self.mesh, backend, all_reduce, num_pages, args.page_size, args.max_running_requests,
             self.pages_per_seq, dtype,
         )
         self.allocator = PageAllocator(num_pages)
         self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)
-        self.scheduler = Scheduler(
-            self.allocator, self.cache, args.page_size, args.max_running_requests,
-            args.max_prefill_tokens, args.lpm_min_queue, args.decode_steps, self._burst_max_rows(args),
+        self.scheduler = Scheduler(self.allocator, self.cache, SchedulerConfig(
+            args.page_size, args.max_prefill_tokens, args.lpm_min_queue, self.buckets,
+        ))
+        self.batch_constants = BatchConstants(
+            args.page_size, self.pages_per_seq, self.runner.scratch_slot, cfg.vocab_size,
         )
-        self.decode_buckets = args.decode_buckets or decode_buckets(args.max_running_requests)
-        # Shared prefixes exist only with the radix cache; the cascade kernel is a Pallas kernel.
-        self.cascade = args.cascade_attention and args.cache == "radix" and decode_backend == "pallas"
-        self.prefill_buckets = prefill_buckets(args.max_prefill_tokens)
         self.requests: dict[str, Req] = {}
         self._finals: list[RequestOutput] = []
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
@@ -293,27 +294,16 @@ class Engine:
         self._maybe_log_status()
         return outputs
 
-    def _bucket(self, batch: ScheduledBatch) -> tuple[int, int]:
-        """(tokens, sequences) of the compiled step that runs `batch`: one bucket per token count."""
-        if batch.is_decode:
-            size = pad_bucket(len(batch.rows), self.decode_buckets)
-            return size, size
-        tokens = pad_bucket(batch.num_tokens, self.prefill_buckets)
-        return tokens, min(tokens, self.args.max_running_requests)
-
     def _dispatch(self, batch: ScheduledBatch) -> StepOutput:
-        tokens, seqs = self._bucket(batch)
+        tokens, seqs = self.buckets.shape(batch.is_decode, len(batch.rows), batch.num_tokens)
         cascade = None
-        if batch.is_decode and batch.num_steps == 1 and self.cascade and seqs >= cascade_groups.MIN_BUCKET:
+        if batch.is_decode and batch.num_steps == 1 and self.buckets.has_cascade(seqs):
             plan = cascade_groups.plan_cascade(batch.rows, self.page_size)
             if plan is not None:
                 batch.rows = plan.rows  # _process reads the tokens back in this order
                 cascade = (plan.prefix_lens, plan.groups)
                 self._counters["cascade_steps"] += 1
-        step_batch = build_step_batch(
-            batch, tokens, seqs, self.page_size, self.pages_per_seq, self.runner.scratch_slot,
-            self.model_config.vocab_size, cascade,
-        )
+        step_batch = build_step_batch(batch, tokens, seqs, self.batch_constants, cascade)
         launched = time.perf_counter()
         out = self.runner.run(step_batch, batch.key)
         out.start_copy()
@@ -482,20 +472,6 @@ class Engine:
             self._status_tokens / elapsed, 100 * hit, s["num_evicted_pages"], s["num_retractions"],
         )
         self._last_status, self._status_tokens = now, 0
-
-    @staticmethod
-    def _burst_max_rows(args: EngineArgs) -> int:
-        """The most rows a decode burst may have (see EngineArgs.burst_max_rows)."""
-        if args.burst_max_rows is not None:
-            return args.burst_max_rows
-        return BURST_MAX_ROWS if args.tp == 1 else args.max_running_requests
-
-    def burst_buckets(self) -> list[int]:
-        """Decode buckets that run bursts of decode_steps (batches of up to burst_max_rows rows)."""
-        most = min(self.scheduler.burst_max_rows, self.decode_buckets[-1])
-        if self.args.decode_steps == 1 or most == 0:
-            return []
-        return sorted({pad_bucket(n, self.decode_buckets) for n in range(1, most + 1)})
 
     def warmup(self) -> float:
         """Compile every step program now ("capture"), so serving never waits on a compile; then

@@ -42,37 +42,6 @@ class DeviceState:
     all_reduce_seq: jax.Array  # [1] int32: the peer all-reduce kernel's next sequence number
 
 
-def pad_bucket(n: int, buckets: list[int]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
-SMALLEST_DECODE_BUCKET = 8
-
-
-def decode_buckets(max_running: int) -> list[int]:
-    """Powers of two from 8 up to max_running. Padding rows are cheap in decode (no KV to read, and
-    the matmuls are weight-bound), so fewer buckets buy a faster start for almost nothing. Below 8
-    rows XLA turns the matmuls into reductions, slower than its GEMMs: on the H100 one request
-    decodes faster in the 8-row bucket (3.3 ms per step) than in a 1-row one (4.5 ms)."""
-    out, b = [], min(SMALLEST_DECODE_BUCKET, max_running)
-    while b < max_running:
-        out.append(b)
-        b *= 2
-    return out + [max_running]
-
-
-def prefill_buckets(max_tokens: int, smallest: int = 64) -> list[int]:
-    """Token counts of prefill steps: powers of four from `smallest`, then max_tokens."""
-    out, b = [], smallest
-    while b < max_tokens:
-        out.append(b)
-        b *= 4
-    return out + [max_tokens]
-
-
 class ModelRunner:
     """Owns the parameters, the KV pool and the device state; runs jitted steps."""
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import dataclass
 
 from minisgl_jax.core import FinishReason
 from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow
+from minisgl_jax.engine.buckets import Buckets
 from minisgl_jax.engine.request import Phase, Req
 from minisgl_jax.kvcache.allocator import PageAllocator
 from minisgl_jax.kvcache.prefix_cache import PrefixCache
@@ -21,35 +23,28 @@ logger = logging.getLogger(__name__)
 # long shared prefix), so it orders only the first LPM_WINDOW of the queue: a step's cost stays
 # bounded however long the queue grows, and the rest keep their order behind them.
 LPM_WINDOW = 128
-# On one GPU, decode batches this small run bursts of several decode steps per launch: their
-# device step is shorter than the host's launch of it, so one launch per token would leave the GPU
-# waiting. The engine passes its `burst_max_rows` (this by default at tp=1, every batch at tp > 1).
-BURST_MAX_ROWS = 16
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    page_size: int
+    max_prefill_tokens: int  # tokens per prefill step; longer prompts are chunked
+    lpm_min_queue: int  # queue length from which the longest cached prefix goes first
+    buckets: Buckets  # the running-request limit, and which decode batches may burst
 
 
 class Scheduler:
-    def __init__(
-        self,
-        allocator: PageAllocator,
-        cache: PrefixCache,
-        page_size: int,
-        max_running: int,
-        max_prefill_tokens: int,
-        lpm_min_queue: int,
-        decode_steps: int = 1,
-        burst_max_rows: int = 0,
-    ) -> None:
+    def __init__(self, allocator: PageAllocator, cache: PrefixCache, config: SchedulerConfig) -> None:
         self.allocator = allocator
         self.cache = cache
-        self.page_size = page_size
-        self.max_running = max_running
-        self.max_prefill_tokens = max_prefill_tokens
-        self.lpm_min_queue = lpm_min_queue
-        self.decode_steps = decode_steps
-        self.burst_max_rows = burst_max_rows
+        self.config = config
+        self.page_size = config.page_size
+        self.max_running = config.buckets.max_running
+        self.max_prefill_tokens = config.max_prefill_tokens
+        self.lpm_min_queue = config.lpm_min_queue
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted, in admission order (newest last)
-        self.free_slots: list[int] = list(range(max_running - 1, -1, -1))
+        self.free_slots: list[int] = list(range(self.max_running - 1, -1, -1))
         self.num_retractions = 0
         self.cache_hit_tokens = 0
         self.prefill_tokens = 0
@@ -218,11 +213,11 @@ class Scheduler:
         return row
 
     def _burst_steps(self, candidates: list[Req]) -> int:
-        """Decode steps of this batch: `decode_steps` when it has at most `burst_max_rows` rows,
-        nobody waits to be admitted (a burst would delay them), some row has more than one token
-        left, and the free pages cover the burst (no eviction or retraction inside one); else 1."""
-        steps = self.decode_steps
-        if steps == 1 or self.waiting or len(candidates) > self.burst_max_rows:
+        """Decode steps of this batch: the buckets' decode_steps when they let a batch of this size
+        burst, nobody waits to be admitted (a burst would delay them), some row has more than one
+        token left, and the free pages cover the burst (no eviction or retraction inside one); else 1."""
+        steps = self.config.buckets.decode_steps
+        if self.waiting or not self.config.buckets.may_burst(len(candidates)):
             return 1
         if all(self._row_steps(r, steps) == 1 for r in candidates):
             return 1

@@ -37,22 +37,16 @@ SAMPLING_VARIANTS = ((SAMPLE_FILTERED, 0), (SAMPLE_PLAIN, MAX_LOGPROBS), (SAMPLE
 def step_programs(
     engine: Engine, sample_mode: str = SAMPLE_PLAIN, num_logprobs: int = 0
 ) -> list[tuple[ProgramKey, np.ndarray]]:
-    """Each program's key with an empty example batch (packed)."""
+    """Each program of the engine's buckets, its key with an empty example batch (packed)."""
     programs = []
     no_groups = (np.zeros(0, np.int32), np.zeros((cascade_groups.MAX_GROUPS, 3), np.int32))
-    cascade_buckets = [n for n in engine.decode_buckets if engine.cascade and n >= cascade_groups.MIN_BUCKET]
-    for is_decode, size, cascade, steps in (
-        [(True, n, None, 1) for n in engine.decode_buckets]
-        + [(True, n, no_groups, 1) for n in cascade_buckets]
-        + [(True, n, None, engine.args.decode_steps) for n in engine.burst_buckets()]
-        + [(False, n, None, 1) for n in engine.prefill_buckets]
-    ):
-        seqs = size if is_decode else min(size, engine.args.max_running_requests)
-        packed, layout = pack_batch(build_step_batch(
-            ScheduledBatch(rows=[], is_decode=is_decode, num_steps=steps), size, seqs, engine.page_size,
-            engine.pages_per_seq, engine.runner.scratch_slot, engine.model_config.vocab_size, cascade,
-        ))
-        programs.append((ProgramKey(layout, StepKey(is_decode, sample_mode, num_logprobs, steps)), packed))
+    for shape in engine.buckets.programs():
+        scheduled = ScheduledBatch(rows=[], is_decode=shape.is_decode, num_steps=shape.num_steps)
+        step_batch = build_step_batch(scheduled, shape.tokens, shape.seqs, engine.batch_constants,
+                                      no_groups if shape.cascade else None)
+        packed, layout = pack_batch(step_batch)
+        key = StepKey(shape.is_decode, sample_mode, num_logprobs, shape.num_steps)
+        programs.append((ProgramKey(layout, key), packed))
     return programs
 
 

@@ -91,5 +91,5 @@ def test_stopping_the_background_compiler_leaves_serving_whole(checkpoint):
         [[5, 6, 7, 8, 9]], SamplingParams(temperature=0.9, top_p=0.8, max_tokens=5, ignore_eos=True, seed=1)
     )
     assert len(outputs[0]) == 5
-    assert any(k.sample_mode == SAMPLE_FILTERED and not k.is_decode for k in engine.runner.programs.compiled)
+    assert any(k.step.sample_mode == SAMPLE_FILTERED and not k.step.is_decode for k in engine.runner.programs.compiled)
     engine.check_kv_invariant()

@@ -9,7 +9,7 @@ import pytest
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import Engine, warmup
-from minisgl_jax.engine.scheduler import BURST_MAX_ROWS
+from minisgl_jax.engine.buckets import BURST_MAX_ROWS
 from tiny_models import save_tiny_checkpoint, tiny_engine
 
 pytestmark = pytest.mark.slow  # engines of its own
@@ -139,9 +139,9 @@ def test_tensor_parallel_engines_burst_at_every_batch_size(checkpoint):
     """With tp > 1 the host's launch and bookkeeping of a step take about the device's time, so
     every decode bucket gets a burst program by default."""
     engine = make_engine(checkpoint, tp=2, max_running_requests=BURST_MAX_ROWS + 8, num_pages=1024)
-    assert engine.scheduler.burst_max_rows == BURST_MAX_ROWS + 8
-    assert engine.burst_buckets() == sorted(engine.decode_buckets)
-    assert make_engine(checkpoint, tp=2, burst_max_rows=0).burst_buckets() == []
+    assert engine.buckets.burst_max_rows == BURST_MAX_ROWS + 8
+    assert engine.buckets.burst_buckets() == sorted(engine.buckets.decode)
+    assert make_engine(checkpoint, tp=2, burst_max_rows=0).buckets.burst_buckets() == []
 
 
 def test_decode_steps_is_validated():
@@ -158,7 +158,7 @@ def test_warmup_compiles_every_program_serving_runs(checkpoint):
     gc.unfreeze()  # whatever an earlier test froze
     engine = make_engine(checkpoint, decode_steps=4, warmup=True, cache="naive", max_prefill_tokens=64)
     assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's way
-    plain = len(engine.decode_buckets) + len(engine.burst_buckets()) + len(engine.prefill_buckets)
+    plain = len(engine.buckets.decode) + len(engine.buckets.burst_buckets()) + len(engine.buckets.prefill)
     assert len(engine.runner.programs.compiled) >= plain
     engine.background_compiler.thread.join()
     assert len(engine.runner.programs.compiled) == 4 * plain

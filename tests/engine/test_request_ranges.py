@@ -6,7 +6,7 @@ import math
 import pytest
 
 from minisgl_jax.core import INT32_MAX, SamplingParams
-from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow, build_step_batch
+from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, ScheduledRow, build_step_batch
 from minisgl_jax.engine.request import Req
 from tiny_models import TINY_SIZES, save_tiny_checkpoint, tiny_engine
 
@@ -45,8 +45,8 @@ def test_extreme_valid_values_fill_the_step_arrays():
     params = SamplingParams(temperature=1e-30, top_k=INT32_MAX, top_p=1e-300, seed=2**63 - 1)
     req = Req("r", [1, 2, 3], params, params.seed, max_new_tokens=4, arrival=0, slot=1, pages=[1])
     row = ScheduledRow(req, start=0, num_tokens=3, samples=True, token_index=0)
-    step = build_step_batch(ScheduledBatch([row], is_decode=False), token_bucket=8, seq_bucket=2, page_size=16,
-                            pages_per_seq=4, scratch_slot=0, vocab_size=VOCAB)
+    constants = BatchConstants(page_size=16, pages_per_seq=4, scratch_slot=0, vocab_size=VOCAB)
+    step = build_step_batch(ScheduledBatch([row], is_decode=False), token_bucket=8, seq_bucket=2, constants=constants)
     sampling = step.sampling
     assert sampling.top_k[0] == INT32_MAX and sampling.temperature[0] == 0.0
     assert int(sampling.seed_hi[0]) << 32 | int(sampling.seed_lo[0]) == 2**63 - 1

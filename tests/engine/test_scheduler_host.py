@@ -8,7 +8,8 @@ from __future__ import annotations
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine.batch import ScheduledBatch
 from minisgl_jax.engine.request import Phase, Req
-from minisgl_jax.engine.scheduler import Scheduler
+from minisgl_jax.engine.buckets import Buckets
+from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
 from minisgl_jax.kvcache.allocator import PageAllocator
 from minisgl_jax.kvcache.radix import RadixCache
 
@@ -17,10 +18,12 @@ SAMPLED_TOKEN = 7
 
 
 def make_scheduler(num_pages: int = 64, max_running: int = 4, max_prefill_tokens: int = 64,
-                   lpm_min_queue: int = 1_000_000, **kwargs) -> Scheduler:
+                   lpm_min_queue: int = 1_000_000) -> Scheduler:
     allocator = PageAllocator(num_pages)
-    return Scheduler(allocator, RadixCache(allocator, PAGE), PAGE, max_running, max_prefill_tokens,
-                     lpm_min_queue, **kwargs)
+    buckets = Buckets(decode=(max_running,), prefill=(max_prefill_tokens,), max_running=max_running,
+                      decode_steps=1, burst_max_rows=0, cascade=False)
+    return Scheduler(allocator, RadixCache(allocator, PAGE), SchedulerConfig(PAGE, max_prefill_tokens, lpm_min_queue,
+                                                                              buckets))
 
 
 def request(name: str, prompt: list[int], max_new_tokens: int = 8, arrival: int = 0) -> Req:

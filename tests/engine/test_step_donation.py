@@ -16,8 +16,7 @@ def test_kv_pool_is_aliased_not_copied(tmp_path):
     ))
     runner = engine.runner
     batch = build_step_batch(
-        ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.page_size, engine.pages_per_seq,
-        runner.scratch_slot, engine.model_config.vocab_size,
+        ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.batch_constants,
     )
     hlo = runner.lower_text(batch, StepKey(is_decode=True))
     header = hlo.splitlines()[0]

@@ -106,8 +106,7 @@ def test_sampled_tokens_per_shard_match_single_device(tmp_path):
 def decode_hlo(engine: Engine, sample_mode: str = "plain") -> str:
     """The compiled decode step of the engine's smallest bucket."""
     batch = build_step_batch(
-        ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.page_size, engine.pages_per_seq,
-        engine.runner.scratch_slot, engine.model_config.vocab_size,
+        ScheduledBatch(rows=[], is_decode=True), 4, 4, engine.batch_constants,
     )
     return engine.runner.lower_text(batch, StepKey(is_decode=True, sample_mode=sample_mode))
 
