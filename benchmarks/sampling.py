@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from minisgl_jax.engine.collectives import StepSums
+from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN, SamplingArrays, sample
 
 
@@ -48,9 +48,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=50, help="the vocabulary size turns it off")
     parser.add_argument("--top-p", type=float, default=0.9)
     args = parser.parse_args()
-    vocab = StepSums(Mesh(np.array(jax.devices()[:1]), ("tp",)), None)
-    plain = jax.jit(lambda l, a: sample(l, a, mode=SAMPLE_PLAIN, num_logprobs=0, vocab=vocab)[0])
-    filtered = jax.jit(lambda l, a: sample(l, a, mode=SAMPLE_FILTERED, num_logprobs=0, vocab=vocab)[0])
+    collectives = Collectives(Mesh(np.array(jax.devices()[:1]), ("tp",)), None)
+    plain = jax.jit(lambda l, a: sample(l, a, mode=SAMPLE_PLAIN, num_logprobs=0, collectives=collectives)[0])
+    filtered = jax.jit(lambda l, a: sample(l, a, mode=SAMPLE_FILTERED, num_logprobs=0, collectives=collectives)[0])
     print(f"{jax.devices()[0].device_kind}, vocab {args.vocab}, top_k {args.top_k}, top_p {args.top_p}, temperature 0.7")
     print("| rows | plain ms | filtered ms | filtered / plain |\n| --- | --- | --- | --- |")
     for rows in (int(r) for r in args.rows.split(",")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ALL_REDUCE_MODES = ("auto", "xla", "psum", "peer")  # engine/collectives.py says what each does
+ALL_REDUCE_MODES = ("auto", "xla", "psum", "peer")  # layers/collectives.py says what each does
 ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 CACHE_KINDS = ("radix", "naive")
 DTYPES = ("bfloat16", "float32")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minisgl_jax.core import MAX_LOGPROBS
-from minisgl_jax.engine.attention import AttentionMetadata
+from minisgl_jax.layers.attention import AttentionMetadata
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN, SamplingArrays
 

@@ -28,12 +28,12 @@ from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from minisgl_jax.engine import cascade as cascade_groups
 from minisgl_jax.engine import multihost, setup, warmup
-from minisgl_jax.engine.attention import AttentionBackend
+from minisgl_jax.layers.attention import AttentionBackend
 from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepOutput, build_step_batch
 from minisgl_jax.engine.buckets import Buckets
-from minisgl_jax.engine.collectives import AllReduce
+from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
-from minisgl_jax.engine.model_runner import ModelRunner
+from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
 from minisgl_jax.kvcache.allocator import PageAllocator
@@ -106,11 +106,11 @@ class Engine:
         # Shared prefixes exist only with the radix cache; the cascade kernel is a Pallas kernel.
         cascade = args.cascade_attention and args.cache == "radix" and decode_backend == "pallas"
         self.buckets = Buckets.from_args(args, cascade)
-        all_reduce = AllReduce(args.all_reduce, self.mesh, dtype, max(self.buckets.decode), cfg.hidden_size)
-        self.runner = ModelRunner(
-            model, self.mesh, backend, all_reduce, num_pages, args.page_size, args.max_running_requests,
+        collectives = CollectiveBackend(args.all_reduce, self.mesh, dtype, max(self.buckets.decode), cfg.hidden_size)
+        self.runner = ModelRunner(model, RunnerConfig(
+            self.mesh, backend, collectives, num_pages, args.page_size, args.max_running_requests,
             self.pages_per_seq, dtype,
-        )
+        ))
         self.allocator = PageAllocator(num_pages)
         self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)
         self.scheduler = Scheduler(self.allocator, self.cache, SchedulerConfig(

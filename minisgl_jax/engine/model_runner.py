@@ -23,9 +23,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata
 from minisgl_jax.engine.batch import PackedLayout, StepBatch, StepKey, StepOutput, pack_batch, unpack_batch
-from minisgl_jax.engine.collectives import AllReduce
+from minisgl_jax.layers.collectives import CollectiveBackend
+from minisgl_jax.layers.context import ForwardContext
 from minisgl_jax.engine.programs import ProgramKey, StepPrograms
 from minisgl_jax.engine.sampler import sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
@@ -42,24 +43,27 @@ class DeviceState:
     all_reduce_seq: jax.Array  # [1] int32: the peer all-reduce kernel's next sequence number
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    mesh: Mesh
+    attention: AttentionBackend
+    collectives: CollectiveBackend
+    num_pages: int
+    page_size: int
+    max_slots: int  # request slots; one more, the last, is the padding rows' scratch slot
+    pages_per_seq: int
+    kv_dtype: jnp.dtype
+
+
 class ModelRunner:
     """Owns the parameters, the KV pool and the device state; runs jitted steps."""
 
-    def __init__(
-        self,
-        model: CausalLM,
-        mesh: Mesh,
-        backend: AttentionBackend,
-        all_reduce: AllReduce,
-        num_pages: int,
-        page_size: int,
-        max_slots: int,
-        pages_per_seq: int,
-        kv_dtype: jnp.dtype,
-    ) -> None:
+    def __init__(self, model: CausalLM, config: RunnerConfig) -> None:
+        mesh, num_pages, page_size = config.mesh, config.num_pages, config.page_size
+        max_slots, pages_per_seq, kv_dtype = config.max_slots, config.pages_per_seq, config.kv_dtype
         self.mesh = mesh
-        self.backend = backend
-        self.all_reduce = all_reduce
+        self.backend = config.attention
+        self.collectives = config.collectives
         self.graphdef, params = nnx.split(model)
         # The step takes the parameters as one flat list of arrays: flattening the NNX tree of
         # Variables on every call cost ~1 ms of host time per step on the H100 (benchmarks/RESULTS.md).
@@ -158,16 +162,18 @@ class ModelRunner:
             prefix_lens=batch.attn.prefix_lens,
             cascade_groups=batch.attn.cascade_groups,
         )
-        sums = self.all_reduce.for_step(key.is_decode, state.all_reduce_seq)
-        hidden, kv_pool = model(input_ids, batch.positions, kv_pool, attn, self.backend, key.is_decode, sums)
+        collectives = self.collectives.for_step(key.is_decode, state.all_reduce_seq)
+        ctx = ForwardContext(batch.positions, attn, self.backend, key.is_decode, collectives)
+        hidden, kv_pool = model(input_ids, kv_pool, ctx)
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
         logits = model.logits(hidden[last])
-        ids, logprob, top_ids, top_logprobs = sample(
-            logits, batch.sampling, mode=key.sample_mode, num_logprobs=key.num_logprobs, vocab=sums
-        )
+        with jax.named_scope("sample"):
+            ids, logprob, top_ids, top_logprobs = sample(
+                logits, batch.sampling, mode=key.sample_mode, num_logprobs=key.num_logprobs, collectives=collectives
+            )
         state = DeviceState(
             tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,
-            all_reduce_seq=state.all_reduce_seq + sums.count,
+            all_reduce_seq=state.all_reduce_seq + collectives.count,
         )
         return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
 

@@ -6,14 +6,13 @@ sampled, so the same seed gives the same text whatever else shares the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
 from minisgl_jax.kernels.threshold_counts import threshold_counts, threshold_counts_reference
+from minisgl_jax.layers.collectives import Collectives
 
 SAMPLE_PLAIN = "plain"  # greedy and/or temperature rows only
 SAMPLE_FILTERED = "filtered"  # some row uses top-k, top-p or min-p: needs a threshold search
@@ -55,17 +54,6 @@ def _from_order_key(key: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.where(key >= 0, key, key ^ _LOW_BITS), jnp.float32)
 
 
-class VocabReductions(Protocol):
-    """Row reductions over [rows, vocab] arrays that tensor parallelism shards over the vocabulary
-    (`collectives.StepSums`: each is one exchange per call)."""
-
-    def vocab_argmax(self, *xs: jax.Array) -> tuple[jax.Array, ...]: ...
-
-    def vocab_top(self, x: jax.Array) -> tuple[jax.Array, jax.Array]: ...
-
-    def vocab_sum(self, local: Callable[..., jax.Array], x: jax.Array, *replicated: jax.Array) -> jax.Array: ...
-
-
 def _count_above(x: jax.Array, top: jax.Array, cuts: jax.Array) -> jax.Array:
     """[rows, 2 * cuts] float32: tokens above each cut, then their mass (the GPU kernel, XLA on the CPU)."""
     count = threshold_counts if jax.default_backend() == "gpu" else threshold_counts_reference
@@ -75,7 +63,7 @@ def _count_above(x: jax.Array, top: jax.Array, cuts: jax.Array) -> jax.Array:
 
 def filter_threshold(
     scaled: jax.Array, top: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
-    vocab: VocabReductions,
+    collectives: Collectives,
 ) -> jax.Array:
     """Per row of scaled logits [seqs, vocab] (row maxima `top`), the smallest logit a token may have and be sampled.
 
@@ -96,7 +84,7 @@ def filter_threshold(
         offsets = (width >> SEARCH_BITS)[:, None] * j + (((width & (ways - 1))[:, None] * j) >> SEARCH_BITS)
         cut_keys = low[:, None] + jax.lax.bitcast_convert_type(offsets, jnp.int32)
         cuts = jnp.concatenate([_from_order_key(cut_keys), jnp.full((rows, 1), -jnp.inf, jnp.float32)], axis=1)
-        sums = vocab.vocab_sum(_count_above, scaled, top, cuts)
+        sums = collectives.vocab_sum(_count_above, scaled, top, cuts)
         counts, masses, total = sums[:, : ways - 1], sums[:, ways: 2 * ways - 1], sums[:, 2 * ways - 1:]
         room = (counts < top_k[:, None]) & ((top_p[:, None] >= 1.0) | (masses / total < top_p[:, None]))
         without = jnp.sum(~room, axis=1)[:, None]  # room grows with the cut: the first `without` cuts lack it
@@ -108,24 +96,26 @@ def filter_threshold(
 
 def sample(
     logits: jax.Array, arrays: SamplingArrays, *, mode: str, num_logprobs: int,
-    vocab: VocabReductions,
+    collectives: Collectives,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """logits: [seqs, vocab] float32 -> (ids [seqs], chosen logprob [seqs], top ids/logprobs [seqs, n]).
 
     Logprobs are of the model's own distribution (before temperature and filters), as vLLM
-    reports them; they are None when num_logprobs is 0 and no row asked for them. `vocab` reduces
-    the rows over the vocabulary (`StepSums`: under tensor parallelism the vocab shards meet in one
+    reports them; they are None when num_logprobs is 0 and no row asked for them. `collectives`
+    reduces the rows over the vocabulary (under tensor parallelism the vocab shards meet in one
     exchange per reduction, 1 per step for plain sampling, 10 for filtered).
     """
     temperature = jnp.where(arrays.temperature > 0, arrays.temperature, 1.0)
     scaled = logits / temperature[:, None]
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(_row_keys(arrays))
     if mode == SAMPLE_FILTERED:
-        greedy_ids, top_logits = vocab.vocab_top(logits)
-        threshold = filter_threshold(scaled, top_logits / temperature, arrays.top_k, arrays.top_p, arrays.min_p, vocab)
-        (sampled,) = vocab.vocab_argmax(jnp.where(scaled >= threshold[:, None], scaled + gumbel, -jnp.inf))
+        greedy_ids, top_logits = collectives.vocab_top(logits)
+        threshold = filter_threshold(
+            scaled, top_logits / temperature, arrays.top_k, arrays.top_p, arrays.min_p, collectives
+        )
+        (sampled,) = collectives.vocab_argmax(jnp.where(scaled >= threshold[:, None], scaled + gumbel, -jnp.inf))
     elif mode == SAMPLE_PLAIN:
-        greedy_ids, sampled = vocab.vocab_argmax(logits, scaled + gumbel)
+        greedy_ids, sampled = collectives.vocab_argmax(logits, scaled + gumbel)
     else:
         raise ValueError(f"sample mode must be {SAMPLE_PLAIN!r} or {SAMPLE_FILTERED!r}, got {mode!r}")
     ids = jnp.where(arrays.temperature > 0, sampled.astype(jnp.int32), greedy_ids)

@@ -15,20 +15,31 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from minisgl_jax.engine import cascade as cascade_groups
+from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import MAX_LOGPROBS
-from minisgl_jax.engine.batch import ScheduledBatch, StepKey, build_step_batch, pack_batch
+from minisgl_jax.engine import cascade as cascade_groups
+from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepKey, build_step_batch, pack_batch
+from minisgl_jax.engine.buckets import Buckets
+from minisgl_jax.engine.model_runner import ModelRunner
 from minisgl_jax.engine.programs import ProgramKey
 from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN
 
-if TYPE_CHECKING:
-    from minisgl_jax.engine.engine import Engine
-
 logger = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What warm-up needs of the engine (engine.py imports this module, not the other way round)."""
+
+    args: EngineArgs
+    runner: ModelRunner
+    buckets: Buckets
+    batch_constants: BatchConstants
+
+    def has_unfinished(self) -> bool: ...
 
 # (sample mode, logprobs) of the programs compiled in the background, the likeliest first.
 SAMPLING_VARIANTS = ((SAMPLE_FILTERED, 0), (SAMPLE_PLAIN, MAX_LOGPROBS), (SAMPLE_FILTERED, MAX_LOGPROBS))

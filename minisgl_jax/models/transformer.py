@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
-from minisgl_jax.engine.collectives import StepSums
+from minisgl_jax.layers.collectives import Collectives
+from minisgl_jax.layers.context import ForwardContext
 from minisgl_jax.models.config import ModelConfig
 from minisgl_jax.models.rope import apply_rope, rope_inv_freq
 
@@ -57,15 +57,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
 
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        inv_freq: jax.Array,
-        kv: tuple[jax.Array, jax.Array],
-        meta: AttentionMetadata,
-        backend: AttentionBackend,
-        is_decode: bool,
-        sums: StepSums,
+        self, x: jax.Array, kv: tuple[jax.Array, jax.Array], inv_freq: jax.Array, ctx: ForwardContext
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [tokens, hidden] -> ([tokens, hidden], this layer's updated (k_pages, v_pages))."""
         q = jnp.einsum("th,hnd->tnd", x, self.q_proj[...])
@@ -76,11 +68,11 @@ class Attention(nnx.Module):
         k, v = kv_new[:, 0], kv_new[:, 1]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        k_pages, v_pages = backend.write_kv(kv[0], kv[1], k, v, meta)
-        out = backend.attend(q, k_pages, v_pages, meta, is_decode=is_decode)
-        out = sums.matmul("tnd,ndh->th", out, self.o_proj[...], P(None, "tp", None), P("tp", None, None))
+        q = apply_rope(q, ctx.positions, inv_freq)
+        k = apply_rope(k, ctx.positions, inv_freq)
+        k_pages, v_pages = ctx.backend.write_kv(kv[0], kv[1], k, v, ctx.attention)
+        out = ctx.backend.attend(q, k_pages, v_pages, ctx.attention, is_decode=ctx.is_decode)
+        out = ctx.collectives.matmul("tnd,ndh->th", out, self.o_proj[...], P(None, "tp", None), P("tp", None, None))
         if self.o_bias is not None:
             out = out + self.o_bias[...]
         return out, (k_pages, v_pages)
@@ -91,10 +83,10 @@ class MLP(nnx.Module):
         self.gate_up = _param((cfg.hidden_size, 2, cfg.intermediate_size), dtype, P(None, None, "tp"))
         self.down = _param((cfg.intermediate_size, cfg.hidden_size), dtype, P("tp", None))
 
-    def __call__(self, x: jax.Array, sums: StepSums) -> jax.Array:
+    def __call__(self, x: jax.Array, collectives: Collectives) -> jax.Array:
         gate_up = jnp.einsum("th,hci->tci", x, self.gate_up[...])
         act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
-        return sums.matmul("ti,ih->th", act, self.down[...], P(None, "tp"), P("tp", None))
+        return collectives.matmul("ti,ih->th", act, self.down[...], P(None, "tp"), P("tp", None))
 
 
 class DecoderLayer(nnx.Module):
@@ -117,27 +109,21 @@ class CausalLM(nnx.Module):
             None if cfg.tie_word_embeddings else _param((cfg.hidden_size, cfg.vocab_size), dtype, P(None, "tp"))
         )
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        positions: jax.Array,
-        kv_pool: KVPool,
-        meta: AttentionMetadata,
-        backend: AttentionBackend,
-        is_decode: bool,
-        sums: StepSums,
-    ) -> tuple[jax.Array, KVPool]:
-        """input_ids, positions: [tokens] -> (final hidden states [tokens, hidden], updated pool).
+    def __call__(self, input_ids: jax.Array, kv_pool: KVPool, ctx: ForwardContext) -> tuple[jax.Array, KVPool]:
+        """input_ids: [tokens] (at ctx.positions) -> (final hidden states [tokens, hidden], updated pool).
 
-        `sums` adds the partial sums of the vocab-parallel embedding and the row-parallel layers."""
-        x = sums.embed(input_ids, self.embed[...])
+        `ctx.collectives` adds the partial sums of the vocab-parallel embedding and the row-parallel layers."""
+        x = ctx.collectives.embed(input_ids, self.embed[...])
         cfg = self.config
         inv_freq = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         new_pool: KVPool = []
-        for layer, kv in zip(self.layers, kv_pool):
-            attn_out, kv = layer.attn(layer.input_norm(x), positions, inv_freq, kv, meta, backend, is_decode, sums)
-            x = x + attn_out
-            x = x + layer.mlp(layer.post_attn_norm(x), sums)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_pool)):
+            with jax.named_scope(f"layer{i}"):
+                with jax.named_scope("attention"):
+                    attn_out, kv = layer.attn(layer.input_norm(x), kv, inv_freq, ctx)
+                x = x + attn_out
+                with jax.named_scope("mlp"):
+                    x = x + layer.mlp(layer.post_attn_norm(x), ctx.collectives)
             new_pool.append(kv)
         return self.norm(x), new_pool
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from minisgl_jax.engine.attention import AttentionMetadata
+from minisgl_jax.layers.attention import AttentionMetadata
 from minisgl_jax.engine.batch import StepBatch, pack_batch, unpack_batch
 from minisgl_jax.engine.sampler import SamplingArrays
 

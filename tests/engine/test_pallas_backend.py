@@ -30,7 +30,7 @@ def test_pallas_backend_matches_reference(tmp_path_factory, backends):
 
 
 def test_mosaic_backend_needs_a_hopper_gpu():
-    from minisgl_jax.engine.attention import AttentionBackend
+    from minisgl_jax.layers.attention import AttentionBackend
 
     with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU"):
         AttentionBackend("mosaic", "pallas", 0.1, dtype=jnp.bfloat16, head_dim=128, page_size=16)

@@ -10,7 +10,8 @@ from flax import nnx
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
-from minisgl_jax.engine.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata
+from minisgl_jax.layers.context import ForwardContext
 from tiny_models import save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # engines of its own
@@ -40,8 +41,8 @@ def full_logits(engine: Engine, token_ids: list[int]) -> np.ndarray:
     backend = AttentionBackend("reference", "reference", cfg.head_dim**-0.5,
                                dtype=jnp.float32, head_dim=cfg.head_dim, page_size=1)
     ids = jnp.array(token_ids, jnp.int32)
-    sums = engine.runner.all_reduce.for_step(False, engine.runner.state.all_reduce_seq)
-    hidden, _ = model(ids, jnp.arange(n, dtype=jnp.int32), pool, meta, backend, False, sums)
+    collectives = engine.runner.collectives.for_step(False, engine.runner.state.all_reduce_seq)
+    hidden, _ = model(ids, pool, ForwardContext(jnp.arange(n, dtype=jnp.int32), meta, backend, False, collectives))
     return np.asarray(model.logits(hidden))
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from jax.sharding import Mesh
 
-from minisgl_jax.engine.collectives import AllReduce, StepSums
+from minisgl_jax.layers.collectives import CollectiveBackend, Collectives
 from minisgl_jax.engine.sampler import (
     SAMPLE_FILTERED, SAMPLE_PLAIN, TOP_K_PIECES_MIN_ROWS, SamplingArrays, filter_threshold, sample, top_k,
 )
@@ -25,10 +25,10 @@ def kept_by_sorting(scaled: np.ndarray, top_k: int, top_p: float, min_p: float) 
     return kept
 
 
-def step_sums(tp: int, mode: str = "psum") -> StepSums:
+def collectives_for(tp: int, mode: str = "psum") -> Collectives:
     """The reductions of a decode step on a mesh of tp CPU devices (none at tp=1)."""
     mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
-    return AllReduce(mode, mesh, jnp.float32, 8, 64).for_step(True, jnp.zeros(1, jnp.int32))
+    return CollectiveBackend(mode, mesh, jnp.float32, 8, 64).for_step(True, jnp.zeros(1, jnp.int32))
 
 
 @pytest.mark.parametrize("vocab", [7, 1000, 32000])
@@ -41,7 +41,7 @@ def test_threshold_keeps_what_sorting_keeps(vocab):
     top_p = rng.choice([1e-6, 0.3, 0.9, 0.999, 1.0], rows).astype(np.float32)
     min_p = rng.choice([0.0, 0.0, 0.05, 0.5], rows).astype(np.float32)
     top_k[0], top_p[0], min_p[0] = vocab, 1.0, 0.0
-    search = jax.jit(lambda *args: filter_threshold(*args, vocab=step_sums(1)))
+    search = jax.jit(lambda *args: filter_threshold(*args, collectives=collectives_for(1)))
     threshold = np.asarray(search(scaled, scaled.max(axis=1), top_k, top_p, min_p))
     for r in range(rows):
         want = kept_by_sorting(scaled[r], top_k[r], top_p[r], min_p[r])
@@ -59,7 +59,7 @@ def test_filtered_samples_stay_in_the_kept_set():
         seed_lo=jnp.arange(rows, dtype=jnp.uint32), seed_hi=jnp.zeros(rows, jnp.uint32),
         token_index=jnp.zeros(rows, jnp.int32),
     )
-    ids = np.asarray(sample(logits, arrays, mode=SAMPLE_FILTERED, num_logprobs=0, vocab=step_sums(1))[0])
+    ids = np.asarray(sample(logits, arrays, mode=SAMPLE_FILTERED, num_logprobs=0, collectives=collectives_for(1))[0])
     scaled = np.asarray(logits) / 0.9
     for r in range(rows):
         assert kept_by_sorting(scaled[r], 5, 0.8, 0.0)[ids[r]]
@@ -77,8 +77,8 @@ def test_threshold_over_vocab_shards_matches_one_device(tp, mode):
     top_p = rng.choice([0.5, 0.95, 1.0], rows).astype(np.float32)
     min_p = rng.choice([0.0, 0.1], rows).astype(np.float32)
     args = (scaled, scaled.max(axis=1), top_k, top_p, min_p)
-    want = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(1)))(*args)
-    got = jax.jit(lambda *a: filter_threshold(*a, vocab=step_sums(tp, mode)))(*args)
+    want = jax.jit(lambda *a: filter_threshold(*a, collectives=collectives_for(1)))(*args)
+    got = jax.jit(lambda *a: filter_threshold(*a, collectives=collectives_for(tp, mode)))(*args)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert (np.asarray(got) > -np.inf).all() and len(set(np.asarray(got).tolist())) > 1
 
@@ -104,7 +104,7 @@ def test_logprobs_are_the_log_softmax():
         top_p=jnp.ones(4, jnp.float32), min_p=jnp.zeros(4, jnp.float32), seed_lo=jnp.arange(4, dtype=jnp.uint32),
         seed_hi=jnp.zeros(4, jnp.uint32), token_index=jnp.zeros(4, jnp.int32),
     )
-    ids, chosen, top_ids, top_logprobs = sample(logits, arrays, mode=SAMPLE_PLAIN, num_logprobs=20, vocab=step_sums(1))
+    ids, chosen, top_ids, top_logprobs = sample(logits, arrays, mode=SAMPLE_PLAIN, num_logprobs=20, collectives=collectives_for(1))
     logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     np.testing.assert_allclose(np.asarray(chosen), logprobs[np.arange(4), np.asarray(ids)], rtol=1e-6, atol=1e-6)
     order = np.argsort(-logprobs, axis=1, kind="stable")[:, :20]

@@ -13,7 +13,7 @@ from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
 from minisgl_jax.engine.batch import ScheduledBatch, StepKey, build_step_batch
-from minisgl_jax.engine.collectives import AllReduce
+from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.engine.sampler import SEARCH_BITS
 from minisgl_jax.models.config import ModelConfig
 from tiny_models import save_tiny_checkpoint
@@ -67,7 +67,7 @@ def test_sums_placed_per_shard_match_single_device(tmp_path):
     _, want_tokens, want_logprobs = run(path, 1)
     for tp in (2, 4):
         engine, tokens, logprobs = run(path, tp, all_reduce="psum")
-        assert engine.runner.all_reduce.mode == "psum"
+        assert engine.runner.collectives.mode == "psum"
         assert tokens == want_tokens, f"tp={tp}"
         np.testing.assert_allclose(logprobs, want_logprobs, rtol=1e-4, atol=1e-4)
         # Every forward pass advanced the sequence by its count of collectives: the embedding's sum,
@@ -79,7 +79,7 @@ def test_sums_placed_per_shard_match_single_device(tmp_path):
 
 def test_sampled_tokens_per_shard_match_single_device(tmp_path):
     """Seeded sampling (plain temperature, and top-k / top-p rows) gives tp=1's tokens when the
-    vocab shards' argmaxes meet in the step's own exchange (`StepSums.vocab_argmax`)."""
+    vocab shards' argmaxes meet in the step's own exchange (`Collectives.vocab_argmax`)."""
     path = save_tiny_checkpoint(str(tmp_path / "llama"), "llama", seed=4)
     params = [
         SamplingParams(temperature=0.8, seed=11, max_tokens=10, ignore_eos=True),
@@ -114,8 +114,8 @@ def decode_hlo(engine: Engine, sample_mode: str = "plain") -> str:
 def test_peer_all_reduce_needs_gpus_of_one_process():
     mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
     with pytest.raises(ValueError, match="all_reduce 'peer' cannot run here: it needs the mesh's GPUs"):
-        AllReduce("peer", mesh, jnp.bfloat16, max_decode_rows=8, hidden_size=64)
-    assert AllReduce("auto", mesh, jnp.bfloat16, max_decode_rows=8, hidden_size=64).mode == "xla"
+        CollectiveBackend("peer", mesh, jnp.bfloat16, max_decode_rows=8, hidden_size=64)
+    assert CollectiveBackend("auto", mesh, jnp.bfloat16, max_decode_rows=8, hidden_size=64).mode == "xla"
 
 
 def check_sharded_by_tp(engine: Engine, tp: int) -> None:

@@ -45,7 +45,7 @@ def test_lowers_for_cuda_on_any_machine():
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests below compile it")
 def test_lowers_per_shard_under_shard_map():
-    # tensor parallelism runs attention per shard (engine/attention.py): 8 of 16 q heads, 4 of 8 kv heads
+    # tensor parallelism runs attention per shard (layers/attention.py): 8 of 16 q heads, 4 of 8 kv heads
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 

@@ -10,10 +10,10 @@ sum. Three ways to add them over the `tp` axis (`--all-reduce`):
         prefill steps keep XLA's all-reduce. One process must drive all the mesh's GPUs.
 The sampler's argmax over the vocab-parallel logits meets the same way: XLA gathers each argmax's
 local maxima in NCCL all-gathers of its own (four per step, each ending the CUDA graph), while
-under `psum` and `peer` one exchange per step carries them all (`StepSums.vocab_argmax`).
-Filtered sampling's threshold search sums small per-shard counts (`StepSums.vocab_sum`): through
+under `psum` and `peer` one exchange per step carries them all (`Collectives.vocab_argmax`).
+Filtered sampling's threshold search sums small per-shard counts (`Collectives.vocab_sum`): through
 the step's all-reduce where it has one of its own, else an explicit `psum`.
-Each step numbers its collectives at trace time (`StepSums`); the peer kernel's sequence number
+Each step numbers its collectives at trace time (`Collectives`); the peer kernel's sequence number
 continues across steps in the device state, so consecutive calls alternate buffer slots.
 """
 
@@ -61,7 +61,7 @@ def resolve_all_reduce(mode: str, mesh: Mesh) -> str:
     return mode
 
 
-class StepSums:
+class Collectives:
     """The collectives of one traced step, numbered in call order.
 
     `impl` None leaves the sums to XLA (plain einsum and gather on sharded arrays), `gather` None the
@@ -160,7 +160,7 @@ class StepSums:
         return self._sum_per_shard(local, (x, *replicated), specs)
 
 
-class AllReduce:
+class CollectiveBackend:
     """The engine's choice of all-reduce, and the peer kernel's buffers when it uses them."""
 
     def __init__(self, mode: str, mesh: Mesh, dtype: jnp.dtype, max_decode_rows: int, hidden_size: int) -> None:
@@ -178,10 +178,10 @@ class AllReduce:
         if mesh.size > 1:
             logger.info("tensor-parallel sums: %s (asked: %s)", self.mode, mode)
 
-    def for_step(self, is_decode: bool, seq: jax.Array) -> StepSums:
+    def for_step(self, is_decode: bool, seq: jax.Array) -> Collectives:
         """The collectives of one step; seq ([1] int32, the device state's) numbers the peer kernel's calls."""
         if self.mode == "psum":
-            return StepSums(self.mesh, lambda partial, index: jax.lax.psum(partial, "tp"),
+            return Collectives(self.mesh, lambda partial, index: jax.lax.psum(partial, "tp"),
                             lambda x, index: jax.lax.all_gather(x, "tp"))
         if self.mode == "peer" and is_decode:
             layout = self.peer.layout
@@ -192,5 +192,5 @@ class AllReduce:
             def peer_gather(x, index, table, seq):
                 return peer_all_gather(x, table, seq + index, layout=layout)
 
-            return StepSums(self.mesh, peer_sum, peer_gather, (self.peer.table, seq), (P("tp", None, None), P()))
-        return StepSums(self.mesh, None)
+            return Collectives(self.mesh, peer_sum, peer_gather, (self.peer.table, seq), (P("tp", None, None), P()))
+        return Collectives(self.mesh, None)
