@@ -43,6 +43,8 @@ from jax.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.utils import cdiv
+
 # 16-byte vectors per program and loop step: the fewest (a power of two) that spread the input over
 # MAX_PROGRAMS programs, so that every SM has a program and a large input more loads in flight
 # per thread (4 per thread at 256 x 4096 bf16) instead of more steps.
@@ -161,7 +163,7 @@ class PeerBuffers:
             raise ValueError(f"PeerBuffers needs a mesh over axis {axis!r} only, got axes {dict(mesh.shape)}")
         n = len(devices)
         block_words = 4 * MAX_BLOCK_QUADS
-        capacity = -(-capacity_bytes // (4 * block_words)) * block_words
+        capacity = cdiv(capacity_bytes, 4 * block_words) * block_words
         self.layout = PeerLayout(num_devices=n, capacity_words=capacity)
         sharding = NamedSharding(mesh, P(axis))
         self.comm = jax.device_put(np.zeros((n, self.layout.comm_words), np.int32), sharding)
@@ -208,7 +210,7 @@ def _kernel(seq_ref, table_ref, words_ref, out_ref, *, layout: PeerLayout, num_q
     me = table_ref[0, 0, 4]
     comm = [(table_ref[0, i, 0], table_ref[0, i, 1]) for i in range(n)]
     flags = [(table_ref[0, i, 2], table_ref[0, i, 3]) for i in range(n)]
-    steps = -(-num_blocks // programs)
+    steps = cdiv(num_blocks, programs)
     lanes = jnp.arange(block, dtype=jnp.int32)
 
     def quads_of(step):
@@ -305,7 +307,7 @@ def peer_all_gather(x: jax.Array, table: jax.Array, seq: jax.Array, *, layout: P
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.int32), jnp.dtype(jnp.float32)):
         raise ValueError(f"peer_all_gather takes int32 or float32, got {jnp.dtype(x.dtype).name}")
     words = lax.bitcast_convert_type(x, jnp.int32).reshape(-1)
-    padded = -(-max(words.size, 1) // 4) * 4  # whole 16-byte vectors
+    padded = cdiv(max(words.size, 1), 4) * 4  # whole 16-byte vectors
     if padded > layout.capacity_words:
         raise ValueError(f"peer_all_gather: {x.shape} needs {padded} words, buffers hold {layout.capacity_words}")
     out = _call(padded, layout, None)(seq, table, jnp.pad(words, (0, padded - words.size)))
@@ -321,7 +323,7 @@ def _call(num_words: int, layout: PeerLayout, dtype: jnp.dtype | None):
     block = MIN_BLOCK_QUADS
     while block < MAX_BLOCK_QUADS and block * MAX_PROGRAMS < num_quads:
         block *= 2
-    num_blocks = -(-num_quads // block)
+    num_blocks = cdiv(num_quads, block)
     programs = min(num_blocks, MAX_PROGRAMS)
     kernel = functools.partial(_kernel, layout=layout, num_quads=num_quads, block=block, num_blocks=num_blocks,
                                programs=programs, dtype=dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from minisgl_jax.utils import cdiv
 
 ROW_BLOCK = 128  # query rows per block: bounds the gathered keys to [kv_heads, ROW_BLOCK, max_kv, head_dim]
 
@@ -38,7 +39,7 @@ def ragged_paged_attention_reference(
     if num_tokens <= ROW_BLOCK:
         rows = jnp.arange(num_tokens, dtype=jnp.int32)
         return _attend_rows(q, rows, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_scale)
-    num_blocks = -(-num_tokens // ROW_BLOCK)
+    num_blocks = cdiv(num_tokens, ROW_BLOCK)
     padded = jnp.pad(q, ((0, num_blocks * ROW_BLOCK - num_tokens), (0, 0), (0, 0)))
     blocks = padded.reshape(num_blocks, ROW_BLOCK, *q.shape[1:])
     starts = jnp.arange(num_blocks, dtype=jnp.int32) * ROW_BLOCK

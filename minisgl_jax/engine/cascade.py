@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minisgl_jax.engine.batch import ScheduledRow
+from minisgl_jax.kvcache.allocator import pages_for
 
 MAX_GROUPS = 8  # groups per step: a static shape of the compiled step
 MIN_SHARED_TOKENS = 256  # below this, reading the prefix once per row costs less than the extra pass
@@ -45,7 +46,7 @@ def _common_pages(page_lists: list[list[int]]) -> int:
 def plan_cascade(rows: list[ScheduledRow], page_size: int) -> CascadePlan | None:
     """The groups of one decode batch, or None when no group is worth a prefix pass."""
     by_first_page: dict[int, list[ScheduledRow]] = {}
-    min_pages = -(-MIN_SHARED_TOKENS // page_size)
+    min_pages = pages_for(MIN_SHARED_TOKENS, page_size)
     for row in rows:
         pages = row.req.pages
         if len(pages) > min_pages:

@@ -36,7 +36,7 @@ from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
-from minisgl_jax.kvcache.allocator import PageAllocator
+from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
 from minisgl_jax.models.loader import load_model
@@ -96,7 +96,7 @@ class Engine:
         self.eos_token_ids = set(cfg.eos_token_ids) or {self.tokenizer.eos_token_id} - {None}
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         self.page_size = args.page_size
-        self.pages_per_seq = -(-self.max_model_len // args.page_size)
+        self.pages_per_seq = pages_for(self.max_model_len, args.page_size)
         num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(dtype).itemsize)
         prefill_backend, decode_backend = args.attention_backends
         backend = AttentionBackend(
@@ -195,7 +195,7 @@ class Engine:
                 f"prompt ({n} tokens) plus max_tokens ({max_new}) is {n + max_new}, "
                 f"over the context length {self.max_model_len}"
             )
-        pages_alone = -(-(n + max_new) // self.page_size)
+        pages_alone = pages_for(n + max_new, self.page_size)
         if pages_alone > self.allocator.num_usable:
             raise ValueError(
                 f"prompt plus max_tokens needs {pages_alone * self.page_size} KV tokens, "

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from minisgl_jax.kernels.threshold_counts import threshold_counts, threshold_counts_reference
 from minisgl_jax.layers.collectives import Collectives
+from minisgl_jax.utils import cdiv
 
 SAMPLE_PLAIN = "plain"  # greedy and/or temperature rows only
 SAMPLE_FILTERED = "filtered"  # some row uses top-k, top-p or min-p: needs a threshold search
@@ -79,7 +80,7 @@ def filter_threshold(
     j = jnp.arange(1, ways, dtype=jnp.uint32)
     low = jnp.full((rows,), _order_key(jnp.float32(-jnp.inf)))  # no room above it: every token is
     high = _order_key(top)  # room above it: no token is
-    for _ in range(-(-32 // SEARCH_BITS)):  # until the interval holds one key: every float32 told apart
+    for _ in range(cdiv(32, SEARCH_BITS)):  # until the interval holds one key: every float32 told apart
         width = jax.lax.bitcast_convert_type(high - low, jnp.uint32)  # int32 wraps, uint32 holds it
         offsets = (width >> SEARCH_BITS)[:, None] * j + (((width & (ways - 1))[:, None] * j) >> SEARCH_BITS)
         cut_keys = low[:, None] + jax.lax.bitcast_convert_type(offsets, jnp.int32)

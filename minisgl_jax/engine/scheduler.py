@@ -14,7 +14,7 @@ from minisgl_jax.core import FinishReason
 from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow
 from minisgl_jax.engine.buckets import Buckets
 from minisgl_jax.engine.request import Phase, Req
-from minisgl_jax.kvcache.allocator import PageAllocator
+from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Scheduler:
         return self.allocator.allocate(count)
 
     def _pages_needed(self, req: Req, new_len: int) -> int:
-        return max(0, -(-new_len // self.page_size) - len(req.pages))
+        return max(0, pages_for(new_len, self.page_size) - len(req.pages))
 
     def _cache_computed(self, req: Req) -> None:
         """Hand the request's whole computed pages to the prefix cache and lock that path."""
@@ -169,7 +169,7 @@ class Scheduler:
             if self.cache.shares and len(key) == self.page_size and key in computing:
                 continue  # another request computes this prefix now: wait, then reuse its pages
             first_chunk = min(req.target_len - start, budget)
-            need = -(-(start + first_chunk) // self.page_size) - match.num_pages
+            need = pages_for(start + first_chunk, self.page_size) - match.num_pages
             if self.allocator.num_free + self.cache.num_evictable_pages < need + reserve:
                 break
             self.waiting.remove(req)

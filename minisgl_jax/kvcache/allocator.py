@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from minisgl_jax.utils import cdiv
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold num_tokens tokens."""
+    return cdiv(num_tokens, page_size)
+
 
 class OutOfPagesError(RuntimeError):
     """Raised when more pages are asked for than are free."""
