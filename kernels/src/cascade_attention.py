@@ -35,9 +35,10 @@ from .paged_blocks import (
     store_rows,
     token_slots,
 )
+from .device import multiprocessor_count
 from .paged_decode_attention import combine_splits, paged_decode_attention
 
-TARGET_PROGRAMS = 2 * 132  # two programs per H100 multiprocessor keep the tensor cores busy
+PROGRAMS_PER_SM = 2  # two programs per multiprocessor keep the tensor cores busy
 MAX_PREFIX_SPLITS = 4  # each split writes a float32 partial state per row: more costs more in the merge
 
 
@@ -171,7 +172,8 @@ def cascade_decode_attention(
     block_rows = block_m // group
     num_blocks = pl.cdiv(num_seqs, block_rows) + groups.shape[0]
     if prefix_splits is None:
-        prefix_splits = max(1, min(MAX_PREFIX_SPLITS, TARGET_PROGRAMS // (pl.cdiv(num_seqs, block_rows) * num_kv_heads)))
+        target = PROGRAMS_PER_SM * multiprocessor_count()
+        prefix_splits = max(1, min(MAX_PREFIX_SPLITS, target // (pl.cdiv(num_seqs, block_rows) * num_kv_heads)))
     block_group, block_row_ranges = _group_blocks(groups, block_rows, num_blocks)
     rows = num_seqs * num_q_heads
     kernel = functools.partial(

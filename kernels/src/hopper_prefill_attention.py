@@ -28,13 +28,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .device import multiprocessor_count
 from .paged_blocks import LOG2E, block_schedule, check_inputs
 from .paged_decode_attention import paged_decode_attention
 
 WG_ROWS = 64  # query rows per compute warpgroup: one wgmma M tile
 COMPUTE_WGS = 2
 TILE_ROWS = 8  # rows of a shared-memory tile: a TMA copy into one starts on a multiple of it
-DEFAULT_SMS = 132  # multiprocessors of an H100 SXM, when the device does not say
 # Programs per multiprocessor (one runs at a time: ~190 KiB of shared memory each). Measured on an
 # H200: 8 beat 1, 2 and 4 (one long-lived program per SM leaves each item's start exposed) and 16.
 PROGRAMS_PER_SM = 8
@@ -337,7 +337,7 @@ def hopper_prefill_attention(
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     )
     if num_programs is None:
-        num_programs = PROGRAMS_PER_SM * (getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS)
+        num_programs = PROGRAMS_PER_SM * multiprocessor_count()
     body = functools.partial(
         _attention_kernel,
         scale_log2=sm_scale * LOG2E,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from .device import multiprocessor_count
 from .paged_blocks import (
     LOG2E,
     attend_block,
@@ -34,7 +35,7 @@ from .paged_blocks import (
 # at 1,024 tokens against 21.2 unsplit, but at 32 x 8 the 2 splits a target of 4 programs per SM
 # gave took 14.9 us at 256 tokens against 10.8 unsplit (benchmarks/RESULTS.md, "Decode attention:
 # splits and block size").
-TARGET_PROGRAMS = 2 * 132  # two programs per H100/H200 multiprocessor
+PROGRAMS_PER_SM = 2
 MIN_SPLIT_TOKENS = 512  # a split shorter than this costs more in the combine than it gains
 # With this many programs or more (no splits), 32-token blocks beat 64: smaller tiles let more programs
 # share an SM, so more loads are in flight (256 x 8 at 256 tokens: 72.3 against 77.3 us).
@@ -44,7 +45,7 @@ SMALL_BLOCK_PROGRAMS = 512
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, block_k: int) -> int:
     """Splits per sequence so that seqs x kv_heads x splits programs fill the GPU."""
     programs = num_seqs * num_kv_heads
-    by_occupancy = max(1, TARGET_PROGRAMS // programs)
+    by_occupancy = max(1, PROGRAMS_PER_SM * multiprocessor_count() // programs)
     by_length = max(1, max_kv_len // max(MIN_SPLIT_TOKENS, block_k))
     return min(by_occupancy, by_length)
 

@@ -20,11 +20,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .device import multiprocessor_count
 from .paged_blocks import compiler_params, resolve_interpret
 
 BLOCK = 512  # logits per loop step: 2 per thread of 8 warps, each with a count and a mass per cut in registers
 NUM_WARPS = 8
-TARGET_PROGRAMS = 2 * 132  # two programs per H100/H200 multiprocessor
+PROGRAMS_PER_SM = 2
 
 
 def _counts_kernel(x_ref, top_ref, cuts_ref, counts_ref, masses_ref, *, vocab: int, chunk: int, block: int):
@@ -63,7 +64,7 @@ def _counts_kernel(x_ref, top_ref, cuts_ref, counts_ref, masses_ref, *, vocab: i
 def _parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
     """(parts per row, logits per part): enough programs to fill the GPU, whole blocks each."""
     blocks = pl.cdiv(vocab, block)
-    parts = max(1, min(blocks, TARGET_PROGRAMS // max(rows, 1)))
+    parts = max(1, min(blocks, PROGRAMS_PER_SM * multiprocessor_count() // max(rows, 1)))
     chunk = pl.cdiv(blocks, parts) * block
     return pl.cdiv(vocab, chunk), chunk
 

@@ -1,5 +1,7 @@
 """The Pallas paged-attention kernels (interpret mode on CPU) agree with the pure-jnp reference."""
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +9,9 @@ from paged_inputs import make_batch, poison_unused_slots, rel_err
 
 from minisgl_jax.kernels import paged_decode_attention, ragged_paged_attention, ragged_paged_attention_reference
 from minisgl_jax.kernels.paged_decode_attention import default_block_k, default_num_splits
+
+# The module itself: the package exports its function under the same name.
+paged_decode_attention_module = importlib.import_module("minisgl_jax.kernels.paged_decode_attention")
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -48,14 +53,17 @@ def test_decode_32_token_blocks_match_reference():
     assert rel_err(out[:4], ref[:4]) < F32_TOL
 
 
-def test_default_tiling_follows_the_program_count():
-    # seqs x kv heads: few programs split the keys, many take smaller blocks (H200 measurements)
+def test_default_tiling_follows_the_program_count(monkeypatch):
+    # seqs x kv heads: few programs split the keys, many take smaller blocks (H200 measurements, 132 SMs)
+    monkeypatch.setattr(paged_decode_attention_module, "multiprocessor_count", lambda: 132)
     assert default_num_splits(8, 8, 2048, 64) == 4
     assert default_num_splits(32, 4, 2048, 64) == 2
     assert default_num_splits(32, 8, 2048, 64) == 1
     assert default_num_splits(8, 8, 512, 64) == 1  # a table of 512 keys is too short to split
     assert default_block_k(32, 8) == 64
     assert default_block_k(128, 4) == 32
+    monkeypatch.setattr(paged_decode_attention_module, "multiprocessor_count", lambda: 66)
+    assert default_num_splits(8, 8, 2048, 64) == 2  # half the multiprocessors, half the splits
 
 
 @pytest.mark.parametrize("q_heads, kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1)])
