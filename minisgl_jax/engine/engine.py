@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import logging
 import os
 import random
@@ -27,7 +26,7 @@ from flax import nnx
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from minisgl_jax.engine import cascade as cascade_groups
-from minisgl_jax.engine import multihost, setup, warmup
+from minisgl_jax.engine import setup, warmup
 from minisgl_jax.layers.attention import AttentionBackend
 from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepOutput, build_step_batch
 from minisgl_jax.engine.buckets import Buckets
@@ -75,15 +74,39 @@ class Engine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
-        # A dropped engine's arrays sit in reference cycles: collect them, so that their device
-        # memory is free before this engine loads its weights and sizes its KV pool from what is left.
-        gc.collect()
-        setup.set_gpu_xla_flags()
-        multihost.init_distributed(args)
+        setup.prepare_process(args)
         self.channel = CommandChannel(is_leader=args.node_rank == 0) if args.nnodes > 1 else None
         self.stopped = False
-        setup.enable_compile_cache(args.compile_cache_dir)
         started = time.perf_counter()
+        num_pages = self._build(args)
+        self.requests: dict[str, Req] = {}
+        self._finals: list[RequestOutput] = []
+        self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
+        self._failed_in_a_row = 0
+        self._rng = random.Random(args.seed)
+        self._arrivals = 0
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0, burst_steps=0)
+        # Seconds in step() and, of those, waiting for the device's tokens and launching the compiled
+        # step: the rest is the engine's own host work. All of it but the wait must hide behind the
+        # device's work for the previous step.
+        self.timing = dict(step_s=0.0, wait_s=0.0, launch_s=0.0)
+        self._last_status = time.perf_counter()
+        self._status_tokens = 0
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "loaded %s in %.1fs: weights %.2f GiB, %d KV pages of %d tokens, max %d running requests",
+            args.model, self.load_seconds, self.weights_bytes / 2**30, num_pages, args.page_size,
+            args.max_running_requests,
+        )
+        self.warmup_seconds = self.warmup() if args.warmup else 0.0
+        self.background_compiler = None
+        if args.warmup and args.background_compile:
+            # A quarter of the cores: the rest stay with the engine's host work and the server.
+            workers = max(1, (os.cpu_count() or 1) // 4)
+            self.background_compiler = warmup.BackgroundCompiler(self, warmup.variant_programs(self), workers)
+
+    def _build(self, args: EngineArgs) -> int:
+        """Load the model, size the KV pool and build the runner, cache and scheduler; returns the KV pages."""
         hf_config, weights_dir = setup.resolve_model(args)
         self.model_config = cfg = hf_config.for_tp(args.tp)
         self.model_name = args.model
@@ -119,31 +142,7 @@ class Engine:
         self.batch_constants = BatchConstants(
             args.page_size, self.pages_per_seq, self.runner.scratch_slot, cfg.vocab_size,
         )
-        self.requests: dict[str, Req] = {}
-        self._finals: list[RequestOutput] = []
-        self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
-        self._failed_in_a_row = 0
-        self._rng = random.Random(args.seed)
-        self._arrivals = 0
-        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0, burst_steps=0)
-        # Seconds in step() and, of those, waiting for the device's tokens and launching the compiled
-        # step: the rest is the engine's own host work. All of it but the wait must hide behind the
-        # device's work for the previous step.
-        self.timing = dict(step_s=0.0, wait_s=0.0, launch_s=0.0)
-        self._last_status = time.perf_counter()
-        self._status_tokens = 0
-        self.load_seconds = time.perf_counter() - started
-        logger.info(
-            "loaded %s in %.1fs: weights %.2f GiB, %d KV pages of %d tokens, max %d running requests",
-            args.model, self.load_seconds, self.weights_bytes / 2**30, num_pages, args.page_size,
-            args.max_running_requests,
-        )
-        self.warmup_seconds = self.warmup() if args.warmup else 0.0
-        self.background_compiler = None
-        if args.warmup and args.background_compile:
-            # A quarter of the cores: the rest stay with the engine's host work and the server.
-            workers = max(1, (os.cpu_count() or 1) // 4)
-            self.background_compiler = warmup.BackgroundCompiler(self, warmup.variant_programs(self), workers)
+        return num_pages
 
     @functools.cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:

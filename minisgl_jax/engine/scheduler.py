@@ -15,7 +15,7 @@ from minisgl_jax.engine.batch import ScheduledBatch, ScheduledRow
 from minisgl_jax.engine.buckets import Buckets
 from minisgl_jax.engine.request import Phase, Req
 from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
-from minisgl_jax.kvcache.prefix_cache import PrefixCache
+from minisgl_jax.kvcache.prefix_cache import PrefixCache, PrefixMatch
 
 logger = logging.getLogger(__name__)
 
@@ -141,20 +141,11 @@ class Scheduler:
         return tuple(req.all_ids[start : start + self.page_size])
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        budget = self.max_prefill_tokens
-        rows: list[ScheduledRow] = []
+        """The next chunks of the prompts under way, then new requests, while the token budget, the
+        request slots and the pages last."""
         computing: set[tuple[int, ...]] = set()  # first page each prefill of this step computes
-        for req in self.running:
-            if req.phase is Phase.PREFILL and budget > 0:
-                # Share the chunks computed so far; the chunk about to run stays private until
-                # it is written, so no step writes into a page another request may read.
-                self._cache_computed(req)
-                computing.add(self._page_key(req, req.kv_len))
-                row = self._prefill_row(req, budget)
-                if row is None:
-                    break
-                rows.append(row)
-                budget -= row.num_tokens
+        rows = self._continue_prefills(computing)
+        budget = self.max_prefill_tokens - sum(r.num_tokens for r in rows)
         if budget > 0 and self.free_slots:
             self._order_waiting()  # it matches the queue's head against the tree: only when one can be admitted
         reserve = len(self.running)  # keep a page per running request for its next decode token
@@ -172,20 +163,8 @@ class Scheduler:
             need = pages_for(start + first_chunk, self.page_size) - match.num_pages
             if self.allocator.num_free + self.cache.num_evictable_pages < need + reserve:
                 break
-            self.waiting.remove(req)
-            self.cache.lock(match.handle)
-            req.cache_handle, req.pages = match.handle, list(match.pages)
-            req.num_cache_pages = match.num_pages
-            req.kv_len = req.cached_tokens = start
-            self.cache_hit_tokens += start
-            req.slot = self.free_slots.pop()
-            req.phase = Phase.PREFILL
-            self.running.append(req)
-            row = self._prefill_row(req, budget)
-            if row is None:  # eviction could not deliver after all: undo and stop admitting
-                self.release(req)
-                req.phase, req.kv_len = Phase.WAITING, 0
-                self.waiting.appendleft(req)
+            row = self._admit(req, match, budget)
+            if row is None:
                 break
             computing.add(key)
             rows.append(row)
@@ -195,6 +174,43 @@ class Scheduler:
             return None
         self.prefill_tokens += sum(r.num_tokens for r in rows)
         return ScheduledBatch(rows=rows, is_decode=False)
+
+    def _continue_prefills(self, computing: set[tuple[int, ...]]) -> list[ScheduledRow]:
+        """The next chunk of each admitted prompt, within the token budget."""
+        rows: list[ScheduledRow] = []
+        budget = self.max_prefill_tokens
+        for req in self.running:
+            if req.phase is Phase.PREFILL and budget > 0:
+                # Share the chunks computed so far; the chunk about to run stays private until
+                # it is written, so no step writes into a page another request may read.
+                self._cache_computed(req)
+                computing.add(self._page_key(req, req.kv_len))
+                row = self._prefill_row(req, budget)
+                if row is None:
+                    break
+                rows.append(row)
+                budget -= row.num_tokens
+        return rows
+
+    def _admit(self, req: Req, match: PrefixMatch, budget: int) -> ScheduledRow | None:
+        """Move a waiting request to the running set on its cached prefix and schedule its first chunk.
+        When eviction cannot deliver the pages after all, undo: it goes back to the queue's head."""
+        self.waiting.remove(req)
+        self.cache.lock(match.handle)
+        req.cache_handle, req.pages = match.handle, list(match.pages)
+        req.num_cache_pages = match.num_pages
+        req.kv_len = req.cached_tokens = match.num_pages * self.page_size
+        req.slot = self.free_slots.pop()
+        req.phase = Phase.PREFILL
+        self.running.append(req)
+        row = self._prefill_row(req, budget)
+        if row is None:
+            self.release(req)
+            req.phase, req.kv_len = Phase.WAITING, 0
+            self.waiting.appendleft(req)
+            return None
+        self.cache_hit_tokens += req.cached_tokens
+        return row
 
     def _prefill_row(self, req: Req, budget: int) -> ScheduledRow | None:
         num_tokens = min(req.target_len - req.kv_len, budget)

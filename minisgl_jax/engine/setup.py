@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -10,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from minisgl_jax.config import EngineArgs
+from minisgl_jax.engine import multihost
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,17 @@ CPU_DEFAULT_KV_PAGES = 2048
 # time. With it, jax 0.11.2 runs a whole Qwen3-0.6B decode step as one graph of 466 commands, the
 # Pallas kernels included (XLA's thunk dump).
 GPU_XLA_FLAGS = {"--xla_gpu_graph_min_graph_size": "1"}
+
+
+def prepare_process(args: EngineArgs) -> None:
+    """The engine's effects on the whole process, in one place and before anything else: a garbage
+    collection (a dropped engine's arrays sit in reference cycles; their device memory must be free
+    before this engine sizes its KV pool from what is left), our XLA flags, `jax.distributed` across
+    hosts, and the persistent compilation cache."""
+    gc.collect()
+    set_gpu_xla_flags()
+    multihost.init_distributed(args)
+    enable_compile_cache(args.compile_cache_dir)
 
 
 def set_gpu_xla_flags() -> None:
