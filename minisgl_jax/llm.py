@@ -64,7 +64,7 @@ class LLM:
         results: dict[int, Completion] = {}
         bar = None
         started = time.perf_counter()
-        for delta in self.stream(prompts, sampling_params, _results=results, _incremental=False):
+        for delta in self._run(prompts, sampling_params, results, incremental=False):
             if use_tqdm and bar is None:
                 bar = tqdm(total=len(results), desc="generating", unit="req")
             if bar is not None and delta.finished:
@@ -79,27 +79,34 @@ class LLM:
         self,
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        _results: dict[int, Completion] | None = None,
-        _incremental: bool = True,
     ) -> Iterator[Delta]:
-        """Yield text deltas as tokens are produced, for all prompts together.
+        """Yield text deltas as tokens are produced, for all prompts together."""
+        yield from self._run(prompts, sampling_params, {}, incremental=True)
 
-        generate() passes _incremental=False: then only requests with stop strings are detokenized
-        step by step, and the others once at their end, so text costs no host time between steps.
+    def _run(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None,
+        results: dict[int, Completion],
+        incremental: bool,
+    ) -> Iterator[Delta]:
+        """Run the prompts, filling `results` (by prompt index) and yielding each step's deltas.
+
+        Not `incremental` (generate): only requests with stop strings are detokenized step by step,
+        the others once at their end, so text costs no host time between steps.
         """
         prompt_list = _as_prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompt_list)
         if len(params_list) != len(prompt_list):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
-        results = {} if _results is None else _results
         detoks: dict[str, tuple[int, IncrementalDetokenizer, bool]] = {}
         for index, (prompt, p) in enumerate(zip(prompt_list, params_list)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"llm-{next(self._ids)}"
             self.engine.add_request(rid, ids, p)
             results[index] = Completion(request_id=rid, prompt_token_ids=ids)
-            live = _incremental or bool(p.stop)
+            live = incremental or bool(p.stop)
             detoks[rid] = (index, IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop), live)
         try:
             while detoks:
