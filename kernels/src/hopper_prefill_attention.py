@@ -35,8 +35,8 @@ from .paged_decode_attention import paged_decode_attention
 WG_ROWS = 64  # query rows per compute warpgroup: one wgmma M tile
 COMPUTE_WGS = 2
 TILE_ROWS = 8  # rows of a shared-memory tile: a TMA copy into one starts on a multiple of it
-# Programs per multiprocessor (one runs at a time: ~190 KiB of shared memory each). Measured on an
-# H200: 8 beat 1, 2 and 4 (one long-lived program per SM leaves each item's start exposed) and 16.
+# Programs per multiprocessor (one runs at a time: ~190 KiB of shared memory each); 8 beat 1, 2, 4 and
+# 16 (RESULTS.md, "Prefill on Hopper: a Mosaic GPU kernel at 80-90% of cuDNN").
 PROGRAMS_PER_SM = 8
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -83,7 +83,7 @@ def _attention_kernel(
     Persistent over a capped grid: program p works through items (block, q head) p, then
     2N - 1 - p, 2N + p, ... (N programs; a snake, so that long and short blocks even out). A
     bucket's static block count is mostly empty blocks (it must allow a block per sequence), and
-    a program per block would cost a launch each (+70 us for a 255-decode mixed batch). The ring of
+    a program per block would cost a launch each. The ring of
     K/V slots runs on across items: `base` counts the ring steps before the item, in every warpgroup.
     """
     (q_smem, o_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped

@@ -31,14 +31,12 @@ from .paged_blocks import (
     token_slots,
 )
 
-# Splits pay only while programs are few: at 8 sequences x 8 kv heads on an H200, 4 splits run 12.2 us
-# at 1,024 tokens against 21.2 unsplit, but at 32 x 8 the 2 splits a target of 4 programs per SM
-# gave took 14.9 us at 256 tokens against 10.8 unsplit (benchmarks/RESULTS.md, "Decode attention:
-# splits and block size").
+# Splits pay only while programs are few: aim at 2 programs per multiprocessor (RESULTS.md, "Decode
+# attention: splits and block size").
 PROGRAMS_PER_SM = 2
 MIN_SPLIT_TOKENS = 512  # a split shorter than this costs more in the combine than it gains
 # With this many programs or more (no splits), 32-token blocks beat 64: smaller tiles let more programs
-# share an SM, so more loads are in flight (256 x 8 at 256 tokens: 72.3 against 77.3 us).
+# share an SM, so more loads are in flight (same section).
 SMALL_BLOCK_PROGRAMS = 512
 
 

@@ -2,10 +2,9 @@
 stays in XLA's CUDA graph.
 
 Why: under jax 0.11 XLA runs each tensor-parallel all-reduce as a collective thunk (NCCL or its
-own Triton collective kernel) that ends the step's CUDA graph: a Llama-8B decode step at tp=2 is
-67 graphs per GPU, and each all-reduce takes 15-17 us of device time for 2 MiB that NVLink moves
-in ~5 us (benchmarks/RESULTS.md). A `pallas_call` lowered through Triton is an ordinary kernel to
-XLA and is captured like any fusion.
+own Triton collective kernel) that ends the step's CUDA graph, and takes several times what NVLink
+needs for the bytes (RESULTS.md, "An all-reduce kernel that stays in XLA's CUDA graph"). A
+`pallas_call` lowered through Triton is an ordinary kernel to XLA and is captured like any fusion.
 
 How (one shot, push): every device owns a receive buffer and a flag array that live outside any
 XLA program (`PeerBuffers`); the kernel reaches them, and the peers', by raw address through

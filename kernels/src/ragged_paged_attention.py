@@ -140,8 +140,8 @@ def ragged_paged_attention(
     max_q_len: static hint. 1 promises a decode bucket (tokens == seqs, every q_len 0 or 1) and
     runs the split-K decode kernel alone; None allows any mix. interpret: None interprets unless
     JAX's default backend is a GPU. block_m (rows of tokens x group heads), block_k (keys per step),
-    num_warps, num_stages tune the block kernel; the defaults suit an H100 (4-byte inputs halve
-    block_m and block_k: `fit_tile`).
+    num_warps, num_stages tune the block kernel; the defaults were tuned on Hopper (4-byte inputs
+    halve block_m and block_k: `fit_tile`).
     """
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
     interpret = resolve_interpret(interpret)

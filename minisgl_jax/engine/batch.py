@@ -30,7 +30,8 @@ class StepKey:
 
     def describe(self) -> str:
         phase = "decode" if self.is_decode else "prefill"
-        return f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, {self.num_steps} steps)"
+        return (f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, "
+                f"{self.num_steps} steps)")
 
 
 @dataclass

@@ -65,8 +65,8 @@ class ModelRunner:
         self.backend = config.attention
         self.collectives = config.collectives
         self.graphdef, params = nnx.split(model)
-        # The step takes the parameters as one flat list of arrays: flattening the NNX tree of
-        # Variables on every call cost ~1 ms of host time per step on the H100 (benchmarks/RESULTS.md).
+        # One flat list of arrays: flattening the NNX tree of Variables on every call cost host time
+        # (RESULTS.md, "The step takes a flat list of parameters").
         self.params, self.params_treedef = jax.tree.flatten(params)
         cfg = model.config
         self.vocab_size = cfg.vocab_size

@@ -80,9 +80,8 @@ class StepPrograms:
 
         Tracing and lowering are Python and hold the GIL, so they run here one program at a time;
         each lowered program goes to a pool of `workers` threads at once, where XLA compiles (or
-        loads from the persistent cache) outside the GIL while the next one is traced. Tracing
-        in every thread at once was slower: the threads contended for the GIL (H200: 21.3 s for
-        18 cached programs, against 16.8 s one after the other).
+        loads from the persistent cache) outside the GIL while the next one is traced; tracing in
+        every thread at once was slower, the threads contending for the GIL.
         """
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for key, packed in tqdm(programs, desc="lowering step programs", disable=None):

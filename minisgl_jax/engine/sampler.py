@@ -70,8 +70,8 @@ def filter_threshold(
 
     A token is kept when fewer than top_k tokens lie above it, they hold less than top_p of the
     probability, and its probability is at least min_p times the top one's; ties are kept together.
-    Those sets are the tokens at or above a threshold, found without sorting the vocabulary (a sort
-    took 0.1-3.0 ms per step on an H200; this 0.1-2.0 ms, benchmarks/RESULTS.md): 11 passes of
+    Those sets are the tokens at or above a threshold, found without sorting the vocabulary (RESULTS.md,
+    "Filtered sampling without a vocabulary sort"): 11 passes of
     `threshold_counts`, each splitting an interval of float32 values (as ordered int32 keys) 8 ways
     by the tokens and the probability above 7 cut points. Under tensor parallelism each pass sums
     its counts over the vocab shards in one small exchange.
@@ -128,10 +128,8 @@ def sample(
     return ids, chosen, top_ids.astype(jnp.int32), top_logits - normalizer[:, None]
 
 
-# XLA's GPU top-k kernel takes k <= 16; a larger k sorts the rows. The sort's cost grows with the
-# rows, the pieces' (16 then 4) hardly does: H200, k=20 over 128,256 columns, ms for the sort / the
-# pieces: 1 row 0.14 / 0.33, 8 rows 0.25 / 0.33, 12 rows 0.35 / 0.33, 16 rows 0.44 / 0.33, 32 rows
-# 0.94 / 0.34, 64 rows 1.03 / 0.37 (benchmarks/RESULTS.md).
+# XLA's GPU top-k kernel takes k <= 16; a larger k sorts the rows, whose cost grows with the rows while
+# the pieces' (16 then 4) hardly does (RESULTS.md, "Logprobs without a sort: the top 20 in pieces of 16").
 TOP_K_PIECE = 16
 TOP_K_PIECES_MIN_ROWS = 12
 

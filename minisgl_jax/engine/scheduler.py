@@ -19,9 +19,8 @@ from minisgl_jax.kvcache.prefix_cache import PrefixCache, PrefixMatch
 
 logger = logging.getLogger(__name__)
 
-# Prefix ordering matches each waiting request against the tree (~40 us for a 2k-token prompt on a
-# long shared prefix), so it orders only the first LPM_WINDOW of the queue: a step's cost stays
-# bounded however long the queue grows, and the rest keep their order behind them.
+# Prefix ordering matches each waiting request against the tree, so it orders only the first
+# LPM_WINDOW of the queue: a step's cost stays bounded however long the queue grows.
 LPM_WINDOW = 128
 
 

@@ -19,11 +19,9 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_PAGES = 2048
 
 
-# XLA captures runs of GPU kernels into CUDA graphs (command buffers), but by default only runs of
-# several kernels; a decode step is hundreds of small kernels, so every run is worth a graph.
-# Measured on the H100 (benchmarks/RESULTS.md): batch-1 decode step 3.34 -> 2.65 ms of device
-# time. With it, jax 0.11.2 runs a whole Qwen3-0.6B decode step as one graph of 466 commands, the
-# Pallas kernels included (XLA's thunk dump).
+# XLA captures runs of GPU kernels into CUDA graphs, by default only runs of several kernels; a decode
+# step is hundreds of small kernels, so every run is worth a graph (RESULTS.md, "Batch-1 decode:
+# buckets and CUDA graphs").
 GPU_XLA_FLAGS = {"--xla_gpu_graph_min_graph_size": "1"}
 
 

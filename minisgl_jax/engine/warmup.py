@@ -84,12 +84,9 @@ class BackgroundCompiler:
     while the engine is idle.
 
     Start-up compiles only the plain programs (greedy and temperature, no logprobs): compiling all
-    four kinds there would take about 4x as long. Without this, the first request with top_p (or
-    logprobs) in a batch of each new shape waited for that program's compile, and so did its whole
-    batch (Llama-3.1-8B on an H200: the first top_p pass over a 4.9 s workload took 16.5 s).
-
-    Tracing holds the GIL, which the engine's own host work needs: traced while the engine served,
-    the variants slowed it 2.4x for a minute (benchmarks/RESULTS.md). So a program is traced only
+    four kinds there would take about 4x as long; without this, the first request with top_p (or
+    logprobs) in a batch of each new shape, and its whole batch, waited for that program's compile.
+    Tracing holds the GIL, which the engine's own host work needs, so a program is traced only
     while the engine has no requests; the compiles themselves (outside the GIL) run whenever, in up
     to `workers` threads at once. A request that needs a program before this thread gets to it
     compiles it itself; one that needs a program under way here waits for it (StepPrograms.get)."""
@@ -179,8 +176,8 @@ def collector_paused() -> Iterator[None]:
     """Python's automatic collections off while the step programs compile.
 
     Tracing and compiling make hundreds of thousands of long-lived objects, and every few thousand
-    new ones start a collection that walks them all and finds next to nothing: 9-12 full collections,
-    1.9-3.9 s of a Llama-3.1-8B start-up on the H200 host (benchmarks/RESULTS.md). The freeze that
+    new ones start a collection that walks them all and finds next to nothing (RESULTS.md, "The
+    sampler's argmax in the step's own exchange, and the GC freeze on the GPU"). The freeze that
     follows collects once."""
     was_enabled = gc.isenabled()
     gc.disable()
@@ -195,9 +192,8 @@ def freeze_start_up_objects(engine: Engine) -> None:
     """Keep the objects start-up made (JAX's traces and caches: ~660k) out of Python's collector
     while `engine` lives.
 
-    A full collection walks every tracked object: ~0.4 s on a 2-core CPU with a tiny model, 0.2-1.2 s
-    on the H200 host with Llama-3.1-8B, and one landing in a run stalls serving that long. Frozen,
-    they cost it nothing. The engine's arrays sit in reference cycles, so frozen they would outlive
+    A full collection walks every tracked object, and one landing in a run stalls serving that long
+    (RESULTS.md, same section). Frozen, they cost it nothing. The engine's arrays sit in reference cycles, so frozen they would outlive
     it, device memory and all: when the engine goes, everything is thawed again (`gc.unfreeze`), and
     the next collection, or the next engine's start (`Engine.__init__`), frees them."""
     gc.collect()

@@ -51,8 +51,8 @@ class RadixCache(PrefixCache):
             if child is None:
                 break
             child_pages = len(child.pages)
-            # One comparison of the whole key first: page by page costs ~0.5 us a page in Python,
-            # and the scheduler matches every waiting request on every admission.
+            # One comparison of the whole key first: page by page is slow in Python, and the
+            # scheduler matches every waiting request on every admission.
             whole = page + child_pages <= num_pages and child.key == tuple(
                 tokens[page * self.page_size : (page + child_pages) * self.page_size]
             )
