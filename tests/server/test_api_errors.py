@@ -7,7 +7,8 @@ import tempfile
 import pytest
 from fastapi.testclient import TestClient
 from minisgl_jax.server import ipc
-from minisgl_jax.server.api import APIConfig, body_path, build_app
+from minisgl_jax.server.api import APIConfig, build_app
+from minisgl_jax.server.errors import body_path
 from minisgl_jax.server.client import EngineClient
 from minisgl_jax.server.metrics import ServerMetrics
 

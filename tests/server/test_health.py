@@ -12,7 +12,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from minisgl_jax.server import ipc
-from minisgl_jax.server.api import HEARTBEAT_TIMEOUT_S, APIConfig, build_app
+from minisgl_jax.server.api import APIConfig, build_app
+from minisgl_jax.server.health import HEARTBEAT_TIMEOUT_S
 from minisgl_jax.server.client import EngineClient
 from minisgl_jax.server.messages import SchedulerReady, SchedulerStats
 from minisgl_jax.server.metrics import ServerMetrics
