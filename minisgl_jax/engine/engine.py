@@ -4,9 +4,7 @@
 so the host's bookkeeping runs while the device computes.
 
 A step that fails ends the requests in it with FinishReason.ERROR, and the engine goes on;
-a device error, or MAX_FAILED_STEPS failed steps in a row, raise `EngineBroken` instead. Across
-hosts every node builds and reads the same batches, so a step error that the batch itself causes
-ends the same requests on every node, which stay in lockstep.
+a device error, or repeated failures, raise `EngineBroken` instead (engine/step_failures.py).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -35,6 +32,7 @@ from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
+from minisgl_jax.engine.step_failures import FailedSteps
 from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
@@ -44,27 +42,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-# Failed steps in a row that end the engine: a fault that every step meets, not one batch's.
-MAX_FAILED_STEPS = 3
-
-
-class EngineBroken(RuntimeError):
-    """The engine cannot serve any more: a device error, or MAX_FAILED_STEPS failed steps in a row."""
-
-
-def is_device_error(error: BaseException) -> bool:
-    """Whether a step's failure came from the device runtime, which ends the engine.
-
-    jax raises a launched program's runtime failures (CUDA errors, device out of memory, NCCL
-    failures) as JaxRuntimeError (jaxlib's XlaRuntimeError), at launch or when its results are
-    read; the donated KV pool and device state are then in an unknown state. Every other failure
-    is a step error, which only that step's requests pay for: the step's batch failed to build
-    on the host, its program failed to compile (CompileError, raised before anything runs), or the
-    host's bookkeeping of its results raised.
-    """
-    return isinstance(error, jax.errors.JaxRuntimeError)
-
 
 def make_prefix_cache(kind: str, allocator: PageAllocator, page_size: int) -> PrefixCache:
     return NaiveCache(allocator, page_size) if kind == "naive" else RadixCache(allocator, page_size)
@@ -82,7 +59,7 @@ class Engine:
         self.requests: dict[str, Req] = {}
         self._finals: list[RequestOutput] = []
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
-        self._failed_in_a_row = 0
+        self.failed_steps = FailedSteps()
         self._rng = random.Random(args.seed)
         self._arrivals = 0
         self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0, burst_steps=0)
@@ -320,27 +297,13 @@ class Engine:
             outputs = self._process(batch, out)
         except Exception as error:
             return self._fail(pending, error, batch)
-        self._failed_in_a_row = 0
+        self.failed_steps.succeeded()
         return outputs
 
     def _fail(self, reqs: list[Req], error: Exception, batch: ScheduledBatch) -> list[RequestOutput]:
         """End `reqs`, the requests of a failed step, with an error and give their pages back;
         raise EngineBroken when the engine cannot go on."""
-        kind = "decode" if batch.is_decode else "prefill"
-        if is_device_error(error):
-            raise EngineBroken(f"a device error in a {kind} step: {error}") from error
-        self._failed_in_a_row += 1
-        if self._failed_in_a_row >= MAX_FAILED_STEPS:
-            raise EngineBroken(
-                f"{self._failed_in_a_row} steps failed in a row; the last, a {kind} step: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        logger.error(
-            "a %s step failed (%s: %s): its requests (%d) end with an error, the others go on "
-            "(%d of %d failed steps in a row end the engine)",
-            kind, type(error).__name__, error, len(batch.rows), self._failed_in_a_row, MAX_FAILED_STEPS,
-            exc_info=error,
-        )
+        self.failed_steps.record(error, "decode" if batch.is_decode else "prefill", len(batch.rows))
         outputs: list[RequestOutput] = []
         for req in reqs:
             if not req.finished:

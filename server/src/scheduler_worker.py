@@ -40,7 +40,7 @@ from minisgl_jax.server.messages import (
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
-from minisgl_jax.engine.engine import EngineBroken
+from minisgl_jax.engine.step_failures import EngineBroken
 
 logger = logging.getLogger(__name__)
 

@@ -104,7 +104,9 @@ def test_logprobs_are_the_log_softmax():
         top_p=jnp.ones(4, jnp.float32), min_p=jnp.zeros(4, jnp.float32), seed_lo=jnp.arange(4, dtype=jnp.uint32),
         seed_hi=jnp.zeros(4, jnp.uint32), token_index=jnp.zeros(4, jnp.int32),
     )
-    ids, chosen, top_ids, top_logprobs = sample(logits, arrays, mode=SAMPLE_PLAIN, num_logprobs=20, collectives=collectives_for(1))
+    ids, chosen, top_ids, top_logprobs = sample(
+        logits, arrays, mode=SAMPLE_PLAIN, num_logprobs=20, collectives=collectives_for(1)
+    )
     logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     np.testing.assert_allclose(np.asarray(chosen), logprobs[np.arange(4), np.asarray(ids)], rtol=1e-6, atol=1e-6)
     order = np.argsort(-logprobs, axis=1, kind="stable")[:, :20]

@@ -11,7 +11,7 @@ import pytest
 
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import engine as engine_module
-from minisgl_jax.engine.engine import MAX_FAILED_STEPS, EngineBroken, is_device_error
+from minisgl_jax.engine.step_failures import MAX_FAILED_STEPS, EngineBroken, is_device_error
 from minisgl_jax.engine.batch import StepKey, StepOutput
 from minisgl_jax.engine.programs import CompileError, ProgramKey, StepPrograms
 from tiny_models import save_tiny_checkpoint, tiny_engine
