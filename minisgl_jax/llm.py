@@ -28,6 +28,7 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
+    error: str | None = None  # with FinishReason.ERROR: the engine's step for it failed, and how
 
     @property
     def usage(self) -> dict[str, int]:
@@ -133,7 +134,7 @@ class LLM:
                         text += detok.flush() if live else detok.add(result.token_ids) + detok.flush()
                     result.text += text
                     if finished:
-                        result.finish_reason = reason
+                        result.finish_reason, result.error = reason, out.error
                         del detoks[out.request_id]
                     yield Delta(out.request_id, index, text, new_ids, finished, reason)
         finally:

@@ -55,3 +55,23 @@ def test_logprobs_are_consistent(llm):
     for lp in out.logprobs:
         assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy: the chosen token is the most likely
         assert lp.logprob == pytest.approx(lp.top[0][1]) and lp.logprob <= 0
+
+
+def test_a_request_whose_step_fails_ends_with_error_and_the_engine_goes_on(llm, monkeypatch):
+    """Offline too, a failed step ends its requests with finish_reason error and the reason; the next
+    requests are served."""
+    from minisgl_jax.engine import engine as engine_module
+
+    build = engine_module.build_step_batch
+
+    def failing(batch, *args):
+        if any(row.req.params.seed == 13 for row in batch.rows):
+            raise ValueError("injected")
+        return build(batch, *args)
+
+    monkeypatch.setattr(engine_module, "build_step_batch", failing)
+    (bad,) = llm.generate(["doomed"], SamplingParams(max_tokens=4, seed=13))
+    assert bad.finish_reason is FinishReason.ERROR and bad.error == "ValueError: injected" and not bad.token_ids
+    (ok,) = llm.generate(["fine"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert ok.finish_reason is FinishReason.LENGTH and len(ok.token_ids) == 4 and ok.error is None
+    llm.engine.check_kv_invariant()
