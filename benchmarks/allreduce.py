@@ -37,12 +37,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.kernels.device import multiprocessor_count
 from minisgl_jax.kernels.peer_allreduce import PeerBuffers, PeerLayout, peer_all_reduce
 
 CHAIN = 64
 LANE_ELEMENTS = 1024  # one row of the kernel's [rows, 1024] view of the input
 TILE_BYTES = 8192  # per source and program step: 64 bytes per thread of a warpgroup
-MAX_PROGRAMS = 132  # the SMs of an H100/H200; more programs would only queue
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -78,7 +78,7 @@ def one_shot_all_reduce(x: jax.Array, axis_name: str, num_devices: int) -> jax.A
     num_rows = x.size // LANE_ELEMENTS
     tile = _tile_rows(num_rows, x.dtype.itemsize)
     num_tiles = num_rows // tile
-    programs = min(num_tiles, MAX_PROGRAMS)
+    programs = min(num_tiles, multiprocessor_count())  # more programs would only queue
     kernel = _build_kernel(num_rows, jnp.dtype(x.dtype), tile, programs, axis_name, num_devices)
     return kernel(x.reshape(num_rows, LANE_ELEMENTS)).reshape(x.shape)
 

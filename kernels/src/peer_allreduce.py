@@ -20,6 +20,12 @@ next, so nothing needs resetting, and its parity picks one of two buffer slots: 
 slot s again only after the all-reduce in between (the other slot) has synchronised it with every
 peer, by which time every peer has finished reading slot s. Every all-reduce must run on all
 devices of the mesh (it is SPMD: call it under `shard_map`), in the same order.
+
+Why the spin-wait does not deadlock: a program waits only for the programs with its own number on
+the peers, and a call's grid never exceeds the device's multiprocessors (`PeerLayout.max_programs`,
+asked of the device), one program fitting on each: every program of a call is resident at once on
+every GPU, so the peer program each one waits for is running. That argument rests on residency; a
+grid wider than the GPU could, with blocks dispatched out of order on two GPUs, wait in a cycle.
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.utils import cdiv
 
+from .device import multiprocessor_count
+
 # 16-byte vectors per program and loop step: the fewest (a power of two) that spread the input over
-# MAX_PROGRAMS programs, so that every SM has a program and a large input more loads in flight
-# per thread (4 per thread at 256 x 4096 bf16) instead of more steps.
+# max_programs programs, so that every SM has a program and a large input more loads in flight
+# per thread instead of more steps.
 MIN_BLOCK_QUADS, MAX_BLOCK_QUADS = 128, 2048
-MAX_PROGRAMS = 132  # the SMs of an H100/H200; each program loops over its blocks
 SLOTS = 2
 
 # --- an elementwise inline-asm op the compiler must keep and keep in order ------------------------
@@ -137,6 +144,7 @@ class PeerLayout:
 
     num_devices: int
     capacity_words: int
+    max_programs: int  # the device's multiprocessors: a program each at most, each looping over its blocks
 
     @property
     def comm_words(self) -> int:
@@ -144,7 +152,7 @@ class PeerLayout:
 
     @property
     def flag_words(self) -> int:
-        return SLOTS * self.num_devices * MAX_PROGRAMS
+        return SLOTS * self.num_devices * self.max_programs
 
 
 class PeerBuffers:
@@ -163,7 +171,7 @@ class PeerBuffers:
         n = len(devices)
         block_words = 4 * MAX_BLOCK_QUADS
         capacity = cdiv(capacity_bytes, 4 * block_words) * block_words
-        self.layout = PeerLayout(num_devices=n, capacity_words=capacity)
+        self.layout = PeerLayout(num_devices=n, capacity_words=capacity, max_programs=multiprocessor_count())
         sharding = NamedSharding(mesh, P(axis))
         self.comm = jax.device_put(np.zeros((n, self.layout.comm_words), np.int32), sharding)
         self.flags = jax.device_put(np.zeros((n, self.layout.flag_words), np.int32), sharding)
@@ -232,14 +240,14 @@ def _kernel(seq_ref, table_ref, words_ref, out_ref, *, layout: PeerLayout, num_q
 
     token = lax.fori_loop(0, steps, push, jnp.int32(0))
     plgpu.debug_barrier()
-    flag = (slot * n + me) * MAX_PROGRAMS + program
+    flag = (slot * n + me) * layout.max_programs + program
     for i in range(1, n):
         (done,) = _asm(_SIGNAL, "=r,r,r,r,r", flags[i][0], flags[i][1], flag + token, seq)
         token = token + done
     for i in range(1, n):
         src = lax.rem(me + i, n)
         (done,) = _asm(_WAIT, "=r,r,r,r,r", flags[0][0], flags[0][1],
-                       (slot * n + src) * MAX_PROGRAMS + program + token, seq)
+                       (slot * n + src) * layout.max_programs + program + token, seq)
         token = token + done
 
     def reduce(step, token):
@@ -320,10 +328,10 @@ def _call(num_words: int, layout: PeerLayout, dtype: jnp.dtype | None):
     gather = dtype is None
     num_quads = num_words // 4
     block = MIN_BLOCK_QUADS
-    while block < MAX_BLOCK_QUADS and block * MAX_PROGRAMS < num_quads:
+    while block < MAX_BLOCK_QUADS and block * layout.max_programs < num_quads:
         block *= 2
     num_blocks = cdiv(num_quads, block)
-    programs = min(num_blocks, MAX_PROGRAMS)
+    programs = min(num_blocks, layout.max_programs)
     kernel = functools.partial(_kernel, layout=layout, num_quads=num_quads, block=block, num_blocks=num_blocks,
                                programs=programs, dtype=dtype)
     return pl.pallas_call(

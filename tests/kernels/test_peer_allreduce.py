@@ -113,7 +113,7 @@ def test_gather_equals_all_gather_between_sums():
 
 
 def test_gather_inputs_are_checked():
-    layout = PeerLayout(num_devices=2, capacity_words=64)
+    layout = PeerLayout(num_devices=2, capacity_words=64, max_programs=4)
     table, seq = jnp.zeros((1, 2, 5), jnp.int32), jnp.ones((1,), jnp.int32)
     with pytest.raises(ValueError, match="int32 or float32, got bfloat16"):
         peer_all_gather(jnp.zeros(8, jnp.bfloat16), table, seq, layout=layout)
