@@ -65,11 +65,11 @@ def test_sigterm_drains_then_stops_the_server_and_every_child_within_10s(keyed_s
     url, auth = keyed_server.url, {"Authorization": "Bearer sesame"}
     children = child_pids(keyed_server.proc.pid)
     assert len(children) >= 3  # tokenizer, detokenizer, scheduler (and multiprocessing's resource tracker)
-    in_flight = BackgroundStream(url, {"prompt": "x", "max_tokens": 100, "ignore_eos": True}, auth)
-    assert in_flight.started.wait(30)
     scheduler = keyed_server.child("scheduler")
-    os.kill(scheduler, signal.SIGSTOP)
+    os.kill(scheduler, signal.SIGSTOP)  # first: the request below cannot finish before the SIGTERM
     try:
+        in_flight = BackgroundStream(url, {"prompt": "x", "max_tokens": 100, "ignore_eos": True}, auth)
+        time.sleep(1.5)  # it reaches the API, which holds it until its first token
         started = time.monotonic()
         keyed_server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)  # the API handles the signal
