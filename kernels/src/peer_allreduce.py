@@ -21,11 +21,17 @@ slot s again only after the all-reduce in between (the other slot) has synchroni
 peer, by which time every peer has finished reading slot s. Every all-reduce must run on all
 devices of the mesh (it is SPMD: call it under `shard_map`), in the same order.
 
-Why the spin-wait does not deadlock: a program waits only for the programs with its own number on
-the peers, and a call's grid never exceeds the device's multiprocessors (`PeerLayout.max_programs`,
-asked of the device), one program fitting on each: every program of a call is resident at once on
-every GPU, so the peer program each one waits for is running. That argument rests on residency; a
-grid wider than the GPU could, with blocks dispatched out of order on two GPUs, wait in a cycle.
+Why the spin-wait does not deadlock, however wide the grid: a program's number is not its
+`program_id` but a ticket it takes from a counter on its own device when it starts (`_take_ticket`),
+so numbers go to programs in the order they start; ticket t waits only for the programs holding
+ticket t on the peers. By induction on t: once every ticket below t has finished on every device,
+a device that has not handed out ticket t yet runs only holders of lower tickets, so a
+multiprocessor frees up and the next program to start there takes t; then the holders of t are
+running on every device, each raises its flags before it waits, and all finish. Residency is never
+assumed (a test runs a grid four times the multiprocessors); the grid is still kept to one program
+per multiprocessor (`PeerLayout.max_programs`) because that is fastest. The program that takes the
+last ticket resets the counter: every ticket of the call is taken by then, and the next kernel on
+the device starts only after this one ends.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 from jax import lax
 from jax._src.pallas.triton import lowering as triton_lowering  # to register an impure inline-asm op
 from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith
 from jax._src.lib.triton import dialect as tt_dialect
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -80,6 +87,32 @@ def _asm_lowering(ctx, *args, asm: str, constraints: str, outputs: int):
     return list(op) if isinstance(op, (list, tuple, ir.OpResultList)) else [op]
 
 
+_ticket_p = Primitive("peer_allreduce_ticket")
+
+
+@_ticket_p.def_abstract_eval
+def _ticket_abstract_eval(lo, hi, index):
+    del lo, hi, index
+    return jax.core.ShapedArray((), jnp.int32)
+
+
+@triton_lowering.register_lowering(_ticket_p)
+def _ticket_lowering(ctx, lo, hi, index):
+    """One atomic add on a scalar address: Triton runs it in one thread and broadcasts the result."""
+    del ctx
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+    base = arith.ori(arith.shli(arith.extui(i64, hi), arith.constant(i64, 32)), arith.extui(i64, lo))
+    address = arith.addi(base, arith.muli(arith.extui(i64, index), arith.constant(i64, 4)))
+    pointer = tt_dialect.int_to_ptr(tt_dialect.PointerType.get(i32, 1), address)
+    return [tt_dialect.atomic_rmw(i32, tt_dialect.RMWOp.ADD, pointer, arith.constant(i32, 1),
+                                  sem=tt_dialect.MemSemantic.RELAXED, scope=tt_dialect.MemSyncScope.GPU)]
+
+
+def _take_ticket(lo: jax.Array, hi: jax.Array, index: int) -> jax.Array:
+    """This program's number: the counter at word `index` of (lo, hi), then one more."""
+    return _ticket_p.bind(lo, hi, jnp.int32(index))
+
+
 def _asm(asm: str, constraints: str, *args: jax.Array, outputs: int = 1) -> list[jax.Array]:
     shape = jnp.broadcast_shapes((1,), *(jnp.shape(a) for a in args))
     args = [jnp.broadcast_to(jnp.asarray(a, jnp.int32), shape) for a in args]
@@ -97,6 +130,10 @@ def _address(lo: int, hi: int, idx: int) -> str:
 _STORE_V4 = (  # out, lo, hi, word index, predicate, 4 words
     "{\n.reg .b64 %ar_a, %ar_o;\n.reg .pred %ar_p;\n" + _address(1, 2, 3)
     + "setp.ne.b32 %ar_p, $4, 0;\n@%ar_p st.global.v4.b32 [%ar_a], {$5, $6, $7, $8};\nmov.b32 $0, 0;\n}"
+)
+_STORE_IF = (  # out, lo, hi, word index, predicate, word
+    "{\n.reg .b64 %ar_a, %ar_o;\n.reg .pred %ar_p;\n" + _address(1, 2, 3)
+    + "setp.ne.b32 %ar_p, $4, 0;\n@%ar_p st.global.b32 [%ar_a], $5;\nmov.b32 $0, 0;\n}"
 )
 _LOAD_V4 = (  # 4 words out, lo, hi, word index
     "{\n.reg .b64 %ar_a, %ar_o;\n" + _address(4, 5, 6) + "ld.global.cg.v4.b32 {$0, $1, $2, $3}, [%ar_a];\n}"
@@ -152,7 +189,11 @@ class PeerLayout:
 
     @property
     def flag_words(self) -> int:
-        return SLOTS * self.num_devices * self.max_programs
+        return SLOTS * self.num_devices * self.max_programs + 1  # the last word: the ticket counter
+
+    @property
+    def ticket_word(self) -> int:
+        return self.flag_words - 1
 
 
 class PeerBuffers:
@@ -164,14 +205,15 @@ class PeerBuffers:
     never passed to XLA, so their addresses never change.
     """
 
-    def __init__(self, mesh: Mesh, axis: str, capacity_bytes: int) -> None:
+    def __init__(self, mesh: Mesh, axis: str, capacity_bytes: int, max_programs: int | None = None) -> None:
         devices = list(mesh.devices.flat)
         if mesh.devices.size != mesh.shape[axis]:
             raise ValueError(f"PeerBuffers needs a mesh over axis {axis!r} only, got axes {dict(mesh.shape)}")
         n = len(devices)
         block_words = 4 * MAX_BLOCK_QUADS
         capacity = cdiv(capacity_bytes, 4 * block_words) * block_words
-        self.layout = PeerLayout(num_devices=n, capacity_words=capacity, max_programs=multiprocessor_count())
+        self.layout = PeerLayout(num_devices=n, capacity_words=capacity,
+                                 max_programs=max_programs or multiprocessor_count())
         sharding = NamedSharding(mesh, P(axis))
         self.comm = jax.device_put(np.zeros((n, self.layout.comm_words), np.int32), sharding)
         self.flags = jax.device_put(np.zeros((n, self.layout.flag_words), np.int32), sharding)
@@ -211,12 +253,17 @@ def _pack(values: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
 def _kernel(seq_ref, table_ref, words_ref, out_ref, *, layout: PeerLayout, num_quads: int, block: int,
             num_blocks: int, programs: int, dtype: jnp.dtype | None):
     n, cap = layout.num_devices, layout.capacity_words
-    program = pl.program_id(0)
     seq = seq_ref[0]
     slot = seq & 1
     me = table_ref[0, 0, 4]
     comm = [(table_ref[0, i, 0], table_ref[0, i, 1]) for i in range(n)]
     flags = [(table_ref[0, i, 2], table_ref[0, i, 3]) for i in range(n)]
+    program = _take_ticket(flags[0][0], flags[0][1], layout.ticket_word)
+
+    # The last ticket of this call is taken: the next call counts from 0.
+    (token,) = _asm(_STORE_IF, "=r,r,r,r,r,r", flags[0][0], flags[0][1], layout.ticket_word,
+                    (program == programs - 1).astype(jnp.int32), 0)
+
     steps = cdiv(num_blocks, programs)
     lanes = jnp.arange(block, dtype=jnp.int32)
 
@@ -238,7 +285,7 @@ def _kernel(seq_ref, table_ref, words_ref, out_ref, *, layout: PeerLayout, num_q
             token = token + jnp.max(done)
         return token
 
-    token = lax.fori_loop(0, steps, push, jnp.int32(0))
+    token = lax.fori_loop(0, steps, push, jnp.max(token))
     plgpu.debug_barrier()
     flag = (slot * n + me) * layout.max_programs + program
     for i in range(1, n):

@@ -10,6 +10,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.kernels.device import multiprocessor_count
 from minisgl_jax.kernels.peer_allreduce import (
     PeerBuffers,
     PeerLayout,
@@ -63,6 +64,29 @@ def test_equals_psum_over_many_calls(dtype):
         seq += 2
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
         np.testing.assert_array_equal(np.asarray(got2, np.float32), np.asarray(want2, np.float32))
+
+
+@pytest.mark.skipif(not GPUS, reason="needs a GPU")
+def test_grid_wider_than_the_gpu():
+    """Programs number themselves by a ticket, not by program_id, so a grid of four programs per
+    multiprocessor (most not resident at first) neither deadlocks nor skips or repeats a block, and
+    the counter starts from 0 again on the next call, whatever its grid."""
+    devices = GPUS[:2]
+    mesh = Mesh(np.array(devices), ("tp",))
+    wide = 4 * multiprocessor_count()
+    peer = PeerBuffers(mesh, "tp", 600 * 1024 * 2, max_programs=wide)
+    specs = (P("tp", None), P("tp", None, None), P())
+
+    def both(x, table, seq):
+        return peer_all_reduce(x, table, seq, layout=peer.layout), jax.lax.psum(x, "tp")
+
+    step = jax.jit(jax.shard_map(both, mesh=mesh, in_specs=specs, out_specs=(P("tp", None),) * 2, check_vma=False))
+    rng = np.random.default_rng(2)
+    for seq, (rows, hidden) in enumerate([(600, 1024), (8, 8), (600, 1024), (529, 1024)], start=1):
+        x = jax.device_put(jnp.asarray(rng.standard_normal((len(devices) * rows, hidden)), jnp.bfloat16),
+                           NamedSharding(mesh, P("tp")))
+        got, want = step(x, peer.table, jnp.full((1,), seq, jnp.int32))
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 @needs_gpus
