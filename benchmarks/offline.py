@@ -21,6 +21,7 @@ from report import emit  # noqa: E402
 from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
 
 from minisgl_jax import LLM, SamplingParams  # noqa: E402
+from minisgl_jax.engine import warmup  # noqa: E402
 from minisgl_jax.engine.setup import enable_compile_cache  # noqa: E402
 
 BACKGROUND_COMPILE_HELP = ("compile the top-p / logprobs variants while idle, as the engine does by default; off here: "
@@ -56,6 +57,10 @@ def main() -> None:
     parser.add_argument("--mem-fraction", type=float, default=0.85)
     parser.add_argument("--max-model-len", type=int, default=2048, help="context length (the workload needs 2048)")
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
+    parser.add_argument("--penalized", action="store_true",
+                        help="then run the workload again with frequency_penalty=0.5, repetition_penalty=1.1 on every "
+                             "request (the logits-processing programs compiled first, the prefix cache flushed) and "
+                             "report its throughput as a fraction of the plain run's")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,7 +105,28 @@ def main() -> None:
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,
         host_s=engine.timing["step_s"] - engine.timing["wait_s"], wait_for_device_s=engine.timing["wait_s"],
     )
+    if args.penalized:
+        report.update(penalized_run(llm, prompts, output_lens, args.compile_workers, seconds))
     emit(report, args.out)
+
+
+def penalized_run(
+    llm: LLM, prompts: list[list[int]], output_lens: list[int], workers: int, plain_seconds: float
+) -> dict:
+    """The same workload with penalties on every request: the logits-processing stage's cost."""
+    engine = llm.engine
+    programs = warmup.step_programs(engine, logits_processing=True)
+    engine.runner.programs.compile_all(programs, workers=workers or os.cpu_count() or 1)
+    engine.flush_cache()
+    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, frequency_penalty=0.5,
+                             repetition_penalty=1.1) for n in output_lens]
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    assert sum(len(r.token_ids) for r in results) == sum(output_lens)
+    engine.check_kv_invariant()
+    return dict(penalized_seconds=seconds, penalized_output_tokens_per_s=sum(output_lens) / seconds,
+                penalized_fraction_of_plain=plain_seconds / seconds)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class EngineArgs:
     compile_workers: int = 0  # buckets compiled at once at start-up; 0: one per CPU core
     status_interval_s: float = 10.0
     lpm_min_queue: int = 8
+    max_logit_bias: int = 1024  # logit_bias entries per request at most (each slot holds this many on the device)
     decode_buckets: list[int] = field(default_factory=list)
     nnodes: int = 1
     node_rank: int = 0
@@ -83,6 +84,8 @@ class EngineArgs:
             raise ValueError(f"compile_workers must be >= 0, got {self.compile_workers}")
         if not 1 <= self.decode_steps <= 64:
             raise ValueError(f"decode_steps must be in [1, 64], got {self.decode_steps}")
+        if not 0 <= self.max_logit_bias <= 1 << 20:
+            raise ValueError(f"max_logit_bias must be in [0, {1 << 20}], got {self.max_logit_bias}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.all_reduce not in ALL_REDUCE_MODES:

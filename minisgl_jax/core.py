@@ -9,6 +9,7 @@ MAX_LOGPROBS = 20  # top logprobs per token at most: the step computes this many
 INT32_MAX = 2**31 - 1  # top_k, token ids and lengths travel in the step's int32 arrays
 # Below it sampling is greedy, as in vLLM: logits divided by a tinier float32 overflow to inf.
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one logit_bias value: [-100, 100]
 
 
 @dataclass
@@ -19,6 +20,14 @@ class SamplingParams:
     min_p 0.0 mean "off"; a top_k at or above the vocabulary size keeps every token.
     A request without a seed gets a random one at submission, so its samples are still
     reproducible from the seed recorded on the request.
+
+    The logits-processing controls (engine/logits_processing.py) act on the model's logits before
+    sampling, in this order: `repetition_penalty` (Hugging Face's: a logit of a token in the prompt
+    or the output so far is divided by it when positive, multiplied when negative; 1.0 is off),
+    `frequency_penalty` and `presence_penalty` (OpenAI's, over the output so far: minus the penalty
+    times the token's count, and minus the penalty once if it occurs at all), `logit_bias` (token id
+    -> added to its logit), and `min_tokens` (EOS and `stop_token_ids` impossible until that many
+    tokens are out). Logprobs report the model's distribution before any of them, as vLLM's do.
     """
 
     temperature: float = 1.0
@@ -32,6 +41,15 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, list):  # the workers' wire form: [[token id, bias], ...]
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias}
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and its allowed range.
@@ -57,10 +75,31 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be token ids in [0, {INT32_MAX}], got {bad[0]}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or not 0 <= token <= INT32_MAX:
+                raise ValueError(f"logit_bias keys must be token ids in [0, {INT32_MAX}], got {token}")
+            if not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        if not 0 <= self.min_tokens <= INT32_MAX:
+            raise ValueError(f"min_tokens must be in [0, {INT32_MAX}], got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits-processing control is on: then the request's steps run the programs
+        with that stage, and its slot keeps per-token counts on the device."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias) or self.min_tokens > 0)
 
 
 class FinishReason(str, enum.Enum):

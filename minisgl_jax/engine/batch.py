@@ -13,6 +13,7 @@ import numpy as np
 
 from minisgl_jax.core import MAX_LOGPROBS
 from minisgl_jax.layers.attention import AttentionMetadata
+from minisgl_jax.engine.logits_processing import ProcessingArrays
 from minisgl_jax.engine.request import Req
 from minisgl_jax.engine.sampler import SAMPLE_FILTERED, SAMPLE_PLAIN, SamplingArrays
 
@@ -27,11 +28,13 @@ class StepKey:
     sample_mode: str = SAMPLE_PLAIN
     num_logprobs: int = 0  # 0, or MAX_LOGPROBS when some row asks for logprobs
     num_steps: int = 1  # decode steps per launch (a burst)
+    logits_processing: bool = False  # some row has penalties, logit_bias or min_tokens (logits_processing.py)
 
     def describe(self) -> str:
         phase = "decode" if self.is_decode else "prefill"
+        processing = ", logits processing" if self.logits_processing else ""
         return (f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, "
-                f"{self.num_steps} steps)")
+                f"{self.num_steps} steps{processing})")
 
 
 @dataclass
@@ -73,8 +76,12 @@ class ScheduledBatch:
         return MAX_LOGPROBS if any(r.req.params.logprobs is not None for r in self.rows) else 0
 
     @property
+    def logits_processing(self) -> bool:
+        return any(r.req.params.processes_logits for r in self.rows)
+
+    @property
     def key(self) -> StepKey:
-        return StepKey(self.is_decode, self.sample_mode, self.num_logprobs, self.num_steps)
+        return StepKey(self.is_decode, self.sample_mode, self.num_logprobs, self.num_steps, self.logits_processing)
 
 
 @jax.tree_util.register_dataclass
@@ -90,6 +97,7 @@ class StepBatch:
     page_rows: jax.Array  # [R, pages_per_seq] int32: full page-table rows to install (prefill)
     sampling: SamplingArrays
     row_steps: jax.Array  # [S] int32: decode steps each row takes in a burst (>= 1; ignored otherwise)
+    processing: ProcessingArrays | None = None  # present in the programs with the logits-processing stage
 
 
 @jax.tree_util.register_dataclass
@@ -237,6 +245,9 @@ def build_step_batch(
         for array, column in zip((temperature, top_k, top_p, min_p, seed_lo, seed_hi), columns):
             array[:n] = column
 
+    processing = None
+    if batch.logits_processing:
+        processing = processing_arrays(rows, seq_bucket, scratch_slot)
     prefix_lens = groups = None
     if cascade is not None:
         prefix_lens = np.zeros(seq_bucket, np.int32)
@@ -259,5 +270,23 @@ def build_step_batch(
             temperature, top_k, top_p, min_p, seed_lo, seed_hi, token_index
         ),
         row_steps=row_steps,
+        processing=processing,
     )
     return step
+
+
+def processing_arrays(rows: list[ScheduledRow], seq_bucket: int, scratch_slot: int) -> ProcessingArrays:
+    """The rows' penalties and min_tokens; rows without logits processing read the neutral scratch slot."""
+    slots = np.full(seq_bucket, scratch_slot, np.int32)
+    presence = np.zeros(seq_bucket, np.float32)
+    frequency = np.zeros(seq_bucket, np.float32)
+    repetition = np.ones(seq_bucket, np.float32)
+    min_tokens = np.zeros(seq_bucket, np.int32)
+    counts_token = np.zeros(seq_bucket, np.int32)
+    for i, row in enumerate(rows):
+        p = row.req.params
+        if p.processes_logits:
+            slots[i], counts_token[i] = row.req.slot, row.samples
+            presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+            min_tokens[i] = p.min_tokens
+    return ProcessingArrays(slots, presence, frequency, repetition, min_tokens, counts_token)

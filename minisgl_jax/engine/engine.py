@@ -27,6 +27,7 @@ from minisgl_jax.engine import setup, warmup
 from minisgl_jax.layers.attention import AttentionBackend
 from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepOutput, build_step_batch
 from minisgl_jax.engine.buckets import Buckets
+from minisgl_jax.engine.logits_processing import ProcessingState, seed_chunks
 from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
@@ -97,7 +98,10 @@ class Engine:
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         self.page_size = args.page_size
         self.pages_per_seq = pages_for(self.max_model_len, args.page_size)
-        num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(dtype).itemsize)
+        self.logit_bias_width = max(1, args.max_logit_bias)
+        processing_bytes = ProcessingState.nbytes(args.max_running_requests + 1, cfg.vocab_size, self.logit_bias_width)
+        num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(dtype).itemsize,
+                                        reserved_bytes=processing_bytes)
         prefill_backend, decode_backend = args.attention_backends
         backend = AttentionBackend(
             prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5, mesh=self.mesh,
@@ -109,7 +113,7 @@ class Engine:
         collectives = CollectiveBackend(args.all_reduce, self.mesh, dtype, max(self.buckets.decode), cfg.hidden_size)
         self.runner = ModelRunner(model, RunnerConfig(
             self.mesh, backend, collectives, num_pages, args.page_size, args.max_running_requests,
-            self.pages_per_seq, dtype,
+            self.pages_per_seq, dtype, self.logit_bias_width,
         ))
         self.allocator = PageAllocator(num_pages)
         self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)
@@ -159,6 +163,13 @@ class Engine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"stop_token_ids must be in [0, {vocab}) (the vocabulary), got {bad[0]}")
+        bias = params.logit_bias or {}
+        bad = [t for t in bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}) (the vocabulary), got {bad[0]}")
+        if len(bias) > self.args.max_logit_bias:
+            raise ValueError(f"logit_bias has {len(bias)} entries; this server takes at most "
+                             f"{self.args.max_logit_bias} (--max-logit-bias)")
         if n >= self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens; the context length is {self.max_model_len}")
         if n >= self.allocator.num_usable * self.page_size:
@@ -279,6 +290,8 @@ class Engine:
                 batch.rows = plan.rows  # _process reads the tokens back in this order
                 cascade = (plan.prefix_lens, plan.groups)
                 self._counters["cascade_steps"] += 1
+        if batch.logits_processing:
+            self._seed_logits_processing(batch)
         step_batch = build_step_batch(batch, tokens, seqs, self.batch_constants, cascade)
         launched = time.perf_counter()
         out = self.runner.run(step_batch, batch.key)
@@ -287,6 +300,19 @@ class Engine:
         self._counters["steps"] += 1
         self._counters["burst_steps"] += batch.num_steps > 1
         return out
+
+    def _seed_logits_processing(self, batch: ScheduledBatch) -> None:
+        """Write the slot of each request that processes its logits and has just taken one (a new
+        or a retracted request: its output so far counts too)."""
+        for row in batch.rows:
+            req, p = row.req, row.req.params
+            if p.processes_logits and not req.processing_seeded:
+                stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
+                self.runner.seed_slot(seed_chunks(
+                    req.slot, req.prompt_ids, req.output_ids, stop_ids, p.logit_bias or {}, self.logit_bias_width,
+                    self.model_config.vocab_size,
+                ))
+                req.processing_seeded = True
 
     def _read(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         """A launched step's outputs; if reading or processing its tokens fails, an error for each

@@ -6,7 +6,8 @@
 arrays padded to a bucket (tokens, sequences); each bucket compiles once, decode buckets at
 start-up. `state` keeps, per request slot, the last sampled token and the page-table row: the
 next decode step reads its input ids from there, so the host can dispatch step N+1 before it
-has read step N's tokens (overlap scheduling).
+has read step N's tokens (overlap scheduling). It also keeps the slot's logits-processing state
+(token counts, engine/logits_processing.py), which the step updates the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata
 from minisgl_jax.engine.batch import PackedLayout, StepBatch, StepKey, StepOutput, pack_batch, unpack_batch
 from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.layers.context import ForwardContext
+from minisgl_jax.engine.logits_processing import ProcessingState, count_sampled, process, seed
 from minisgl_jax.engine.programs import ProgramKey, StepPrograms
 from minisgl_jax.engine.sampler import sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
@@ -41,6 +43,7 @@ class DeviceState:
     tokens: jax.Array  # [slots] int32: last sampled token
     page_table: jax.Array  # [slots, pages_per_seq] int32
     all_reduce_seq: jax.Array  # [1] int32: the peer all-reduce kernel's next sequence number
+    processing: ProcessingState  # penalties' counts and logit_bias, read and written by processing steps
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class RunnerConfig:
     max_slots: int  # request slots; one more, the last, is the padding rows' scratch slot
     pages_per_seq: int
     kv_dtype: jnp.dtype
+    logit_bias_width: int  # logit_bias entries a slot holds at most
 
 
 class ModelRunner:
@@ -83,7 +87,9 @@ class ModelRunner:
             tokens=np.zeros(max_slots + 1, np.int32),
             page_table=np.zeros((max_slots + 1, pages_per_seq), np.int32),
             all_reduce_seq=np.ones(1, np.int32),  # never 0: the peer kernel's flags start at 0
+            processing=ProcessingState.zeros(max_slots + 1, cfg.vocab_size, config.logit_bias_width),
         ))
+        self._seed = jax.jit(self._seed_fn, donate_argnames=("state",))
         self._step = jax.jit(
             self._step_fn,
             static_argnames=("layout", "key"),
@@ -136,6 +142,10 @@ class ModelRunner:
                 ),
                 sampling=dataclasses.replace(batch.sampling, token_index=batch.sampling.token_index + k),
             )
+            if batch.processing is not None:  # a row's steps past its own count are not its output
+                sub.processing = dataclasses.replace(
+                    batch.processing, counts_token=jnp.where(active, batch.processing.counts_token, 0)
+                )
             kv_pool, state, out = forward(*carry, sub)
             return (kv_pool, state), out
 
@@ -167,15 +177,32 @@ class ModelRunner:
         hidden, kv_pool = model(input_ids, kv_pool, ctx)
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
         logits = model.logits(hidden[last])
+        processing = state.processing
+        sample_logits = logits
+        if key.logits_processing:
+            with jax.named_scope("logits_processing"):
+                sample_logits = process(logits, processing, batch.processing, batch.sampling.token_index)
         with jax.named_scope("sample"):
             ids, logprob, top_ids, top_logprobs = sample(
-                logits, batch.sampling, mode=key.sample_mode, num_logprobs=key.num_logprobs, collectives=collectives
+                sample_logits, batch.sampling, mode=key.sample_mode, num_logprobs=key.num_logprobs,
+                collectives=collectives, model_logits=logits,
             )
+        if key.logits_processing:
+            processing = count_sampled(processing, batch.processing, ids)
         state = DeviceState(
             tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,
-            all_reduce_seq=state.all_reduce_seq + collectives.count,
+            all_reduce_seq=state.all_reduce_seq + collectives.count, processing=processing,
         )
         return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
+
+    def _seed_fn(self, state: DeviceState, packed: jax.Array) -> DeviceState:
+        return dataclasses.replace(state, processing=seed(state.processing, packed))
+
+    def seed_slot(self, chunks: list[np.ndarray]) -> None:
+        """Write a slot's logits-processing state (`logits_processing.seed_chunks`), in order with
+        the steps: after those dispatched before, before those dispatched after."""
+        for chunk in chunks:
+            self.state = self._seed(self.state, self.to_device(chunk))
 
     def to_device(self, tree):
         """Host arrays as replicated arrays of the mesh. On one host jit takes numpy as it is; across

@@ -46,6 +46,7 @@ class Req:
     finish_reason: FinishReason | None = None
     prompt_cached: bool = False  # its prefill's pages went to the prefix cache
     sampling_row: tuple | None = None  # cached per-request sampling values of the step batch
+    processing_seeded: bool = False  # its slot holds its logits-processing state (logits_processing.py)
 
     @property
     def all_ids(self) -> list[int]:

@@ -97,12 +97,13 @@ def filter_threshold(
 
 def sample(
     logits: jax.Array, arrays: SamplingArrays, *, mode: str, num_logprobs: int,
-    collectives: Collectives,
+    collectives: Collectives, model_logits: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """logits: [seqs, vocab] float32 -> (ids [seqs], chosen logprob [seqs], top ids/logprobs [seqs, n]).
 
-    Logprobs are of the model's own distribution (before temperature and filters), as vLLM
-    reports them; they are None when num_logprobs is 0 and no row asked for them. `collectives`
+    Logprobs are of the model's own distribution (`model_logits`, before logits processing,
+    temperature and filters; `logits` when None), as vLLM reports them; they are None when
+    num_logprobs is 0 and no row asked for them. `collectives`
     reduces the rows over the vocabulary (under tensor parallelism the vocab shards meet in one
     exchange per reduction, 1 per step for plain sampling, 10 for filtered).
     """
@@ -122,6 +123,7 @@ def sample(
     ids = jnp.where(arrays.temperature > 0, sampled.astype(jnp.int32), greedy_ids)
     if num_logprobs == 0:
         return ids, None, None, None
+    logits = logits if model_logits is None else model_logits
     normalizer = jax.nn.logsumexp(logits, axis=-1)  # log-probabilities are logits - normalizer
     chosen = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - normalizer
     top_logits, top_ids = top_k(logits, num_logprobs)

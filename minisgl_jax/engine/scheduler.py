@@ -92,6 +92,7 @@ class Scheduler:
         if req.slot is not None:
             self.free_slots.append(req.slot)
             req.slot = None
+            req.processing_seeded = False
         if req in self.running:
             self.running.remove(req)
 

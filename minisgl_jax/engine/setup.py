@@ -108,8 +108,11 @@ def enable_compile_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def plan_kv_pages(args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq: int, itemsize: int) -> int:
-    """KV pages: the flag, else mem_fraction of device memory after weights, capped at what is usable."""
+def plan_kv_pages(
+    args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq: int, itemsize: int, reserved_bytes: int = 0
+) -> int:
+    """KV pages: the flag, else mem_fraction of device memory after weights and `reserved_bytes` (the
+    other device state), capped at what is usable."""
     most_useful = args.max_running_requests * pages_per_seq + 1
     if args.num_pages is not None:
         return min(args.num_pages, most_useful)
@@ -123,7 +126,7 @@ def plan_kv_pages(args: EngineArgs, cfg: ModelConfig, mesh: Mesh, pages_per_seq:
                 "set num_pages (--num-pages) to size it", device, pages,
             )
         return pages
-    free = stats["bytes_limit"] * args.mem_fraction - stats["bytes_in_use"]
+    free = stats["bytes_limit"] * args.mem_fraction - stats["bytes_in_use"] - reserved_bytes
     per_page = cfg.num_layers * 2 * (cfg.num_kv_heads // args.tp) * args.page_size * cfg.head_dim * itemsize
     pages = int(free // per_page)
     if pages < 2:

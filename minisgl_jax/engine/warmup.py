@@ -22,7 +22,14 @@ import numpy as np
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import MAX_LOGPROBS
 from minisgl_jax.engine import cascade as cascade_groups
-from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepKey, build_step_batch, pack_batch
+from minisgl_jax.engine.batch import (
+    BatchConstants,
+    ScheduledBatch,
+    StepKey,
+    build_step_batch,
+    pack_batch,
+    processing_arrays,
+)
 from minisgl_jax.engine.buckets import Buckets
 from minisgl_jax.engine.model_runner import ModelRunner
 from minisgl_jax.engine.programs import ProgramKey
@@ -41,12 +48,17 @@ class Engine(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
-# (sample mode, logprobs) of the programs compiled in the background, the likeliest first.
-SAMPLING_VARIANTS = ((SAMPLE_FILTERED, 0), (SAMPLE_PLAIN, MAX_LOGPROBS), (SAMPLE_FILTERED, MAX_LOGPROBS))
+# (sample mode, logprobs, logits processing) of the programs compiled in the background, the
+# likeliest first: chat front-ends send top_p and penalties more often than they ask for logprobs.
+SAMPLING_VARIANTS = (
+    (SAMPLE_FILTERED, 0, False), (SAMPLE_PLAIN, 0, True), (SAMPLE_FILTERED, 0, True),
+    (SAMPLE_PLAIN, MAX_LOGPROBS, False), (SAMPLE_FILTERED, MAX_LOGPROBS, False),
+    (SAMPLE_PLAIN, MAX_LOGPROBS, True), (SAMPLE_FILTERED, MAX_LOGPROBS, True),
+)
 
 
 def step_programs(
-    engine: Engine, sample_mode: str = SAMPLE_PLAIN, num_logprobs: int = 0
+    engine: Engine, sample_mode: str = SAMPLE_PLAIN, num_logprobs: int = 0, logits_processing: bool = False
 ) -> list[tuple[ProgramKey, np.ndarray]]:
     """Each program of the engine's buckets, its key with an empty example batch (packed)."""
     programs = []
@@ -55,15 +67,17 @@ def step_programs(
         scheduled = ScheduledBatch(rows=[], is_decode=shape.is_decode, num_steps=shape.num_steps)
         step_batch = build_step_batch(scheduled, shape.tokens, shape.seqs, engine.batch_constants,
                                       no_groups if shape.cascade else None)
+        if logits_processing:
+            step_batch.processing = processing_arrays([], shape.seqs, engine.batch_constants.scratch_slot)
         packed, layout = pack_batch(step_batch)
-        key = StepKey(shape.is_decode, sample_mode, num_logprobs, shape.num_steps)
+        key = StepKey(shape.is_decode, sample_mode, num_logprobs, shape.num_steps, logits_processing)
         programs.append((ProgramKey(layout, key), packed))
     return programs
 
 
 def variant_programs(engine: Engine) -> list[tuple[ProgramKey, np.ndarray]]:
     """Every program in each of SAMPLING_VARIANTS: what the background compiler compiles."""
-    return [program for mode, logprobs in SAMPLING_VARIANTS for program in step_programs(engine, mode, logprobs)]
+    return [program for variant in SAMPLING_VARIANTS for program in step_programs(engine, *variant)]
 
 
 def compile_programs(engine: Engine) -> float:

@@ -152,8 +152,8 @@ def test_decode_steps_is_validated():
 
 
 def test_warmup_compiles_every_program_serving_runs(checkpoint):
-    """Start-up compiles the plain programs, the background compiler their top-k/top-p/min-p and
-    logprobs variants; after it, prefill, single decode steps and bursts with every kind of
+    """Start-up compiles the plain programs, the background compiler their top-k/top-p/min-p,
+    logprobs and logits-processing variants; after it, prefill, single decode steps and bursts with every kind of
     sampling run precompiled programs (serving never waits on a compile)."""
     gc.unfreeze()  # whatever an earlier test froze
     engine = make_engine(checkpoint, decode_steps=4, warmup=True, cache="naive", max_prefill_tokens=64)
@@ -161,18 +161,20 @@ def test_warmup_compiles_every_program_serving_runs(checkpoint):
     plain = len(engine.buckets.decode) + len(engine.buckets.burst_buckets()) + len(engine.buckets.prefill)
     assert len(engine.runner.programs.compiled) >= plain
     engine.background_compiler.thread.join()
-    assert len(engine.runner.programs.compiled) == 4 * plain
+    assert len(engine.runner.programs.compiled) == (1 + len(warmup.SAMPLING_VARIANTS)) * plain
     params = [
         SamplingParams(temperature=0.0, max_tokens=19, ignore_eos=True),
         SamplingParams(temperature=0.8, top_p=0.9, max_tokens=14, ignore_eos=True, seed=11, logprobs=3),
         SamplingParams(temperature=0.7, min_p=0.1, top_k=5, max_tokens=12, ignore_eos=True, seed=3),
         SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, seed=7),
+        SamplingParams(temperature=0.9, top_p=0.8, max_tokens=11, ignore_eos=True, seed=5, repetition_penalty=1.2),
     ]
-    result = run(engine, list("abcde"), params)
-    assert [len(t) for t in result["tokens"].values()] == [19, 14, 12, 6, 9]
+    result = run(engine, list("abcdef"), params)
+    assert [len(t) for t in result["tokens"].values()] == [19, 14, 12, 6, 9, 11]
     assert engine.stats()["burst_steps"] > 0
-    assert len(engine.runner.programs.compiled) == 4 * plain  # nothing compiled while serving
+    # nothing compiled while serving
+    assert len(engine.runner.programs.compiled) == (1 + len(warmup.SAMPLING_VARIANTS)) * plain
     # Dropped, the engine thaws what it froze, and its device arrays (in reference cycles) are freed.
     kv_pages = weakref.ref(engine.runner.kv_pool[0][0])
     del engine

@@ -7,6 +7,7 @@ import pytest
 from minisgl_jax.layers.attention import AttentionMetadata
 from minisgl_jax.engine.batch import StepBatch, pack_batch, unpack_batch
 from minisgl_jax.engine.sampler import SamplingArrays
+from minisgl_jax.engine.logits_processing import ProcessingArrays
 
 
 def test_pack_unpack_roundtrip():
@@ -20,6 +21,7 @@ def test_pack_unpack_roundtrip():
         seq_slots=ints(4), page_rows=ints(4, 7),
         sampling=SamplingArrays(floats(4), ints(4), floats(4), floats(4), seeds(4), seeds(4), ints(4)),
         row_steps=ints(4),
+        processing=ProcessingArrays(ints(4), floats(4), floats(4), floats(4), ints(4), ints(4)),
     )
     packed, layout = pack_batch(batch)
     assert packed.dtype == np.int32 and packed.ndim == 1
