@@ -6,6 +6,7 @@ Fast and CPU-only: nothing is built or served; the manifests' shell commands run
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sglang_router.launch_router import parse_router_args
+from sglang_router.router_args import RouterArgs
 
 from minisgl_jax.server import ipc
 from minisgl_jax.server.api import APIConfig, build_app
@@ -32,16 +35,17 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 SCRIPT = DEPLOY / "launch_multihost.sh"
 SINGLE = DEPLOY / "k8s.yaml"
 MULTI = DEPLOY / "k8s-multihost.yaml"
+REPLICAS = DEPLOY / "k8s-replicas.yaml"
 DOCS = ROOT / "docs" / "deployment.md"
 
 # Flags of the other tools these files use (docker, pip, useradd, kubectl); every other --flag
-# must be one of `python -m minisgl_jax`.
+# must be one of `python -m minisgl_jax` or of sglang-router's.
 OTHER_TOOLS_FLAGS = {
     "--create-home", "--uid",                                        # useradd
     "--no-cache-dir",                                                # pip
     "--interval", "--timeout", "--start-period", "--retries",        # HEALTHCHECK
     "--gpus", "--shm-size",                                          # docker run
-    "--from-literal", "--replicas",                                  # kubectl
+    "--from-literal",                                                # kubectl (its --replicas is also ours)
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
 LOCAL_URL = re.compile(r"http://127\.0\.0\.1:1919(/[\w/]*)")
@@ -49,6 +53,12 @@ LOCAL_URL = re.compile(r"http://127\.0\.0\.1:1919(/[\w/]*)")
 
 def server_flags() -> set[str]:
     return {option for action in build_parser()._actions for option in action.option_strings}
+
+
+def router_flags() -> set[str]:
+    parser = argparse.ArgumentParser()
+    RouterArgs.add_cli_args(parser, use_router_prefix=False)
+    return {option for action in parser._actions for option in action.option_strings}
 
 
 def manifests(path: Path) -> dict[str, dict]:
@@ -105,12 +115,13 @@ def test_launch_script_is_executable_and_parses():
 # ---- flags -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [DOCKERFILE, SCRIPT, SINGLE, MULTI, DOCS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [DOCKERFILE, SCRIPT, SINGLE, MULTI, REPLICAS, DOCS], ids=lambda p: p.name)
 def test_every_flag_is_a_server_flag(path):
-    flags = server_flags()
-    assert not OTHER_TOOLS_FLAGS & flags, "a server flag must not be excused as another tool's"
+    flags = server_flags() | router_flags()
+    assert not OTHER_TOOLS_FLAGS & flags, "a server or router flag must not be excused as another tool's"
     unknown = set(FLAG.findall(path.read_text())) - flags - OTHER_TOOLS_FLAGS
-    assert not unknown, f"{path.name} uses flags that python -m minisgl_jax does not accept: {sorted(unknown)}"
+    assert not unknown, (f"{path.name} uses flags that neither python -m minisgl_jax nor sglang-router accepts: "
+                         f"{sorted(unknown)}")
 
 
 def test_image_command_line_parses():
@@ -238,6 +249,52 @@ def test_multihost_statefulset_wiring(tmp_path):
         assert engine.tp == replicas * gpus
         assert (server.host, server.port) == ("0.0.0.0", 1919)
         assert nvls == "NCCL_NVLS_ENABLE=0"
+
+
+# ---- replicas behind the router --------------------------------------------------------------------
+
+
+def test_replicas_manifest_wiring(tmp_path):
+    objects = manifests(REPLICAS)
+    assert set(objects) == {"ServiceAccount/minisgl-jax-router", "Role/minisgl-jax-router",
+                            "RoleBinding/minisgl-jax-router", "Deployment/minisgl-jax-replica",
+                            "Deployment/minisgl-jax-router", "Service/minisgl-jax-router",
+                            "NetworkPolicy/minisgl-jax-replica"}
+    replicas, router = objects["Deployment/minisgl-jax-replica"], objects["Deployment/minisgl-jax-router"]
+    replica, proxy = container(replicas), container(router)
+    replica_labels = replicas["spec"]["template"]["metadata"]["labels"]
+    router_labels = router["spec"]["template"]["metadata"]["labels"]
+
+    # The replicas: the single-host server, ready on /health, taking no API key (the router checks it).
+    engine, server = parse_args(json.loads(dockerfile("ENTRYPOINT")[0])[3:] + replica["args"])
+    assert engine.tp == replica["resources"]["limits"]["nvidia.com/gpu"]
+    assert server.api_key is None and "MINISGL_API_KEY" not in env(replica)
+    assert [probe_urls(p) for p in all_probes(replica).values()] == [["/health"], ["/health/live"], ["/health"]]
+
+    # The router's command, run with a stand-in python, parses as sglang-router's and finds the replicas.
+    (port,) = [p["containerPort"] for p in replica["ports"] if p["name"] == "http"]
+    for key in (None, "sesame"):
+        environment = dict(fake_python(tmp_path), POD_NAMESPACE="serving")
+        if key:
+            environment["MINISGL_API_KEY"] = key
+        run = subprocess.run(proxy["command"] + proxy["args"], env=environment, capture_output=True, text=True,
+                             timeout=30, check=True)
+        *argv, _ = run.stdout.splitlines()
+        assert argv[:2] == ["-m", "sglang_router.launch_router"]
+        args = parse_router_args(argv[2:])
+        assert args.service_discovery and args.selector == replica_labels and args.service_discovery_port == port
+        assert (args.service_discovery_namespace, args.api_key) == ("serving", key)
+        assert args.port in {p["containerPort"] for p in proxy["ports"]}
+
+    # It may watch the pods, its Service selects it, and only it reaches the replicas.
+    assert router["spec"]["template"]["spec"]["serviceAccountName"] == "minisgl-jax-router"
+    assert objects["RoleBinding/minisgl-jax-router"]["subjects"][0]["name"] == "minisgl-jax-router"
+    (rule,) = objects["Role/minisgl-jax-router"]["rules"]
+    assert rule["resources"] == ["pods"] and {"list", "watch"} <= set(rule["verbs"])
+    assert objects["Service/minisgl-jax-router"]["spec"]["selector"] == router_labels
+    policy = objects["NetworkPolicy/minisgl-jax-replica"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == replica_labels
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": router_labels}}], "ports": [{"port": port}]}]
 
 
 # ---- the image -------------------------------------------------------------------------------------

@@ -35,10 +35,14 @@ from minisgl_jax.server.protocol import (
     GenerateRequest,
     TokenizeRequest,
 )
+from minisgl_jax.server.worker_info import ModelCard, WorkerInfo
 
 from minisgl_jax.core import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# What sglang-router puts in the model field of a chat request that names no model.
+ROUTER_NO_MODEL = "unknown"
 
 RenderStream = Callable[[TextChunk | None, responses.Choices], list[str]]
 RenderFinal = Callable[[responses.Choices], dict[str, Any]]
@@ -55,6 +59,7 @@ class APIConfig:
     launcher_problem: Callable[[], str | None] = lambda: None
     allow_origins: list[str] = field(default_factory=list)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    model_card: ModelCard = field(default_factory=ModelCard)  # what /server_info and /model_info tell a router
 
 
 def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
@@ -63,6 +68,7 @@ def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
     readiness = Readiness(client, config.watchdog_timeout_s, config.launcher_problem)
     readiness.install(app)
     Routes(client, config, readiness).install(app)
+    WorkerInfo(client, config.served_model_name, config.model_card).install(app)
     if config.allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -130,6 +136,7 @@ class Routes:
                               self.config.limits.timeout(body.timeout), view.stream, view.final)
 
     async def generate(self, body: GenerateRequest, request: Request) -> Response:
+        self.check_model(body.model)
         prompt = body.prompt()
         params = body.to_sampling_params()
         self.config.limits.check(params, 1, max_tokens_field="sampling_params.max_new_tokens")
@@ -141,7 +148,7 @@ class Routes:
 
     def check_model(self, name: str | None) -> None:
         served = self.config.served_model_name
-        if name is not None and name != served:
+        if name not in (None, served, ROUTER_NO_MODEL):
             raise APIError(400, f"model {name!r} is not served here; this server serves {served!r}", "model")
 
     async def run(

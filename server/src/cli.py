@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from dataclasses import dataclass, field
 
 from minisgl_jax.config import (
@@ -32,6 +33,9 @@ class ServerArgs:
     shell_max_tokens: int = 1024
     log_level: str = "info"
     limits: RequestLimits = field(default_factory=RequestLimits)
+    replicas: int = 1
+    max_restarts: int = 3
+    router_args: list[str] = field(default_factory=list)  # more flags for sglang-router, after ours
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -100,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "not in a background thread after start-up")
     engine.add_argument("--status-interval", type=float, default=d.status_interval_s,
                         help="seconds between engine status lines while busy")
+
+    replicas = p.add_argument_group(
+        "replicas", "data-parallel copies of this server behind sglang-router (pip install 'minisgl-jax[router]')")
+    replicas.add_argument("--replicas", type=int, default=s.replicas,
+                          help="servers, each on its own --tp GPUs (slices of CUDA_VISIBLE_DEVICES), behind the "
+                               "router on --host:--port; replica i listens on 127.0.0.1 at --port + 1 + i")
+    replicas.add_argument("--max-restarts", type=int, default=s.max_restarts,
+                          help="a replica that dies is restarted; once one has been restarted this many times, "
+                               "the next death stops everything and the launch exits 1")
+    replicas.add_argument("--router-args", default="",
+                          help="more flags for python -m sglang_router.launch_router, as one string after '=' "
+                               "(--router-args='--policy power_of_two --prometheus-port 29001'); they override ours")
 
     nodes = p.add_argument_group("multi-host")
     nodes.add_argument("--nnodes", type=int, default=d.nnodes, help="hosts in the job")
@@ -174,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
             max_logprobs=a.max_logprobs, max_queued_requests=a.max_queued_requests,
             request_timeout_s=a.request_timeout,
         ),
+        replicas=a.replicas, max_restarts=a.max_restarts, router_args=split_router_args(parser, a.router_args),
     )
     try:
         server.limits.validate()
@@ -183,7 +200,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         parser.error(f"--shell-max-tokens must be >= 1, got {server.shell_max_tokens}")
     if not 0 < server.port < 65536:
         parser.error(f"--port must be in 1..65535, got {server.port}")
+    check_replicas(parser, engine, server)
     return engine, server
+
+
+def check_replicas(parser: argparse.ArgumentParser, engine: EngineArgs, server: ServerArgs) -> None:
+    if server.replicas < 1:
+        parser.error(f"--replicas must be >= 1, got {server.replicas}")
+    if server.max_restarts < 0:
+        parser.error(f"--max-restarts must be >= 0, got {server.max_restarts}")
+    if server.replicas == 1:
+        return
+    if server.shell:
+        parser.error("--shell chats with one engine in this process; it does not take --replicas")
+    if engine.nnodes > 1:
+        parser.error("--replicas starts servers on this host; for replicas of a multi-host server, run "
+                     "sglang-router in front of several multi-host deployments (docs/deployment.md)")
+    if server.port + server.replicas > 65535:
+        parser.error(f"--port {server.port} + --replicas {server.replicas}: the replicas' ports (--port + 1 + i) "
+                     "must be at most 65535")
+
+
+def split_router_args(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as err:
+        parser.error(f"--router-args: {err} in {value!r}")
+        return []
 
 
 def read_chat_template(parser: argparse.ArgumentParser, value: str | None) -> str | None:

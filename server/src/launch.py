@@ -4,7 +4,8 @@ The API process never imports JAX. It watches its children; one that dies takes 
 with a log line naming it and a non-zero exit, and every request in flight gets an error. Children
 get SIGKILL if this process dies (PR_SET_PDEATHSIG), so nothing is left behind even then.
 SIGTERM or Ctrl-C drains first: new requests get 503 while those in flight get up to
---shutdown-timeout seconds to finish; then the server exits 0.
+--shutdown-timeout seconds to finish; then the server exits 0. With --replicas N, replicas.py starts
+N such servers behind sglang-router instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from minisgl_jax.server.api import APIConfig, build_app
 from minisgl_jax.server.cli import ServerArgs, parse_args
 from minisgl_jax.server.client import EngineClient
 from minisgl_jax.server.metrics import ServerMetrics
+from minisgl_jax.server.worker_info import ModelCard
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.models.config import bundled_config_path
@@ -109,7 +111,7 @@ class Launcher:
         config = APIConfig(
             served_model_name=a.served_model_name, api_key=a.api_key, max_body_bytes=a.max_request_bytes,
             watchdog_timeout_s=a.watchdog_timeout, launcher_problem=self.problem,
-            allow_origins=a.allow_origins or [], limits=a.limits,
+            allow_origins=a.allow_origins or [], limits=a.limits, model_card=self.model_card(),
         )
         app = build_app(client, config)
         app.router.lifespan_context = self._lifespan(client)
@@ -125,6 +127,13 @@ class Launcher:
         finally:
             self.stop_children()
         return self.exit_code
+
+    def model_card(self) -> ModelCard:
+        e = self.engine_args
+        hf_config = local_model_config(e.model)
+        return ModelCard(model_path=e.model, tokenizer_path=e.tokenizer or e.model, tp_size=e.tp,
+                         model_type=hf_config.get("model_type"),
+                         architectures=tuple(hf_config.get("architectures", ())))
 
     def _lifespan(self, client: EngineClient) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager]:
         @contextlib.asynccontextmanager
@@ -211,13 +220,18 @@ class DrainingServer(uvicorn.Server):
         self.drain()
 
 
-def model_vocab_size(model: str) -> int:
-    """The model's vocabulary size from its config.json (or the bundled one), for a fallback tokenizer."""
+def local_model_config(model: str) -> dict[str, Any]:
+    """The model's config.json (or the bundled one of a hub id), or {} when neither is on this host."""
     path = os.path.join(model, "config.json") if os.path.isdir(model) else bundled_config_path(model)
     if path is None or not os.path.exists(path):
-        return 259
+        return {}
     with open(path) as f:
-        return int(json.load(f).get("vocab_size", 259))
+        return json.load(f)
+
+
+def model_vocab_size(model: str) -> int:
+    """The model's vocabulary size, for a fallback tokenizer."""
+    return int(local_model_config(model).get("vocab_size", 259))
 
 
 def run_follower(engine_args: EngineArgs) -> int:
@@ -242,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
             code = run_shell(engine_args, server_args.chat_template, server_args.shell_max_tokens)
         elif engine_args.node_rank > 0:
             code = run_follower(engine_args)
+        elif server_args.replicas > 1:
+            from minisgl_jax.server.replicas import ReplicaLauncher
+
+            code = ReplicaLauncher(sys.argv[1:] if argv is None else argv, engine_args.tp, server_args).run()
         else:
             code = Launcher(engine_args, server_args).run()
     except KeyboardInterrupt:

@@ -8,9 +8,10 @@ what msgpack carries to the workers, so nothing a client sends can fail past val
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from minisgl_jax.core import INT32_MAX, MAX_LOGPROBS, SamplingParams
 
@@ -44,6 +45,16 @@ class StrictModel(BaseModel):
     def _fits_the_wire(cls, value: Any) -> Any:
         check_wire_value(value)
         return value
+
+
+def neutral_only(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Pass a field only at its default, the value that asks for nothing: for SGLang's fields that
+    sglang-router adds to every body it forwards, where the other value asks what we do not do."""
+    neutral = model.model_fields[info.field_name].default
+    if value != neutral:
+        raise ValueError(f"{json.dumps(value)} is not supported by this server; "
+                         f"omit it or set it to {json.dumps(neutral)}")
+    return value
 
 
 def check_wire_value(value: Any, depth: int = 0) -> None:
@@ -107,6 +118,13 @@ class SamplingFields(StrictModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; vLLM/SGLang-style extension
+    no_stop_trim: bool = False  # SGLang's; true (keep the stop string in the text) is refused
+    return_hidden_states: bool = False  # SGLang's; true is refused
+
+    @field_validator("no_stop_trim", "return_hidden_states")
+    @classmethod
+    def _sglang_neutral(cls, value: bool, info: ValidationInfo) -> bool:
+        return neutral_only(cls, value, info)
 
     def refuse_unsupported(self) -> None:
         """Raise a 400 naming the first set field that this server cannot honour."""
@@ -142,6 +160,16 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    continue_final_message: bool = False  # SGLang's; true is refused
+    # SGLang's: split reasoning out of the text where a reasoning parser runs; none runs here, so
+    # the text is never split and either value is honoured.
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _chat_neutral(cls, value: bool, info: ValidationInfo) -> bool:
+        return neutral_only(cls, value, info)
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -222,6 +250,20 @@ class GenerateRequest(StrictModel):
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: bool = False
     timeout: float | None = Field(default=None, gt=0)
+    # SGLang's native fields that sglang-router adds to every body it forwards.
+    model: str | None = None
+    return_text_in_logprobs: bool = False  # either value: /generate returns no logprobs
+    no_logs: bool = False  # either value: no request's text is ever logged
+    log_metrics: bool = True  # false (leave the request out of /metrics) is refused
+    return_hidden_states: bool = False
+    background: bool = False
+    return_bytes: bool = False
+    return_entropy: bool = False
+
+    @field_validator("log_metrics", "return_hidden_states", "background", "return_bytes", "return_entropy")
+    @classmethod
+    def _native_neutral(cls, value: bool, info: ValidationInfo) -> bool:
+        return neutral_only(cls, value, info)
 
     def prompt(self) -> str | list[int]:
         if (self.text is None) == (self.input_ids is None):

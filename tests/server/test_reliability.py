@@ -187,7 +187,7 @@ def valid_bodies(model: str) -> dict[str, list[dict]]:
                                   "chat_template_kwargs": {"greeting": "hello"}}],
         COMPLETIONS: [{**sampling, "prompt": "hi", "logprobs": None, "best_of": 1, "suffix": ""},
                       {"prompt": [[1, 2], [3]], "max_tokens": 2}],
-        "/generate": [{"text": "hi", "timeout": 60.0, "sampling_params": native},
+        "/generate": [{"model": model, "text": "hi", "timeout": 60.0, "sampling_params": native},
                       {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}],
         "/tokenize": [{"model": model, "prompt": "hi"}, {"model": model, "messages": messages}],
         "/detokenize": [{"model": model, "tokens": [1, 2]}],
