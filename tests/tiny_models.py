@@ -70,3 +70,31 @@ def tiny_engine(path: str, **args):
 
     base = dict(model=path, dtype="float32", attention_backend="reference", compile_cache_dir=None, warmup=False)
     return Engine(EngineArgs(**{**base, **args}))
+
+
+def full_logits(engine, token_ids: list[int]):
+    """Logits at every position of `token_ids` ([len, vocab] numpy), through the engine's model
+    with the reference attention, outside any step: what a step's logits must be."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata
+    from minisgl_jax.layers.context import ForwardContext
+
+    model = nnx.merge(engine.runner.graphdef, engine.runner.param_state())
+    cfg = engine.model_config
+    n = len(token_ids)
+    pool = [(jnp.zeros((cfg.num_kv_heads, n + 1, 1, cfg.head_dim), jnp.float32),) * 2 for _ in range(cfg.num_layers)]
+    meta = AttentionMetadata(
+        cu_q_lens=jnp.array([0, n], jnp.int32),
+        kv_lens=jnp.array([n], jnp.int32),
+        page_table=jnp.arange(1, n + 1, dtype=jnp.int32)[None, :],
+        slot_mapping=jnp.arange(1, n + 1, dtype=jnp.int32),
+    )
+    backend = AttentionBackend("reference", "reference", cfg.head_dim**-0.5,
+                               dtype=jnp.float32, head_dim=cfg.head_dim, page_size=1)
+    ids = jnp.array(token_ids, jnp.int32)
+    collectives = engine.runner.collectives.for_step(False, engine.runner.state.all_reduce_seq)
+    hidden, _ = model(ids, pool, ForwardContext(jnp.arange(n, dtype=jnp.int32), meta, backend, False, collectives))
+    return np.asarray(model.logits(hidden))

@@ -114,6 +114,9 @@ class ModelRunner:
             kv_pool, state, out = forward(kv_pool, state, batch)
         else:
             kv_pool, state, out = self._multi_step(forward, kv_pool, state, batch, key.num_steps)
+        # Replicated, as it came in: the next step's program expects that (GSPMD would shard the
+        # token counts over the vocabulary like the logits).
+        state = dataclasses.replace(state, processing=self._replicated(state.processing))
         # Replicated outputs: every host reads the whole of them from its own first device.
         return kv_pool, state, jax.lax.with_sharding_constraint(out, self.replicated)
 
@@ -196,7 +199,10 @@ class ModelRunner:
         return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
 
     def _seed_fn(self, state: DeviceState, packed: jax.Array) -> DeviceState:
-        return dataclasses.replace(state, processing=seed(state.processing, packed))
+        return dataclasses.replace(state, processing=self._replicated(seed(state.processing, packed)))
+
+    def _replicated(self, tree):
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.replicated), tree)
 
     def seed_slot(self, chunks: list[np.ndarray]) -> None:
         """Write a slot's logits-processing state (`logits_processing.seed_chunks`), in order with

@@ -1,18 +1,14 @@
 """Greedy tokens and prompt logits match Hugging Face transformers on tiny random checkpoints."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
-from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata
-from minisgl_jax.layers.context import ForwardContext
-from tiny_models import save_tiny_checkpoint
+from tiny_models import full_logits, save_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # engines of its own
 
@@ -24,26 +20,6 @@ CASES = [
     ("mistral", dict(tie_word_embeddings=False)),
 ]
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71))]
-
-
-def full_logits(engine: Engine, token_ids: list[int]) -> np.ndarray:
-    """Logits at every prompt position, through our model with the reference attention."""
-    model = nnx.merge(engine.runner.graphdef, engine.runner.param_state())
-    cfg = engine.model_config
-    n = len(token_ids)
-    pool = [(jnp.zeros((cfg.num_kv_heads, n + 1, 1, cfg.head_dim), jnp.float32),) * 2 for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(
-        cu_q_lens=jnp.array([0, n], jnp.int32),
-        kv_lens=jnp.array([n], jnp.int32),
-        page_table=jnp.arange(1, n + 1, dtype=jnp.int32)[None, :],
-        slot_mapping=jnp.arange(1, n + 1, dtype=jnp.int32),
-    )
-    backend = AttentionBackend("reference", "reference", cfg.head_dim**-0.5,
-                               dtype=jnp.float32, head_dim=cfg.head_dim, page_size=1)
-    ids = jnp.array(token_ids, jnp.int32)
-    collectives = engine.runner.collectives.for_step(False, engine.runner.state.all_reduce_seq)
-    hidden, _ = model(ids, pool, ForwardContext(jnp.arange(n, dtype=jnp.int32), meta, backend, False, collectives))
-    return np.asarray(model.logits(hidden))
 
 
 @pytest.mark.parametrize("arch,overrides", CASES, ids=[f"{a}-tied{o['tie_word_embeddings']}" for a, o in CASES])
