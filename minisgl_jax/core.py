@@ -46,6 +46,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    # Top logprobs of each prompt token (the first has none), as vLLM's prompt_logprobs: they come
+    # from the prefill, so such a request computes its whole prompt instead of reusing cached pages.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.logit_bias, list):  # the workers' wire form: [[token id, bias], ...]
@@ -68,6 +71,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         bad = [t for t in self.stop_token_ids if not 0 <= t <= INT32_MAX]
@@ -131,3 +136,6 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None  # with FinishReason.ERROR: what failed
+    # With SamplingParams.prompt_logprobs, once (with the first output): None for the first prompt
+    # token, then one TokenLogprob per prompt token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

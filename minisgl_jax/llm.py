@@ -26,6 +26,7 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
     error: str | None = None  # with FinishReason.ERROR: the engine's step for it failed, and how
@@ -124,6 +125,8 @@ class LLM:
                     result.token_ids += new_ids
                     result.logprobs += new_logprobs
                     result.cached_tokens = out.cached_tokens
+                    if out.prompt_logprobs is not None:
+                        result.prompt_logprobs = out.prompt_logprobs
                     finished, reason = out.finished, out.finish_reason
                     if detok.stopped and not finished:
                         self.engine.abort_request(out.request_id)

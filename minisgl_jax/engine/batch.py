@@ -29,12 +29,14 @@ class StepKey:
     num_logprobs: int = 0  # 0, or MAX_LOGPROBS when some row asks for logprobs
     num_steps: int = 1  # decode steps per launch (a burst)
     logits_processing: bool = False  # some row has penalties, logit_bias or min_tokens (logits_processing.py)
+    prompt_logprobs: bool = False  # prefill: some row wants its prompt tokens' logprobs (all positions' logits)
 
     def describe(self) -> str:
         phase = "decode" if self.is_decode else "prefill"
         processing = ", logits processing" if self.logits_processing else ""
+        prompt = ", prompt logprobs" if self.prompt_logprobs else ""
         return (f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, "
-                f"{self.num_steps} steps{processing})")
+                f"{self.num_steps} steps{processing}{prompt})")
 
 
 @dataclass
@@ -80,8 +82,13 @@ class ScheduledBatch:
         return any(r.req.params.processes_logits for r in self.rows)
 
     @property
+    def prompt_logprobs(self) -> bool:
+        return not self.is_decode and any(r.req.params.prompt_logprobs is not None for r in self.rows)
+
+    @property
     def key(self) -> StepKey:
-        return StepKey(self.is_decode, self.sample_mode, self.num_logprobs, self.num_steps, self.logits_processing)
+        return StepKey(self.is_decode, self.sample_mode, self.num_logprobs, self.num_steps, self.logits_processing,
+                       self.prompt_logprobs)
 
 
 @jax.tree_util.register_dataclass
@@ -98,6 +105,7 @@ class StepBatch:
     sampling: SamplingArrays
     row_steps: jax.Array  # [S] int32: decode steps each row takes in a burst (>= 1; ignored otherwise)
     processing: ProcessingArrays | None = None  # present in the programs with the logits-processing stage
+    prompt_targets: jax.Array | None = None  # [T] int32: the prompt token each position predicts (prompt logprobs)
 
 
 @jax.tree_util.register_dataclass
@@ -109,9 +117,14 @@ class StepOutput:
     logprob: jax.Array | None  # [S]
     top_ids: jax.Array | None  # [S, MAX_LOGPROBS]
     top_logprobs: jax.Array | None
+    # With StepKey.prompt_logprobs, per token of the batch: its prediction's logprob of prompt_targets, and the top
+    prompt_logprob: jax.Array | None = None  # [T]
+    prompt_top_ids: jax.Array | None = None  # [T, MAX_LOGPROBS]
+    prompt_top_logprobs: jax.Array | None = None
 
     def start_copy(self) -> None:
-        for array in (self.ids, self.logprob, self.top_ids, self.top_logprobs):
+        for array in (self.ids, self.logprob, self.top_ids, self.top_logprobs, self.prompt_logprob,
+                      self.prompt_top_ids, self.prompt_top_logprobs):
             if array is not None:
                 array.copy_to_host_async()
 
@@ -245,6 +258,15 @@ def build_step_batch(
         for array, column in zip((temperature, top_k, top_p, min_p, seed_lo, seed_hi), columns):
             array[:n] = column
 
+    prompt_targets = None
+    if batch.prompt_logprobs:
+        prompt_targets = np.zeros(token_bucket, np.int32)
+        t = 0
+        for row in rows:  # position p predicts token p + 1, where that is still the prompt
+            prompt = row.req.prompt_ids
+            ends = min(row.start + row.num_tokens, len(prompt) - 1)
+            prompt_targets[t:t + max(0, ends - row.start)] = prompt[row.start + 1:ends + 1]
+            t += row.num_tokens
     processing = None
     if batch.logits_processing:
         processing = processing_arrays(rows, seq_bucket, scratch_slot)
@@ -271,6 +293,7 @@ def build_step_batch(
         ),
         row_steps=row_steps,
         processing=processing,
+        prompt_targets=prompt_targets,
     )
     return step
 

@@ -344,6 +344,8 @@ class Engine:
             arrays = (None if a is None else a[None] for a in arrays)
         ids, logprob, top_ids, top_lps = arrays
         self.timing["wait_s"] += time.perf_counter() - waited
+        if batch.key.prompt_logprobs:
+            self._collect_prompt_logprobs(batch, out)
         outputs = []
         for i, row in enumerate(batch.rows):
             req = row.req
@@ -366,6 +368,21 @@ class Engine:
             outputs.append(self._output(req))
         return outputs
 
+    def _collect_prompt_logprobs(self, batch: ScheduledBatch, out: StepOutput) -> None:
+        """Each prompt token's logprob from the position before it, for the rows that ask; a chunk
+        computed again (after a retraction) adds nothing."""
+        chosen, top_ids, top_lps = map(StepOutput.to_host, (out.prompt_logprob, out.prompt_top_ids,
+                                                            out.prompt_top_logprobs))
+        t = 0
+        for row in batch.rows:
+            req, n = row.req, row.req.params.prompt_logprobs
+            for j in range(row.num_tokens if n is not None else 0):
+                target = row.start + j + 1
+                if target < len(req.prompt_ids) and len(req.prompt_logprobs) == target:
+                    top = [(int(i), float(lp)) for i, lp in zip(top_ids[t + j, :n], top_lps[t + j, :n])]
+                    req.prompt_logprobs.append(TokenLogprob(req.prompt_ids[target], float(chosen[t + j]), top))
+            t += row.num_tokens
+
     def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
         if token in self.eos_token_ids and not req.params.ignore_eos:
             return FinishReason.STOP
@@ -379,6 +396,10 @@ class Engine:
         new = req.output_ids[req.num_emitted :]
         new_lps = req.output_logprobs[req.num_emitted :] if req.params.logprobs is not None else []
         req.num_emitted = len(req.output_ids)
+        prompt_logprobs = None
+        if (req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent
+                and len(req.prompt_logprobs) == len(req.prompt_ids)):
+            prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new,
@@ -388,6 +409,7 @@ class Engine:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # ---- batch API ---------------------------------------------------------------------------

@@ -24,13 +24,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.core import MAX_LOGPROBS
 from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata
 from minisgl_jax.engine.batch import PackedLayout, StepBatch, StepKey, StepOutput, pack_batch, unpack_batch
 from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.layers.context import ForwardContext
 from minisgl_jax.engine.logits_processing import ProcessingState, count_sampled, process, seed
 from minisgl_jax.engine.programs import ProgramKey, StepPrograms
-from minisgl_jax.engine.sampler import sample
+from minisgl_jax.engine.sampler import prompt_logprobs, sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
 
 logger = logging.getLogger(__name__)
@@ -192,11 +193,16 @@ class ModelRunner:
             )
         if key.logits_processing:
             processing = count_sampled(processing, batch.processing, ids)
+        prompt = {}
+        if key.prompt_logprobs:
+            with jax.named_scope("prompt_logprobs"):
+                chosen, top, top_lps = prompt_logprobs(model.logits, hidden, batch.prompt_targets, MAX_LOGPROBS)
+            prompt = dict(prompt_logprob=chosen, prompt_top_ids=top, prompt_top_logprobs=top_lps)
         state = DeviceState(
             tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,
             all_reduce_seq=state.all_reduce_seq + collectives.count, processing=processing,
         )
-        return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs)
+        return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs, **prompt)
 
     def _seed_fn(self, state: DeviceState, packed: jax.Array) -> DeviceState:
         return dataclasses.replace(state, processing=self._replicated(seed(state.processing, packed)))

@@ -47,6 +47,9 @@ class Req:
     prompt_cached: bool = False  # its prefill's pages went to the prefix cache
     sampling_row: tuple | None = None  # cached per-request sampling values of the step batch
     processing_seeded: bool = False  # its slot holds its logits-processing state (logits_processing.py)
+    # With params.prompt_logprobs: those of prompt_ids[:len(prompt_logprobs)] so far ([None]: the first has none)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
+    prompt_logprobs_sent: bool = False
 
     @property
     def all_ids(self) -> list[int]:

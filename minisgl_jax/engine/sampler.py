@@ -6,6 +6,8 @@ sampled, so the same seed gives the same text whatever else shares the batch.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -128,6 +130,31 @@ def sample(
     chosen = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - normalizer
     top_logits, top_ids = top_k(logits, num_logprobs)
     return ids, chosen, top_ids.astype(jnp.int32), top_logits - normalizer[:, None]
+
+
+PROMPT_LOGPROBS_CHUNK = 256  # positions whose logits exist at once: [256, vocab] float32, not [tokens, vocab]
+
+
+def prompt_logprobs(
+    logits_of: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """At every position of a prefill: the logprob of `targets` (the next prompt token) and the top
+    `k` (ids, logprobs), of the model's own distribution. hidden [tokens, hidden] -> [tokens], [tokens, k] x 2."""
+    tokens = hidden.shape[0]
+    chunk = math.gcd(tokens, PROMPT_LOGPROBS_CHUNK)
+
+    def one(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        h, target = args
+        logits = logits_of(h)
+        normalizer = jax.nn.logsumexp(logits, axis=-1)
+        chosen = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - normalizer
+        top_logits, top_ids = top_k(logits, k)
+        return chosen, top_ids.astype(jnp.int32), top_logits - normalizer[:, None]
+
+    chosen, top_ids, top_lps = jax.lax.map(
+        one, (hidden.reshape(tokens // chunk, chunk, -1), targets.reshape(tokens // chunk, chunk))
+    )
+    return chosen.reshape(tokens), top_ids.reshape(tokens, k), top_lps.reshape(tokens, k)
 
 
 # XLA's GPU top-k kernel takes k <= 16; a larger k sorts the rows, whose cost grows with the rows while

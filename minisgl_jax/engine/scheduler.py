@@ -154,7 +154,8 @@ class Scheduler:
                 break
             if req.in_flight:
                 continue  # its last tokens are still on the device; admit it once they are read
-            match = self.cache.match(req.all_ids[:-1])
+            # Prompt logprobs come from the prefill's logits: such a request computes its whole prompt.
+            match = self.cache.match(req.all_ids[:-1] if req.params.prompt_logprobs is None else [])
             start = match.num_pages * self.page_size
             key = self._page_key(req, start)
             if self.cache.shares and len(key) == self.page_size and key in computing:

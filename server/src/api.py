@@ -130,7 +130,7 @@ class Routes:
         prompts = body.prompts()
         self.config.limits.check(params, len(prompts) * body.n)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        message = GenerateReq(rid, prompts=prompts, params=_wire(params), n=body.n)
+        message = GenerateReq(rid, prompts=prompts, params=_wire(params), n=body.n, echo=body.echo)
         view = responses.CompletionView(rid, self.config.served_model_name, body.stream_options)
         return await self.run(request, message, len(prompts) * body.n, body.stream,
                               self.config.limits.timeout(body.timeout), view.stream, view.final)
@@ -272,5 +272,9 @@ async def until(chunks: AsyncIterator[TextChunk], deadline: float | None) -> Asy
 
 
 def _wire(params: SamplingParams) -> dict[str, Any]:
-    """SamplingParams as the plain map that travels in a GenerateReq."""
-    return dataclasses.asdict(params)
+    """SamplingParams as the plain map that travels in a GenerateReq (logit_bias as [id, bias] pairs:
+    the wire's maps have string keys only)."""
+    wire = dataclasses.asdict(params)
+    if params.logit_bias is not None:
+        wire["logit_bias"] = [[token, bias] for token, bias in params.logit_bias.items()]
+    return wire

@@ -39,6 +39,7 @@ class DetokenizerWorker:
         self.to_scheduler = ipc.connect_outbox(context, run_dir, "scheduler")
         self.live: dict[str, tuple[IncrementalDetokenizer, bool]] = {}
         self.ended_here: set[str] = set()  # stopped by a stop string; the scheduler's final is dropped
+        self.echoes: dict[str, str] = {}  # prompt text to put before a request's first chunk (echo)
 
     def serve_forever(self) -> None:
         while True:
@@ -49,6 +50,8 @@ class DetokenizerWorker:
         if isinstance(message, DetokInit):
             detok = IncrementalDetokenizer(self.tokenizer, message.prompt_tail, message.skip_special_tokens, message.stop)
             self.live[message.rid] = (detok, message.logprobs)
+            if message.echo_text is not None:
+                self.echoes[message.rid] = message.echo_text
         elif isinstance(message, TokenBatch):
             chunks = [c for c in (self._chunk(out) for out in message.outputs) if c is not None]
             if chunks:
@@ -69,6 +72,7 @@ class DetokenizerWorker:
         except Exception as err:  # one request's failure must not stop the others
             logger.exception("detokenizer: request %s failed", out.rid)
             self.live.pop(out.rid, None)
+            self.echoes.pop(out.rid, None)
             if not out.finished:
                 self.ended_here.add(out.rid)
                 ipc.send(self.to_scheduler, AbortReq([out.rid]))
@@ -91,6 +95,9 @@ class DetokenizerWorker:
         if finished:
             del self.live[out.rid]
         logprobs = [self._logprob(entry) for entry in out.logprobs[:used]] if with_logprobs else []
+        if out.rid in self.echoes:
+            text = self.echoes.pop(out.rid) + text
+            logprobs = [self._logprob(entry) for entry in out.prompt_logprobs or []] + logprobs
         return TextChunk(
             out.rid, text, out.token_ids[:used], finished, reason, logprobs,
             out.prompt_tokens, out.completion_tokens - dropped, out.cached_tokens,
@@ -99,7 +106,7 @@ class DetokenizerWorker:
     def _logprob(self, entry: list[Any]) -> TokenLogprobText:
         token_id, logprob, top = entry
         return TokenLogprobText(
-            self.tokenizer.decode([token_id]), int(token_id), float(logprob),
+            self.tokenizer.decode([token_id]), int(token_id), None if logprob is None else float(logprob),
             [TopLogprob(self.tokenizer.decode([t]), int(t), float(lp)) for t, lp in top],
         )
 

@@ -40,6 +40,7 @@ class GenerateReq:
     chat_template_kwargs: dict[str, typing.Any] = field(default_factory=dict)
     params: dict[str, typing.Any] = field(default_factory=dict)  # SamplingParams fields
     n: int = 1
+    echo: bool = False  # completions: each choice's text starts with its prompt
 
 
 @dataclass
@@ -67,6 +68,7 @@ class NewRequest:
     rid: str
     prompt_ids: list[int]
     params: dict[str, typing.Any]
+    echo_text: str | None = None  # the prompt as the choice's text begins with it (echo)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class DetokInit:
     stop: list[str]
     skip_special_tokens: bool
     logprobs: bool
+    echo_text: str | None = None
 
 
 @dataclass
@@ -114,6 +117,8 @@ class StepTokens:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # Once, with echo and logprobs: [token id, logprob or None (the first), [[id, logprob], ...]] per prompt token
+    prompt_logprobs: list[list[typing.Any]] | None = None
 
 
 @dataclass
@@ -132,7 +137,7 @@ class TopLogprob:
 class TokenLogprobText:
     token: str
     token_id: int
-    logprob: float
+    logprob: float | None  # None: the first prompt token of an echo, which nothing predicts
     top: list[TopLogprob]
 
 

@@ -95,6 +95,17 @@ class ChatMessage(StrictModel):
         return self.content or ""
 
 
+def token_bias(bias: dict[str, float] | None, field: str) -> dict[int, float] | None:
+    """logit_bias with its keys, token ids written as JSON strings, as ints; a 400 naming `field` otherwise."""
+    if bias is None:
+        return None
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        bad = next(t for t in bias if not t.strip().lstrip("+-").isdigit())
+        raise APIError(400, f"{field} keys must be token ids, got {bad!r}", field) from None
+
+
 class SamplingFields(StrictModel):
     """The fields both OpenAI endpoints share, plus the vLLM/SGLang extensions people send."""
 
@@ -114,8 +125,9 @@ class SamplingFields(StrictModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     user: str | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; vLLM/SGLang-style extension
     no_stop_trim: bool = False  # SGLang's; true (keep the stop string in the text) is refused
@@ -126,23 +138,18 @@ class SamplingFields(StrictModel):
     def _sglang_neutral(cls, value: bool, info: ValidationInfo) -> bool:
         return neutral_only(cls, value, info)
 
-    def refuse_unsupported(self) -> None:
-        """Raise a 400 naming the first set field that this server cannot honour."""
-        penalties = ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)
-        for name, neutral in penalties:
-            if getattr(self, name) != neutral:
-                raise APIError(400, f"{name} is not supported by this server (its sampler has no penalties); "
-                                    f"omit it or set it to {neutral}", name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
-
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             max_tokens=max_tokens, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens,
+            skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logit_bias=token_bias(self.logit_bias, "logit_bias"), min_tokens=self.min_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
         try:
             params.validate()
@@ -172,7 +179,7 @@ class ChatCompletionRequest(SamplingFields):
         return neutral_only(cls, value, info)
 
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
+        """Raise a 400 naming the first set field that this server cannot honour."""
         if self.tools:
             raise APIError(400, "tools are not supported by this server", "tools")
         if self.tool_choice not in (None, "none"):
@@ -208,9 +215,7 @@ class CompletionRequest(SamplingFields):
         return prompt
 
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.echo:
-            raise APIError(400, "echo is not supported by this server", "echo")
+        """Raise a 400 naming the first set field that this server cannot honour."""
         if self.suffix:
             raise APIError(400, "suffix is not supported by this server", "suffix")
         if self.best_of not in (None, self.n):
@@ -225,8 +230,10 @@ class CompletionRequest(SamplingFields):
         return list(prompt)
 
     def to_sampling_params(self) -> SamplingParams:
+        """With echo and logprobs, the prompt's tokens get logprobs too (from the prefill)."""
         self.refuse_unsupported()
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self.sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
 class NativeSamplingParams(StrictModel):
@@ -242,6 +249,11 @@ class NativeSamplingParams(StrictModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    logit_bias: dict[str, float] | None = None
+    min_new_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
 
 
 class GenerateRequest(StrictModel):
@@ -279,12 +291,15 @@ class GenerateRequest(StrictModel):
         params = SamplingParams(
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, max_tokens=p.max_new_tokens,
             stop=stop, stop_token_ids=list(p.stop_token_ids or []), ignore_eos=p.ignore_eos, seed=p.seed,
-            skip_special_tokens=p.skip_special_tokens,
+            skip_special_tokens=p.skip_special_tokens, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+            logit_bias=token_bias(p.logit_bias, "sampling_params.logit_bias"), min_tokens=p.min_new_tokens,
         )
         try:
             params.validate()
         except ValueError as err:
-            raise APIError(400, str(err), f"sampling_params.{str(err).split()[0]}") from None
+            name = str(err).split()[0].replace("min_tokens", "min_new_tokens").replace("max_tokens", "max_new_tokens")
+            raise APIError(400, str(err), f"sampling_params.{name}") from None
         return params
 
 

@@ -81,7 +81,7 @@ def completion_logprobs(entries: list[TokenLogprobText], offset: int) -> dict[st
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top} for e in entries],
         "text_offset": offsets,
     }
 

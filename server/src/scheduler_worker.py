@@ -38,7 +38,7 @@ from minisgl_jax.server.messages import (
 )
 
 from minisgl_jax.config import EngineArgs
-from minisgl_jax.core import SamplingParams
+from minisgl_jax.core import RequestOutput, SamplingParams
 from minisgl_jax.engine import Engine
 from minisgl_jax.engine.step_failures import EngineBroken
 
@@ -59,6 +59,7 @@ class SchedulerWorker:
         self.heartbeats = ipc.connect_outbox(context, run_dir, "api")  # the heartbeat thread's: a socket per thread
         self.stopping = False
         self.busy = False
+        self.first_prompt_tokens: dict[str, int] = {}  # of requests with prompt logprobs still to send
         self._pass_started = time.monotonic()
         self._figures: dict[str, Any] = {}  # the heartbeat's figures, as of the latest pass that took them
         self._figures_at = 0.0
@@ -122,11 +123,26 @@ class SchedulerWorker:
         except (TypeError, ValueError) as err:
             ipc.send(self.to_api, ErrorReply(message.rid, str(err), refused_field(str(err))))
             return
+        echo_texts = {r.rid: r.echo_text for r in message.requests}
         for rid, prompt_ids, params in prepared:
             self.engine.add_request(rid, prompt_ids, params)
+            if params.prompt_logprobs is not None:
+                self.first_prompt_tokens[rid] = prompt_ids[0]
             ipc.send(self.to_detokenizer, DetokInit(
-                rid, prompt_ids[-8:], params.stop, params.skip_special_tokens, params.logprobs is not None
+                rid, prompt_ids[-8:], params.stop, params.skip_special_tokens, params.logprobs is not None,
+                echo_texts[rid],
             ))
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[list[Any]] | None:
+        """The wire form of a request's prompt logprobs, the first token (nothing predicts it) with None."""
+        if out.prompt_logprobs is None:
+            if out.finished:  # ended before its prompt's logprobs were complete (an abort, an error)
+                self.first_prompt_tokens.pop(out.request_id, None)
+            return None
+        first = self.first_prompt_tokens.pop(out.request_id)
+        return [[first, None, []]] + [
+            [lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.prompt_logprobs[1:]
+        ]
 
     def _step(self) -> None:
         outputs = self.engine.step()
@@ -138,6 +154,7 @@ class SchedulerWorker:
                 out.finish_reason.value if out.finish_reason is not None else None,
                 [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.new_logprobs],
                 out.prompt_tokens, out.completion_tokens, out.cached_tokens,
+                self._prompt_logprobs(out),
             )
             for out in outputs
         ]

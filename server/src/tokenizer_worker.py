@@ -94,7 +94,11 @@ class TokenizerWorker:
                 params = dict(req.params)
                 if seed is not None:
                     params["seed"] = (seed + i) % 2**63  # n samples of one seed differ, reproducibly
-                requests.append(NewRequest(f"{req.rid}/{p * req.n + i}", prompt_ids, params))
+                echo_text = None
+                if req.echo:
+                    prompt = req.prompts[p]
+                    echo_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
+                requests.append(NewRequest(f"{req.rid}/{p * req.n + i}", prompt_ids, params, echo_text))
         ipc.send(self.to_scheduler, AddReq(req.rid, requests))
 
     def _encode(self, prompt: str | list[int]) -> list[int]:

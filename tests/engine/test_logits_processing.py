@@ -148,3 +148,27 @@ def test_a_prefix_cache_hit_still_penalizes_the_whole_prompt(engine, alone):
     hits = engine.stats()["cache_hit_tokens"]
     assert engine.generate([MIXED_PROMPTS[4]], MIXED[4])[0] == alone[4]
     assert engine.stats()["cache_hit_tokens"] > hits
+
+
+def test_prompt_logprobs_cover_every_prompt_token_through_chunks_and_a_cached_prefix(engine):
+    prompt = list(range(100, 190))  # 90 tokens: prefilled in two chunks (max_prefill_tokens 64)
+    engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))  # now in the prefix cache
+    engine.add_request("prompt", prompt, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3))
+    got = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            got = out.prompt_logprobs if out.prompt_logprobs is not None else got
+    logits = full_logits(engine, prompt).astype(np.float64)
+    model = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    assert got[0] is None and len(got) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert got[i].token_id == prompt[i] and got[i].logprob == pytest.approx(model[i - 1, prompt[i]], abs=1e-4)
+        assert [t for t, _ in got[i].top] == np.argsort(-model[i - 1], kind="stable")[:3].tolist()
+    engine.check_kv_invariant()
+
+
+def test_logit_bias_entries_are_bounded_by_the_engine(engine):
+    with pytest.raises(ValueError, match="max-logit-bias"):
+        engine.check_request([1, 2], SamplingParams(logit_bias={i: 1.0 for i in range(9)}))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.check_request([1, 2], SamplingParams(logit_bias={320: 1.0}))

@@ -65,6 +65,46 @@ def test_completion_logprobs_one_entry_per_token(client, model):
         assert chosen <= 0 and 1 <= len(top) <= 3  # keyed by token text: byte tokens may share one key
 
 
+def test_penalties_bias_and_min_tokens_are_applied(client, model):
+    """The sampling controls SDKs send are honoured, not refused: a +100 bias makes greedy text one token
+    over and over, a frequency penalty breaks that run, and min_tokens holds back a biased stop token."""
+    def tokens(**extra):
+        out = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=8, temperature=0, logprobs=0,
+                                        extra_body={"ignore_eos": True, **extra.pop("extra_body", {})}, **extra)
+        return [t for t in out.choices[0].logprobs.tokens], out.choices[0].finish_reason
+
+    biased, _ = tokens(logit_bias={"42": 100})
+    assert len(set(biased)) == 1
+    penalized, _ = tokens(logit_bias={"42": 4}, frequency_penalty=2.0, presence_penalty=0.5)
+    assert len(set(penalized)) > 1
+    held, reason = tokens(logit_bias={"9": 100}, extra_body={"min_tokens": 5, "stop_token_ids": [9], "ignore_eos": True})
+    assert len(held) == 6 and reason == "stop"
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0.7, seed=3, frequency_penalty=1.0, presence_penalty=1.0,
+                                          extra_body={"repetition_penalty": 1.3, "min_tokens": 4, "ignore_eos": True})
+    assert chat.usage.completion_tokens == 4
+
+
+def test_completion_echo_returns_the_prompt_and_its_logprobs(client, model):
+    """echo puts the prompt before the completion, streamed or whole; with logprobs each prompt token has
+    one (the first: none), from the prefill."""
+    whole = client.completions.create(model=model, prompt="The quick brown", max_tokens=5, temperature=0, echo=True,
+                                      logprobs=2, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model=model, prompt="The quick brown", max_tokens=5, temperature=0,
+                                      logprobs=2, extra_body={"ignore_eos": True})
+    choice = whole.choices[0]
+    assert choice.text == "The quick brown" + plain.choices[0].text
+    lp = choice.logprobs
+    prompt_tokens = whole.usage.prompt_tokens
+    assert len(lp.tokens) == prompt_tokens + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert lp.token_logprobs[prompt_tokens:] == plain.choices[0].logprobs.token_logprobs
+    assert "".join(lp.tokens) == choice.text and lp.text_offset[prompt_tokens] == len("The quick brown")
+    stream = client.completions.create(model=model, prompt="The quick brown", max_tokens=5, temperature=0, echo=True,
+                                       stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in stream) == choice.text
+
+
 def test_chat_logprobs_top_logprobs(client, model):
     out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                          temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})

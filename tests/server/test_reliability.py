@@ -177,11 +177,12 @@ def valid_bodies(model: str) -> dict[str, list[dict]]:
     (a null counts: it is fuzzed too); filters off and no logprobs, so they run the programs compiled at start-up."""
     sampling = {"model": model, "max_tokens": 2, "temperature": 0.5, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "n": 1,
                 "stop": ["zz"], "stop_token_ids": [3], "seed": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                "repetition_penalty": 1.0, "user": "ann", "timeout": 60.0}
+                "repetition_penalty": 1.0, "min_tokens": 0, "user": "ann", "timeout": 60.0}
     messages = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
                 {"role": "user", "content": "hi", "name": "ann"}]
     native = {"max_new_tokens": 2, "temperature": 0.5, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "stop": ["zz"],
-              "stop_token_ids": [3], "seed": 1}
+              "stop_token_ids": [3], "seed": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+              "repetition_penalty": 1.0, "min_new_tokens": 0}
     return {
         "/v1/chat/completions": [{**sampling, "messages": messages, "max_completion_tokens": 2, "top_logprobs": 0,
                                   "chat_template_kwargs": {"greeting": "hello"}}],
