@@ -10,6 +10,7 @@ INT32_MAX = 2**31 - 1  # top_k, token ids and lengths travel in the step's int32
 # Below it sampling is greedy, as in vLLM: logits divided by a tinier float32 overflow to inf.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one logit_bias value: [-100, 100]
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "lark")  # SamplingParams' grammar fields, at most one set
 
 
 @dataclass
@@ -49,6 +50,13 @@ class SamplingParams:
     # Top logprobs of each prompt token (the first has none), as vLLM's prompt_logprobs: they come
     # from the prefill, so such a request computes its whole prompt instead of reusing cached pages.
     prompt_logprobs: int | None = None
+    # Grammar-constrained output (minisgl_jax/grammar), at most one: a JSON Schema's text, a regex
+    # the whole output matches, a GBNF grammar (`root ::= ...`), or a Lark grammar in llguidance's
+    # syntax (what tool calls with tool_choice "required" or a named function use).
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    lark: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.logit_bias, list):  # the workers' wire form: [[token id, bias], ...]
@@ -94,10 +102,21 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, {INT32_MAX}], got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        grammars = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
+        for name in grammars:
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
+        if len(grammars) > 1:
+            raise ValueError(f"{grammars[1]} cannot be combined with {grammars[0]}: give at most one of {GRAMMAR_FIELDS}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar constrains the output: the host fills a token mask for each step."""
+        return any(getattr(self, name) is not None for name in GRAMMAR_FIELDS)
 
     @property
     def processes_logits(self) -> bool:
