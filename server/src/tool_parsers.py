@@ -80,11 +80,13 @@ class _CallState:
 class ToolCallParser:
     """One choice's text -> content and tool calls; `feed` returns the deltas of each new piece."""
 
-    def __init__(self, fmt: ToolCallFormat) -> None:
+    def __init__(self, fmt: ToolCallFormat, constrained: bool = False) -> None:
+        """`constrained`: the output is the calls and nothing else (the grammar of tool_choice
+        "required" or a named function), without the marker that would open them."""
         self.fmt = fmt
         self.text = ""
         self.content = ""  # content emitted so far
-        self._calls_at: int | None = None  # where the calls begin in text, once known
+        self._calls_at: int | None = 0 if constrained else None  # where the calls begin in text, once known
         self._content_only = False  # the text can no longer open calls (llama3_json: it did not begin with "{")
         self._calls: list[_CallState] = []
 

@@ -231,3 +231,16 @@ def test_the_mask_row_must_have_the_vocabulary_layout(compiler):
     matcher = compiler.compile(GrammarSpec("regex", "a")).matcher([EOS])
     with pytest.raises(ValueError, match="int32"):
         matcher.fill_mask(np.zeros(compiler.vocab.mask_words + 1, np.int32))
+
+
+def test_added_tokens_that_are_text_match_grammar_literals():
+    """Qwen's <tool_call> is an added token that is text: a literal of it is allowed and accepted,
+    spelt out or as the one token (llguidance alone would offer the token, then refuse it)."""
+    compiler = bpe_compiler()
+    tokenizer = compiler.vocab.tokenizer
+    spec = GrammarSpec("regex", "<tool_call>x")
+    for seed in range(5):
+        assert random_completion(compiler, spec, EOS, seed) == "<tool_call>x"
+    matcher = compiler.compile(spec).matcher([EOS])
+    assert matcher.accept(tokenizer.convert_tokens_to_ids("<tool_call>"))
+    assert matcher.accept(tokenizer.encode("x")[0]) and matcher.is_finished
