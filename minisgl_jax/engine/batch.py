@@ -78,8 +78,13 @@ class ScheduledBatch:
         return MAX_LOGPROBS if any(r.req.params.logprobs is not None for r in self.rows) else 0
 
     @property
+    def constrained(self) -> bool:
+        """Some row samples under a grammar: the host fills its mask from the tokens so far."""
+        return any(r.samples and r.req.grammar is not None for r in self.rows)
+
+    @property
     def logits_processing(self) -> bool:
-        return any(r.req.params.processes_logits for r in self.rows)
+        return self.constrained or any(r.req.params.processes_logits for r in self.rows)
 
     @property
     def prompt_logprobs(self) -> bool:

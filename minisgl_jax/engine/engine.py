@@ -23,17 +23,19 @@ from flax import nnx
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from minisgl_jax.engine import cascade as cascade_groups
+from minisgl_jax.engine import constraints
 from minisgl_jax.engine import setup, warmup
 from minisgl_jax.layers.attention import AttentionBackend
 from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepOutput, build_step_batch
 from minisgl_jax.engine.buckets import Buckets
-from minisgl_jax.engine.logits_processing import ProcessingState, seed_chunks
+from minisgl_jax.engine.logits_processing import ProcessingState
 from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
-from minisgl_jax.engine.request import Req
+from minisgl_jax.engine.request import Phase, Req
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
 from minisgl_jax.engine.step_failures import FailedSteps
+from minisgl_jax.grammar import GrammarCompiler, GrammarVocab, check_grammar, grammar_spec
 from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
@@ -58,6 +60,8 @@ class Engine:
         started = time.perf_counter()
         num_pages = self._build(args)
         self.requests: dict[str, Req] = {}
+        self._compiling: list[Req] = []  # structured-output requests whose grammar compiles
+        self._grammar_compiler: GrammarCompiler | None = None
         self._finals: list[RequestOutput] = []
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
         self.failed_steps = FailedSteps()
@@ -136,6 +140,13 @@ class Engine:
             vocab_size=self.model_config.vocab_size,
         )
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Made on the first constrained request: it needs the tokenizer's vocabulary in llguidance's form."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(GrammarVocab(self.tokenizer, self.model_config.vocab_size))
+        return self._grammar_compiler
+
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -170,6 +181,11 @@ class Engine:
         if len(bias) > self.args.max_logit_bias:
             raise ValueError(f"logit_bias has {len(bias)} entries; this server takes at most "
                              f"{self.args.max_logit_bias} (--max-logit-bias)")
+        spec = grammar_spec(params)
+        if spec is not None:
+            if self.args.nnodes > 1:
+                raise ValueError(f"{spec.field}: structured outputs are not served across several hosts yet")
+            check_grammar(spec)
         if n >= self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens; the context length is {self.max_model_len}")
         if n >= self.allocator.num_usable * self.page_size:
@@ -200,8 +216,28 @@ class Engine:
         max_new = self._max_new_tokens(len(prompt_token_ids), params)
         req = Req(request_id, list(prompt_token_ids), params, params.seed, max_new, arrival=self._arrivals)
         self.requests[request_id] = req
-        self.scheduler.add(req)
         self._counters["prompt_tokens"] += len(prompt_token_ids)
+        spec = grammar_spec(params)
+        if spec is None:
+            self.scheduler.add(req)
+        else:  # it waits outside the scheduler until its grammar has compiled (_start_constrained)
+            req.grammar_compile = self.grammar_compiler.submit(spec)
+            self._compiling.append(req)
+
+    def _start_constrained(self) -> None:
+        """Queue the requests whose grammar has compiled; end those whose grammar failed to."""
+        for req in [r for r in self._compiling if r.grammar_compile.done()]:
+            self._compiling.remove(req)
+            try:
+                compiled = req.grammar_compile.result()
+            except ValueError as error:
+                req.phase, req.finish_reason, req.error = Phase.FINISHED, FinishReason.ERROR, str(error)
+                self._finals.append(self._output(req))
+                continue
+            p = req.params
+            ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            req.grammar, req.grammar_compile = compiled.matcher(ends), None
+            self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> None:
         if self.channel is not None:
@@ -213,7 +249,11 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return
-        self.scheduler.finish(req, FinishReason.ABORT)
+        if req in self._compiling:
+            self._compiling.remove(req)
+            req.phase, req.finish_reason = Phase.FINISHED, FinishReason.ABORT
+        else:
+            self.scheduler.finish(req, FinishReason.ABORT)
         self._finals.append(self._output(req))
 
     def shutdown(self) -> None:
@@ -255,8 +295,17 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         if self.channel is not None:
             self._apply_commands()
+        if self._compiling:
+            self._start_constrained()
         outputs, self._finals = self._finals, []
         batch = self.scheduler.schedule()
+        if batch is not None and batch.constrained and self._in_flight is not None:
+            # A grammar's mask needs the tokens of the step in flight: read them first (no overlap),
+            # and leave out the rows of the requests that read has ended (their slots are given back).
+            outputs += self._read(*self._in_flight)
+            self._in_flight = None
+            batch.rows = [row for row in batch.rows if not row.req.finished]
+            batch = batch if batch.rows else None
         launched = failure = None
         if batch is not None:
             try:
@@ -291,28 +340,16 @@ class Engine:
                 cascade = (plan.prefix_lens, plan.groups)
                 self._counters["cascade_steps"] += 1
         if batch.logits_processing:
-            self._seed_logits_processing(batch)
+            constraints.seed_slots(batch, self.runner, self.eos_token_ids, self.logit_bias_width)
         step_batch = build_step_batch(batch, tokens, seqs, self.batch_constants, cascade)
+        mask = constraints.grammar_masks(batch, seqs, self.runner.mask_words) if batch.constrained else None
         launched = time.perf_counter()
-        out = self.runner.run(step_batch, batch.key)
+        out = self.runner.run(step_batch, batch.key, mask)
         out.start_copy()
         self.timing["launch_s"] += time.perf_counter() - launched
         self._counters["steps"] += 1
         self._counters["burst_steps"] += batch.num_steps > 1
         return out
-
-    def _seed_logits_processing(self, batch: ScheduledBatch) -> None:
-        """Write the slot of each request that processes its logits and has just taken one (a new
-        or a retracted request: its output so far counts too)."""
-        for row in batch.rows:
-            req, p = row.req, row.req.params
-            if p.processes_logits and not req.processing_seeded:
-                stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
-                self.runner.seed_slot(seed_chunks(
-                    req.slot, req.prompt_ids, req.output_ids, stop_ids, p.logit_bias or {}, self.logit_bias_width,
-                    self.model_config.vocab_size,
-                ))
-                req.processing_seeded = True
 
     def _read(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         """A launched step's outputs; if reading or processing its tokens fails, an error for each
@@ -362,6 +399,8 @@ class Engine:
                     top = [(int(t), float(lp)) for t, lp in zip(top_ids[k, i, :n], top_lps[k, i, :n])]
                     req.output_logprobs.append(TokenLogprob(token, float(logprob[k, i]), top))
                 reason = self._finish_reason(req, token)
+                if reason is None and req.grammar is not None:
+                    reason = constraints.advance_grammar(req, token)
                 if reason is not None:
                     self.scheduler.finish(req, reason)
                     break
@@ -409,6 +448,7 @@ class Engine:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens,
+            error=req.error,
             prompt_logprobs=prompt_logprobs,
         )
 

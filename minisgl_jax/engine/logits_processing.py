@@ -2,7 +2,8 @@
 logit_bias and min_tokens, in the order `SamplingParams` documents.
 
 A step runs the stage only when some row of its batch asks for it (`StepKey.logits_processing`);
-other batches run programs without it. What a row needs to be penalized lives on the device, per
+other batches run programs without it. The same stage applies a grammar's token mask (structured
+outputs): the mask is an argument of these programs, all ones where no row is constrained. What a row needs to be penalized lives on the device, per
 request slot (`ProcessingState`, part of the step's donated state): how often each token occurs in
 the output so far, which tokens are in the prompt or are stop tokens, and the logit_bias entries.
 The step counts its own sampled tokens into it (every step of a burst too), so neither overlap
@@ -62,8 +63,11 @@ class ProcessingArrays:
     counts_token: jax.Array  # int32, 1 when the sampled token is the request's next output (counted)
 
 
-def process(logits: jax.Array, state: ProcessingState, arrays: ProcessingArrays, token_index: jax.Array) -> jax.Array:
-    """logits [seqs, vocab] float32 -> the logits to sample from."""
+def process(
+    logits: jax.Array, state: ProcessingState, arrays: ProcessingArrays, token_index: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """logits [seqs, vocab] float32 -> the logits to sample from. mask [seqs, cdiv(vocab, 32)] int32:
+    the grammar's allowed tokens (bit j of word i: token 32 i + j), all ones for free rows."""
     counts = state.counts[arrays.slots]
     flags = state.flags[arrays.slots]
     seen = (counts > 0) | ((flags & IN_PROMPT) != 0)
@@ -73,7 +77,9 @@ def process(logits: jax.Array, state: ProcessingState, arrays: ProcessingArrays,
     rows = jnp.arange(logits.shape[0])[:, None]
     logits = logits.at[rows, state.bias_ids[arrays.slots]].add(state.bias_values[arrays.slots], mode="drop")
     early = (token_index < arrays.min_tokens)[:, None]
-    return jnp.where(early & ((flags & STOP) != 0), -jnp.inf, logits)
+    tokens = jnp.arange(logits.shape[1], dtype=jnp.int32)
+    allowed = (jax.lax.shift_right_logical(mask[:, tokens >> 5], (tokens & 31)[None, :]) & 1) != 0
+    return jnp.where((early & ((flags & STOP) != 0)) | ~allowed, -jnp.inf, logits)
 
 
 def count_sampled(state: ProcessingState, arrays: ProcessingArrays, ids: jax.Array) -> ProcessingState:

@@ -33,6 +33,7 @@ from minisgl_jax.engine.logits_processing import ProcessingState, count_sampled,
 from minisgl_jax.engine.programs import ProgramKey, StepPrograms
 from minisgl_jax.engine.sampler import prompt_logprobs, sample
 from minisgl_jax.models.transformer import CausalLM, KVPool
+from minisgl_jax.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class ModelRunner:
             processing=ProcessingState.zeros(max_slots + 1, cfg.vocab_size, config.logit_bias_width),
         ))
         self._seed = jax.jit(self._seed_fn, donate_argnames=("state",))
+        self.mask_words = cdiv(cfg.vocab_size, 32)
+        self._open_masks: dict[int, jax.Array] = {}  # all-ones grammar masks by rows, kept on the device
         self._step = jax.jit(
             self._step_fn,
             static_argnames=("layout", "key"),
@@ -107,10 +110,10 @@ class ModelRunner:
         """The parameters as the model's NNX state (for inspection; the step takes the flat list)."""
         return jax.tree.unflatten(self.params_treedef, self.params)
 
-    def _step_fn(self, params, kv_pool, state: DeviceState, packed, *, layout: PackedLayout, key: StepKey):
+    def _step_fn(self, params, kv_pool, state: DeviceState, packed, mask, *, layout: PackedLayout, key: StepKey):
         batch = unpack_batch(packed, layout)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self.params_treedef, params))
-        forward = functools.partial(self._forward, model, key=key)
+        forward = functools.partial(self._forward, model, key=key, mask=mask)
         if key.num_steps == 1:
             kv_pool, state, out = forward(kv_pool, state, batch)
         else:
@@ -157,7 +160,7 @@ class ModelRunner:
         (kv_pool, state), out = jax.lax.scan(substep, (kv_pool, state), steps)
         return kv_pool, state, out  # every output gains a leading [num_steps] axis
 
-    def _forward(self, model, kv_pool, state: DeviceState, batch: StepBatch, *, key: StepKey):
+    def _forward(self, model, kv_pool, state: DeviceState, batch: StepBatch, *, key: StepKey, mask):
         """One step of the model on one batch: write its K/V, sample a token per sequence."""
         page_size = self.page_size
         if key.is_decode:
@@ -185,7 +188,7 @@ class ModelRunner:
         sample_logits = logits
         if key.logits_processing:
             with jax.named_scope("logits_processing"):
-                sample_logits = process(logits, processing, batch.processing, batch.sampling.token_index)
+                sample_logits = process(logits, processing, batch.processing, batch.sampling.token_index, mask)
         with jax.named_scope("sample"):
             ids, logprob, top_ids, top_logprobs = sample(
                 sample_logits, batch.sampling, mode=key.sample_mode, num_logprobs=key.num_logprobs,
@@ -223,28 +226,48 @@ class ModelRunner:
             return jax.device_put(tree, self.replicated)
         return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(self.replicated, a), tree)
 
-    def run(self, batch: StepBatch, key: StepKey) -> StepOutput:
-        """Launch one step (or a burst of `key.num_steps` decode steps) on a host-made batch."""
+    def run(self, batch: StepBatch, key: StepKey, mask: np.ndarray | None = None) -> StepOutput:
+        """Launch one step (or a burst of `key.num_steps` decode steps) on a host-made batch; `mask`:
+        the grammar masks of its rows ([seqs, mask_words] int32) when some row is constrained."""
         packed, layout = pack_batch(batch)
-        return self.run_packed(packed, ProgramKey(layout, key))
+        return self.run_packed(packed, ProgramKey(layout, key), mask)
 
-    def run_packed(self, packed: np.ndarray | jax.Array, program: ProgramKey) -> StepOutput:
+    def run_packed(
+        self, packed: np.ndarray | jax.Array, program: ProgramKey, mask: np.ndarray | None = None
+    ) -> StepOutput:
         """Launch the step on a packed batch, from the host or already on the device (benchmarks
         replay one device buffer to time XLA's launch without the transfer's fresh address)."""
         if jax.process_count() > 1 and isinstance(packed, np.ndarray):
             packed = self.to_device(packed)
+        if program.step.logits_processing:
+            mask = self._open_mask(_seqs(program)) if mask is None else self.to_device(mask)
         compiled = self.programs.compiled.get(program)
         if compiled is None:
             compiled = self.programs.get(program, packed)
-        self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed)
+        self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed, mask)
         return out
+
+    def _open_mask(self, seqs: int) -> jax.Array:
+        """Every token allowed, for `seqs` rows: made once per bucket, so free rows cost no transfer."""
+        if seqs not in self._open_masks:
+            self._open_masks[seqs] = self.to_device(np.full((seqs, self.mask_words), -1, np.int32))
+        return self._open_masks[seqs]
 
     def lower(self, program: ProgramKey, packed: np.ndarray | jax.Array) -> jax.stages.Lowered:
         """Trace and lower the step program of `program` (Python, under the GIL)."""
         params, kv_pool, state = self._abstract_args
-        return self._step.lower(params, kv_pool, state, packed, layout=program.layout, key=program.step)
+        mask = None
+        if program.step.logits_processing:
+            mask = jax.ShapeDtypeStruct((_seqs(program), self.mask_words), jnp.int32, sharding=self.replicated)
+        return self._step.lower(params, kv_pool, state, packed, mask, layout=program.layout, key=program.step)
 
     def lower_text(self, batch: StepBatch, key: StepKey) -> str:
         """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""
         packed, layout = pack_batch(batch)
         return self.lower(ProgramKey(layout, key), packed).compile().as_text()
+
+
+def _seqs(program: ProgramKey) -> int:
+    """The sequence bucket of a program: its batch's rows."""
+    shapes = jax.tree.unflatten(program.layout.treedef, list(program.layout.shapes))
+    return shapes.seq_slots[0]

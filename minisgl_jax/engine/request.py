@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minisgl_jax.core import FinishReason, SamplingParams, TokenLogprob
+from minisgl_jax.grammar import CompileHandle, GrammarMatcher
 
 
 class Phase(enum.Enum):
@@ -50,6 +51,9 @@ class Req:
     # With params.prompt_logprobs: those of prompt_ids[:len(prompt_logprobs)] so far ([None]: the first has none)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
     prompt_logprobs_sent: bool = False
+    grammar_compile: CompileHandle | None = None  # structured output: its grammar, compiling
+    grammar: GrammarMatcher | None = None  # then where the output stands in it
+    error: str | None = None  # why it ended with FinishReason.ERROR, when the step did not fail
 
     @property
     def all_ids(self) -> list[int]:

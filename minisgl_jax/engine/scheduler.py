@@ -236,6 +236,8 @@ class Scheduler:
         steps = self.config.buckets.decode_steps
         if self.waiting or not self.config.buckets.may_burst(len(candidates)):
             return 1
+        if any(r.grammar is not None for r in candidates):
+            return 1  # a grammar's next mask needs the host to see each token
         if all(self._row_steps(r, steps) == 1 for r in candidates):
             return 1
         need = sum(self._pages_needed(r, r.kv_len + self._row_steps(r, steps)) for r in candidates)

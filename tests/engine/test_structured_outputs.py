@@ -1,0 +1,97 @@
+"""Structured outputs through the engine: a random-weight model's text, masked in the step by its
+grammar, always parses and validates, in mixed batches (free, greedy, penalized, constrained), with
+a grammar that fails, an abort while compiling, max_tokens inside the JSON and tp=2."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from minisgl_jax.core import FinishReason, SamplingParams
+from tiny_models import save_tiny_checkpoint, tiny_engine
+
+pytestmark = pytest.mark.slow  # engines of its own
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "tags": {"type": "array", "maxItems": 2,
+                                      "items": {"type": "string", "pattern": "^[a-z]{1,4}$"}}},
+     "required": ["ok", "tags"], "additionalProperties": False},
+    {"anyOf": [{"type": "integer", "minimum": -5, "maximum": 5}, {"type": "null"}]},
+]
+REGEX = r"(yes|no)-[0-9]{2}"
+EBNF = 'root ::= "<" item ("," item)? ">"\nitem ::= [a-c] [0-9]'
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qwen3"), "qwen3", seed=2)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return tiny_engine(checkpoint, cache="radix", num_pages=192, page_size=16, max_running_requests=8,
+                       max_prefill_tokens=64)
+
+
+def constrained_params() -> list[SamplingParams]:
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=80, json_schema=json.dumps(s))
+              for i, s in enumerate(SCHEMAS)]
+    params.append(SamplingParams(temperature=1.0, seed=7, max_tokens=20, regex=REGEX, frequency_penalty=0.5))
+    params.append(SamplingParams(temperature=0.0, max_tokens=20, ebnf=EBNF))
+    return params
+
+
+def check(text: str, params: SamplingParams) -> None:
+    if params.json_schema is not None:
+        jsonschema.validate(json.loads(text), json.loads(params.json_schema))
+    elif params.regex is not None:
+        assert re.fullmatch(params.regex, text), text
+    else:
+        assert re.fullmatch(r"<[a-c][0-9](,[a-c][0-9])?>", text), text
+
+
+def test_every_output_follows_its_grammar_alone_and_in_a_mixed_batch(engine):
+    params = constrained_params()
+    prompts = [[5, 6, 7, 8 + i] for i in range(len(params))]
+    alone = [engine.generate([prompt], p)[0] for prompt, p in zip(prompts, params)]
+    for ids, p in zip(alone, params):
+        check(engine.tokenizer.decode(ids), p)
+    free = [SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True),
+            SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.2)]
+    mixed = engine.generate(prompts + [[9, 9], [10, 11]], params + free)
+    assert mixed[: len(params)] == alone  # same seeds, same tokens, whatever shares the batch
+    assert [len(ids) for ids in mixed[len(params):]] == [12, 9]
+    engine.check_kv_invariant()
+
+
+def test_a_bad_grammar_is_refused_and_a_running_one_can_end_or_be_aborted(engine):
+    with pytest.raises(ValueError, match="^json_schema"):
+        engine.check_request([1, 2], SamplingParams(json_schema="{not json"))
+    with pytest.raises(ValueError, match="^regex"):
+        engine.check_request([1, 2], SamplingParams(regex="(unclosed"))
+    # max_tokens inside the object: "length", the partial text
+    engine.add_request("short", [5, 6], SamplingParams(temperature=1.0, seed=1, max_tokens=3,
+                                                        json_schema=json.dumps(SCHEMAS[0])))
+    engine.add_request("gone", [5, 7], SamplingParams(temperature=1.0, seed=2, max_tokens=50, regex=REGEX))
+    engine.abort_request("gone")  # still compiling, or queued
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals["short"].finish_reason is FinishReason.LENGTH and finals["short"].completion_tokens == 3
+    assert finals["gone"].finish_reason is FinishReason.ABORT
+    engine.check_kv_invariant()
+
+
+def test_tensor_parallel_gives_the_same_tokens(checkpoint, engine):
+    params = constrained_params()[:3]
+    prompts = [[5, 6, 7, 8 + i] for i in range(len(params))]
+    tp2 = tiny_engine(checkpoint, tp=2, cache="radix", num_pages=192, page_size=16, max_running_requests=8,
+                      max_prefill_tokens=64)
+    assert tp2.generate(prompts, params) == engine.generate(prompts, params)
