@@ -17,13 +17,14 @@ TINY_SIZES = dict(
     rms_norm_eps=1e-6,
 )
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
 
 
 def save_tiny_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, **config_overrides) -> str:
     """Save a random-weight checkpoint of `arch` to `path` (no tokenizer files) and return `path`.
 
     Llama gets llama3 rope scaling so that path is exercised; Qwen3 gets head_dim != hidden/heads.
+    The mixtures of experts have 4 experts, top-2; Qwen3-MoE's layer 1 is dense (`mlp_only_layers`).
     """
     import torch
     import transformers
@@ -47,6 +48,13 @@ def save_tiny_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, **config
     elif arch == "mistral":
         cls, cfg_cls = transformers.MistralForCausalLM, transformers.MistralConfig
         sizes["sliding_window"] = None
+    elif arch == "qwen3_moe":
+        cls, cfg_cls = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig
+        sizes.update(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     norm_topk_prob=True, mlp_only_layers=[1])
+    elif arch == "mixtral":
+        cls, cfg_cls = transformers.MixtralForCausalLM, transformers.MixtralConfig
+        sizes.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=None)
     else:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     sizes.update(config_overrides)
@@ -57,6 +65,8 @@ def save_tiny_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, **config
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
+            if name.endswith("mlp.gate.weight") or name.endswith("moe.gate.weight"):
+                param.mul_(10.0)  # routers far from uniform, so no near-tie flips an expert choice
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     return path

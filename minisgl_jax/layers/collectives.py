@@ -94,6 +94,18 @@ class Collectives:
             return jnp.einsum(equation, x, w)
         return self._sum_per_shard(lambda x, w: jnp.einsum(equation, x, w), (x, w), (x_spec, w_spec))
 
+    def sum_local(self, local: Callable[..., jax.Array], args: tuple, specs: tuple) -> jax.Array:
+        """local(*each device's shards of args, as `specs` lay them out) summed over `tp`, replicated:
+        for layers whose per-shard product is no einsum (the experts' grouped GEMMs, models/moe.py).
+        Under `xla` (and in prefill steps) an explicit `psum`."""
+        if self.mesh.size == 1:
+            return local(*args)
+        if self.impl is None:
+            fn = jax.shard_map(lambda *xs: jax.lax.psum(local(*xs), "tp"), mesh=self.mesh, in_specs=specs,
+                               out_specs=P(), check_vma=False)
+            return fn(*args)
+        return self._sum_per_shard(local, args, specs)
+
     def embed(self, ids: jax.Array, table: jax.Array) -> jax.Array:
         """Rows of a vocab-parallel embedding table [vocab, hidden] (sharded over vocab) for `ids`."""
         if self.impl is None:

@@ -13,6 +13,8 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 BUNDLED_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -37,11 +39,17 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k
     eos_token_ids: list[int] = field(default_factory=list)
     kv_head_replicas: int = 1  # >1 when tensor parallelism has more devices than KV heads
+    # Mixture of experts (models/moe.py); num_experts 0 for dense models.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's
+    norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the expert block; the rest are dense
 
     def for_tp(self, tp: int) -> "ModelConfig":
         """The config as sharded over `tp` devices: KV heads repeated when there are fewer than tp."""
         for name, count in (("attention heads", self.num_q_heads), ("intermediate size", self.intermediate_size),
-                            ("vocab size", self.vocab_size)):
+                            ("vocab size", self.vocab_size), ("expert intermediate size", self.moe_intermediate_size)):
             if count % tp:
                 raise ValueError(f"--tp {tp} must divide the model's {name} ({count})")
         if self.num_kv_heads % tp == 0:
@@ -74,6 +82,21 @@ class ModelConfig:
         rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        num_layers = cfg["num_hidden_layers"]
+        num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+        if arch == "mixtral":  # every layer sparse; intermediate_size is each expert's
+            moe_layers = tuple(range(num_layers))
+            moe_intermediate = cfg["intermediate_size"]
+        elif arch == "qwen3_moe":  # transformers' Qwen3MoeDecoderLayer: sparse unless listed or off the step
+            dense = set(cfg.get("mlp_only_layers") or [])
+            step = cfg.get("decoder_sparse_step", 1)
+            moe_layers = tuple(i for i in range(num_layers) if i not in dense and num_experts and (i + 1) % step == 0)
+            moe_intermediate = cfg["moe_intermediate_size"]
+        else:
+            num_experts, moe_layers, moe_intermediate = 0, (), 0
+        if moe_layers and not 1 <= cfg.get("num_experts_per_tok", 0) <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..{num_experts} (the experts), "
+                             f"got {cfg.get('num_experts_per_tok')}")
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -81,7 +104,7 @@ class ModelConfig:
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            num_layers=num_layers,
             num_q_heads=num_q_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_q_heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_q_heads,
@@ -92,8 +115,13 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_bias=arch != "qwen2" and bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             eos_token_ids=eos_ids,
+            num_experts=num_experts if moe_layers else 0,
+            num_experts_per_tok=cfg.get("num_experts_per_tok", 0) if moe_layers else 0,
+            moe_intermediate_size=moe_intermediate if moe_layers else 0,
+            norm_topk_prob=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)),
+            moe_layers=moe_layers,
         )
 
 

@@ -86,6 +86,8 @@ def _hf_source(path: tuple, cfg: ModelConfig) -> Callable[[SafetensorsCheckpoint
         return lambda ck: ck.get("model.norm.weight")
     _, i, *rest = path
     pre = f"model.layers.{i}."
+    if i in cfg.moe_layers and rest[0] == "mlp":
+        return _expert_source(rest[1], pre, cfg)
     table: dict[tuple, Callable[[SafetensorsCheckpoint], np.ndarray]] = {
         ("input_norm", "weight"): lambda ck: ck.get(pre + "input_layernorm.weight"),
         ("post_attn_norm", "weight"): lambda ck: ck.get(pre + "post_attention_layernorm.weight"),
@@ -107,6 +109,32 @@ def _hf_source(path: tuple, cfg: ModelConfig) -> Callable[[SafetensorsCheckpoint
         ("mlp", "down"): lambda ck: ck.get(pre + "mlp.down_proj.weight").T,
     }
     return table[tuple(rest)]
+
+
+# The sparse block's tensor names: (module, router, (gate, up, down) of expert e).
+_EXPERT_NAMES = {
+    "qwen3_moe": ("mlp", "gate", ("experts.{e}.gate_proj", "experts.{e}.up_proj", "experts.{e}.down_proj")),
+    "mixtral": ("block_sparse_moe", "gate", ("experts.{e}.w1", "experts.{e}.w3", "experts.{e}.w2")),
+}
+
+
+def _expert_source(name: str, pre: str, cfg: ModelConfig) -> Callable[[SafetensorsCheckpoint], np.ndarray]:
+    """models/moe.py's parameter `name` from the per-expert tensors, stacked over experts at load."""
+    module, router, (gate, up, down) = _EXPERT_NAMES[cfg.architecture]
+    pre = f"{pre}{module}."
+
+    def tensor(ck: SafetensorsCheckpoint, pattern: str, e: int) -> np.ndarray:
+        return ck.get(f"{pre}{pattern.format(e=e)}.weight").T
+
+    experts = range(cfg.num_experts)
+    table: dict[str, Callable[[SafetensorsCheckpoint], np.ndarray]] = {
+        "router": lambda ck: ck.get(f"{pre}{router}.weight").T,
+        "gate_up": lambda ck: np.stack(
+            [np.stack([tensor(ck, gate, e), tensor(ck, up, e)], axis=1) for e in experts]
+        ),
+        "down": lambda ck: np.stack([tensor(ck, down, e) for e in experts]),
+    }
+    return table[name]
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,5 @@
-"""The decoder-only transformer of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3.
+"""The decoder-only transformer of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, and the
+mixtures of experts Qwen3-MoE and Mixtral (whose sparse layers take models/moe.py's block for the MLP).
 
 One Flax NNX module tree covers them all; the differences are config flags (qkv bias, q/k norm,
 tied embeddings, rope scaling). Each parameter declares its `PartitionSpec` over the `tp` mesh
@@ -19,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.layers.context import ForwardContext
 from minisgl_jax.models.config import ModelConfig
+from minisgl_jax.models.moe import MoE
 from minisgl_jax.models.rope import apply_rope, rope_inv_freq
 
 KVPool = list[tuple[jax.Array, jax.Array]]  # per layer (k_pages, v_pages)
@@ -90,11 +92,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, index: int) -> None:
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = Attention(cfg, dtype)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MoE(cfg, dtype) if index in cfg.moe_layers else MLP(cfg, dtype)
 
 
 class CausalLM(nnx.Module):
@@ -103,7 +105,7 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
         self.config = cfg
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, P("tp", None))
-        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (
             None if cfg.tie_word_embeddings else _param((cfg.hidden_size, cfg.vocab_size), dtype, P(None, "tp"))

@@ -18,6 +18,8 @@ CASES = [
     ("qwen3", dict(tie_word_embeddings=True)),  # q/k norm, head_dim != hidden / heads
     ("qwen3", dict(tie_word_embeddings=False)),
     ("mistral", dict(tie_word_embeddings=False)),
+    ("qwen3_moe", dict(tie_word_embeddings=False)),  # 4 experts, top-2, normalized; layer 1 dense
+    ("mixtral", dict(tie_word_embeddings=False)),
 ]
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71))]
 
