@@ -29,7 +29,9 @@ class GrammarVocab:
         self.ll_mask_words = cdiv(self.ll_vocab_size, 32)
         # Its own EOS is only a placeholder: each matcher allows the EOS ids its request gives.
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.ll_tokenizer = llguidance.LLTokenizer(_llguidance_json(tokenizer), n_vocab=self.ll_vocab_size, eos_token=eos)
+        self.ll_tokenizer = llguidance.LLTokenizer(
+            _llguidance_json(tokenizer), n_vocab=self.ll_vocab_size, eos_token=eos
+        )
         self.ll_eos_ids = tuple(self.ll_tokenizer.eos_tokens)
 
 

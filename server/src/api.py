@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from minisgl_jax.server import responses
+from minisgl_jax.server.chat_output import ChatParsing
 from minisgl_jax.server.client import EngineClient
 from minisgl_jax.server.errors import install_error_handlers
 from minisgl_jax.server.health import Readiness
@@ -35,6 +36,8 @@ from minisgl_jax.server.protocol import (
     GenerateRequest,
     TokenizeRequest,
 )
+from minisgl_jax.server.reasoning import REASONING_FORMATS
+from minisgl_jax.server.tool_parsers import FORMATS
 from minisgl_jax.server.worker_info import ModelCard, WorkerInfo
 
 from minisgl_jax.core import SamplingParams
@@ -60,6 +63,8 @@ class APIConfig:
     allow_origins: list[str] = field(default_factory=list)
     limits: RequestLimits = field(default_factory=RequestLimits)
     model_card: ModelCard = field(default_factory=ModelCard)  # what /server_info and /model_info tell a router
+    tool_call_parser: str | None = None  # the family's tool-call format; None: tools are refused
+    reasoning_parser: str | None = None
 
 
 def build_app(client: EngineClient, config: APIConfig) -> FastAPI:
@@ -112,15 +117,20 @@ class Routes:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
-        params = body.to_sampling_params()
+        tool_format = FORMATS.get(self.config.tool_call_parser or "")
+        params = body.to_sampling_params(tool_format)
         limits = self.config.limits
         limits.check(params, body.n, num_messages=len(body.messages), logprobs_field="top_logprobs",
                      max_tokens_field="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.to_template(i) for i, m in enumerate(body.messages)]
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.uses_tools else None
         message = GenerateReq(rid, messages=messages, chat_template_kwargs=body.chat_template_kwargs,
-                              params=_wire(params), n=body.n)
-        view = responses.ChatView(rid, self.config.served_model_name, body.stream_options)
+                              tools=tools, params=_wire(params), n=body.n)
+        reasoning = REASONING_FORMATS.get(self.config.reasoning_parser or "") if body.separate_reasoning else None
+        parsing = ChatParsing(tool_format if body.uses_tools else None, bool(body.forced_functions()), reasoning,
+                              body.stream_reasoning)
+        view = responses.ChatView(rid, self.config.served_model_name, body.stream_options, parsing)
         return await self.run(request, message, body.n, body.stream, limits.timeout(body.timeout),
                               view.stream, view.final)
 
@@ -224,7 +234,7 @@ class Routes:
         self.readiness.require()
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages] if body.messages else None
+        messages = [m.to_template(i) for i, m in enumerate(body.messages)] if body.messages else None
         rid = f"tok-{uuid.uuid4().hex}"
         reply = await self.client.call(rid, TokenizeReq(rid, text=body.prompt, messages=messages,
                                                         add_special_tokens=body.add_special_tokens))

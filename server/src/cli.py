@@ -16,6 +16,8 @@ from minisgl_jax.config import (
     EngineArgs,
 )
 from minisgl_jax.server.limits import RequestLimits
+from minisgl_jax.server.reasoning import REASONING_FORMATS
+from minisgl_jax.server.tool_parsers import FORMATS
 
 
 @dataclass
@@ -25,6 +27,8 @@ class ServerArgs:
     served_model_name: str | None = None
     api_key: str | None = None
     chat_template: str | None = None  # the template itself, read from --chat-template
+    tool_call_parser: str | None = None  # None: the model type's, if it has one
+    reasoning_parser: str | None = None
     max_request_bytes: int = 8 * 2**20
     watchdog_timeout: float = 120.0
     shutdown_timeout: float = 5.0
@@ -67,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--chat-template", default=None,
                        help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
     model.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    model.add_argument("--tool-call-parser", choices=sorted(FORMATS), default=None,
+                       help="how the model writes tool calls (default: from its model type: Qwen hermes, "
+                            "Llama llama3_json, Mistral mistral)")
+    model.add_argument("--reasoning-parser", choices=sorted(REASONING_FORMATS), default=None,
+                       help="split <think>...</think> into reasoning_content (default: off)")
     model.add_argument("--seed", type=int, default=d.seed, help="seeds dummy weights and requests without a seed")
 
     engine = p.add_argument_group("engine")
@@ -183,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
     server = ServerArgs(
         host=a.host, port=a.port, served_model_name=a.served_model_name or a.model, api_key=a.api_key or None,
         chat_template=read_chat_template(parser, a.chat_template), max_request_bytes=a.max_request_bytes,
+        tool_call_parser=a.tool_call_parser, reasoning_parser=a.reasoning_parser,
         watchdog_timeout=a.watchdog_timeout, shutdown_timeout=a.shutdown_timeout, allow_origins=a.allow_origins,
         shell=a.shell, shell_max_tokens=a.shell_max_tokens, log_level=a.log_level,
         limits=RequestLimits(

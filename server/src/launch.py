@@ -34,6 +34,7 @@ from minisgl_jax.server.api import APIConfig, build_app
 from minisgl_jax.server.cli import ServerArgs, parse_args
 from minisgl_jax.server.client import EngineClient
 from minisgl_jax.server.metrics import ServerMetrics
+from minisgl_jax.server.tool_parsers import tool_parser_name
 from minisgl_jax.server.worker_info import ModelCard
 
 from minisgl_jax.config import EngineArgs
@@ -87,12 +88,14 @@ class Launcher:
         spawn = multiprocessing.get_context("spawn")
         tokenizer = (engine_args.tokenizer or engine_args.model, engine_args.load_format == "dummy",
                      model_vocab_size(engine_args.model))
+        self.tool_call_parser = tool_parser_name(
+            server_args.tool_call_parser, local_model_config(engine_args.model).get("model_type"))
         level = server_args.log_level
         self.children = {
             name: spawn.Process(name=name, target=child_main, args=(level, f"{WORKERS}.{name}_worker:run_{name}",
                                                                     self.run_dir.path, *args))
             for name, args in (
-                ("tokenizer", (*tokenizer, server_args.chat_template)),
+                ("tokenizer", (*tokenizer, server_args.chat_template, self.tool_call_parser)),
                 ("detokenizer", tokenizer),
                 ("scheduler", (engine_args, server_args.watchdog_timeout)),
             )
@@ -112,6 +115,7 @@ class Launcher:
             served_model_name=a.served_model_name, api_key=a.api_key, max_body_bytes=a.max_request_bytes,
             watchdog_timeout_s=a.watchdog_timeout, launcher_problem=self.problem,
             allow_origins=a.allow_origins or [], limits=a.limits, model_card=self.model_card(),
+            tool_call_parser=self.tool_call_parser, reasoning_parser=a.reasoning_parser,
         )
         app = build_app(client, config)
         app.router.lifespan_context = self._lifespan(client)

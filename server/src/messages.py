@@ -36,8 +36,9 @@ class GenerateReq:
 
     rid: str
     prompts: list[Prompt] = field(default_factory=list)
-    messages: list[dict[str, str]] | None = None  # chat: rendered by the chat template
+    messages: list[dict[str, typing.Any]] | None = None  # chat: rendered by the chat template
     chat_template_kwargs: dict[str, typing.Any] = field(default_factory=dict)
+    tools: list[dict[str, typing.Any]] | None = None  # chat: OpenAI's tools, for the chat template
     params: dict[str, typing.Any] = field(default_factory=dict)  # SamplingParams fields
     n: int = 1
     echo: bool = False  # completions: each choice's text starts with its prompt
@@ -49,7 +50,7 @@ class TokenizeReq:
 
     rid: str
     text: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, typing.Any]] | None = None
     token_ids: list[int] | None = None
     add_special_tokens: bool = True
 

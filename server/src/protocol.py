@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+from minisgl_jax.server.structured import grammar_fields, tool_call_grammar
+from minisgl_jax.server.tool_parsers import ToolCallFormat
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from minisgl_jax.core import INT32_MAX, MAX_LOGPROBS, SamplingParams
@@ -84,15 +86,98 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallItem(StrictModel):
+    """A call the assistant made, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool message's: the call it answers
+    reasoning_content: str | None = None  # an assistant's, as this server returns it
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def to_template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates read it: tool call arguments as objects, as Hugging Face's
+        templates expect; arguments that are not a JSON object are a 400 naming them."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for name in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, name) is not None:
+                message[name] = getattr(self, name)
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                field = f"messages[{index}].tool_calls[{j}].function.arguments"
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except json.JSONDecodeError as err:
+                    raise APIError(400, f"{field} is not valid JSON: {err}", field) from None
+                if not isinstance(arguments, dict):
+                    raise APIError(400, f"{field} must be a JSON object", field)
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            message["tool_calls"] = calls
+        return message
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; none: the function takes no arguments
+    strict: bool | None = None  # either value: a forced call's arguments always match the schema
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # either value: the output always matches the schema
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+def checked_grammar(
+    response_format: ResponseFormat | None, regex: str | None, ebnf: str | None, json_schema: str | dict | None,
+    prefix: str = "",
+) -> dict[str, str]:
+    """The SamplingParams grammar field these fields ask for ({} for none); a 400 naming a bad one."""
+    described = response_format.model_dump(by_alias=True) if response_format else None
+    try:
+        return grammar_fields(described, regex, ebnf, json_schema, prefix)
+    except ValueError as err:
+        raise APIError(400, str(err), str(err).split()[0]) from None
 
 
 def token_bias(bias: dict[str, float] | None, field: str) -> dict[int, float] | None:
@@ -128,6 +213,12 @@ class SamplingFields(StrictModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
+    # Structured outputs (at most one): OpenAI's response_format, and SGLang's regex, ebnf (GBNF)
+    # and json_schema (a JSON Schema, as text or an object).
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
     user: str | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; vLLM/SGLang-style extension
     no_stop_trim: bool = False  # SGLang's; true (keep the stop string in the text) is refused
@@ -139,9 +230,13 @@ class SamplingFields(StrictModel):
         return neutral_only(cls, value, info)
 
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+        grammar: dict[str, str] | None = None,
     ) -> SamplingParams:
+        """`grammar`: the grammar field to set, by default the one the structured-output fields ask for."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if grammar is None:
+            grammar = checked_grammar(self.response_format, self.regex, self.ebnf, self.json_schema)
         params = SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             max_tokens=max_tokens, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
@@ -149,7 +244,7 @@ class SamplingFields(StrictModel):
             skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logit_bias=token_bias(self.logit_bias, "logit_bias"), min_tokens=self.min_tokens,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=prompt_logprobs, **grammar,
         )
         try:
             params.validate()
@@ -164,12 +259,12 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     continue_final_message: bool = False  # SGLang's; true is refused
-    # SGLang's: split reasoning out of the text where a reasoning parser runs; none runs here, so
-    # the text is never split and either value is honoured.
+    # SGLang's, where --reasoning-parser runs: reasoning in reasoning_content (false: left in the
+    # content), and streamed as it comes (false: in one delta once it has ended).
     separate_reasoning: bool = True
     stream_reasoning: bool = True
 
@@ -180,19 +275,49 @@ class ChatCompletionRequest(SamplingFields):
 
     def refuse_unsupported(self) -> None:
         """Raise a 400 naming the first set field that this server cannot honour."""
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", "tools")
-        if self.tool_choice not in (None, "none"):
-            raise APIError(400, "tool_choice is not supported by this server", "tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise APIError(400, "response_format other than text is not supported by this server", "response_format")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise APIError(400, "tools must have distinct function names", "tools")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise APIError(400, f"tool_choice names function {self.tool_choice.function.name!r}, "
+                                f"which is not in tools", "tool_choice")
 
-    def to_sampling_params(self) -> SamplingParams:
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model is offered the tools (and its output parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_functions(self) -> list[dict[str, Any]]:
+        """The functions the output must call (tool_choice "required": any of them; named: that one)."""
+        if self.tool_choice == "required":
+            return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            return [t.function.model_dump(exclude_none=True) for t in self.tools if t.function.name == name]
+        return []
+
+    def to_sampling_params(self, tool_format: ToolCallFormat | None = None) -> SamplingParams:
+        """`tool_format`: the family's tool-call format (--tool-call-parser), None where none is known."""
         self.refuse_unsupported()
+        if self.uses_tools and tool_format is None:
+            raise APIError(400, "tools need a tool-call parser for this model: start the server with "
+                                "--tool-call-parser", "tools")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs)
+        grammar = checked_grammar(self.response_format, self.regex, self.ebnf, self.json_schema)
+        forced = self.forced_functions()
+        if forced:
+            if grammar:
+                raise APIError(400, "tool_choice that forces a call cannot be combined with response_format, "
+                                    "regex, ebnf or json_schema", "tool_choice")
+            try:
+                grammar = {"lark": tool_call_grammar(tool_format, forced, self.parallel_tool_calls)}
+            except ValueError as err:
+                raise APIError(400, str(err), str(err).split()[0]) from None
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs, grammar=grammar)
 
 
 class CompletionRequest(SamplingFields):
@@ -254,6 +379,9 @@ class NativeSamplingParams(StrictModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
     logit_bias: dict[str, float] | None = None
     min_new_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
+    regex: str | None = None  # structured outputs, at most one
+    ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
 
 
 class GenerateRequest(StrictModel):
@@ -294,6 +422,7 @@ class GenerateRequest(StrictModel):
             skip_special_tokens=p.skip_special_tokens, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
             logit_bias=token_bias(p.logit_bias, "sampling_params.logit_bias"), min_tokens=p.min_new_tokens,
+            **checked_grammar(None, p.regex, p.ebnf, p.json_schema, "sampling_params."),
         )
         try:
             params.validate()

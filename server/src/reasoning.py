@@ -22,7 +22,10 @@ class ReasoningFormat:
     starts_inside: bool = False  # the prompt opened the block: the output begins with thinking
 
 
-REASONING_FORMATS = {"qwen3": ReasoningFormat("qwen3"), "deepseek_r1": ReasoningFormat("deepseek_r1", starts_inside=True)}
+REASONING_FORMATS = {
+    "qwen3": ReasoningFormat("qwen3"),
+    "deepseek_r1": ReasoningFormat("deepseek_r1", starts_inside=True),
+}
 
 
 def _held_prefix(text: str, marker: str) -> int:

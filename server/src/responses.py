@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from minisgl_jax.server.chat_output import ChatOutputParser, ChatParsing
 from minisgl_jax.server.messages import TextChunk, TokenLogprobText
 from minisgl_jax.server.protocol import StreamOptions
 
@@ -133,8 +134,20 @@ class _OpenAIView:
 
 
 class ChatView(_OpenAIView):
+    """Chat choices; with `parsing`, each choice's text is split into content, reasoning_content and
+    tool_calls (finish_reason "tool_calls" when it made any), streamed and whole alike."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, rid: str, model: str, stream_options: StreamOptions | None,
+                 parsing: ChatParsing | None = None) -> None:
+        super().__init__(rid, model, stream_options)
+        self.parsing = parsing
+        self._parsers: dict[int, ChatOutputParser] = {}  # streamed choices, by index
+
+    def _finish_reason(self, reason: str | None, parser: ChatOutputParser | None) -> str | None:
+        return "tool_calls" if reason == "stop" and parser is not None and parser.has_tool_calls else reason
 
     def _opening(self, choices: Choices) -> list[str]:
         """The first event of each choice carries the assistant role, as OpenAI's do."""
@@ -145,14 +158,25 @@ class ChatView(_OpenAIView):
         ]
 
     def _stream_choice(self, index: int, chunk: TextChunk, text_offset: int) -> dict[str, Any]:
-        delta = {"content": chunk.text} if chunk.text else {}
+        parser = None
+        if self.parsing is None:
+            delta = {"content": chunk.text} if chunk.text else {}
+        else:
+            parser = self._parsers.setdefault(index, ChatOutputParser(self.parsing))
+            delta = parser.feed(chunk.text, chunk.finished)
         return {"index": index, "delta": delta, "logprobs": chat_logprobs(chunk.logprobs) if chunk.logprobs else None,
-                "finish_reason": chunk.finish_reason if chunk.finished else None}
+                "finish_reason": self._finish_reason(chunk.finish_reason, parser) if chunk.finished else None}
 
     def _final_choice(self, index: int, state: ChoiceState) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": state.text},
+        parser = None
+        message: dict[str, Any] = {"role": "assistant", "content": state.text}
+        if self.parsing is not None:
+            parser = ChatOutputParser(self.parsing)
+            parser.feed(state.text, finished=True)
+            message.update(parser.message())
+        return {"index": index, "message": message,
                 "logprobs": chat_logprobs(state.logprobs) if state.logprobs else None,
-                "finish_reason": state.finish_reason}
+                "finish_reason": self._finish_reason(state.finish_reason, parser)}
 
 
 class CompletionView(_OpenAIView):

@@ -21,6 +21,7 @@ from minisgl_jax.server.messages import (
     TokenizeReply,
     TokenizeReq,
 )
+from minisgl_jax.server.tool_templates import use_tool_template
 from transformers import PreTrainedTokenizerBase
 
 from minisgl_jax.tokenizer import load_tokenizer
@@ -38,12 +39,15 @@ class RequestRefused(ValueError):
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template_kwargs: dict[str, Any]
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of `messages` through the chat template, ready for the assistant's turn."""
+    """Token ids of `messages` (and the `tools` offered) through the chat template, ready for the assistant's turn."""
     reserved = RESERVED_TEMPLATE_KWARGS & set(template_kwargs)
     if reserved:
         raise RequestRefused(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
+    if tools is not None:
+        template_kwargs = {**template_kwargs, "tools": tools}
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
     except Exception as err:  # jinja raises its own errors (e.g. roles that do not alternate)
@@ -77,7 +81,7 @@ class TokenizerWorker:
     def _generate(self, req: GenerateReq) -> None:
         try:
             if req.messages is not None:
-                prompts = [render_chat(self.tokenizer, req.messages, req.chat_template_kwargs)]
+                prompts = [render_chat(self.tokenizer, req.messages, req.chat_template_kwargs, req.tools)]
             else:
                 prompts = [self._encode(p) for p in req.prompts]
         except RequestRefused as err:
@@ -126,7 +130,9 @@ class TokenizerWorker:
 
 
 def run_tokenizer(
-    run_dir: str, tokenizer_path: str, local_only: bool, vocab_size: int, chat_template: str | None
+    run_dir: str, tokenizer_path: str, local_only: bool, vocab_size: int, chat_template: str | None,
+    tool_call_parser: str | None = None,
 ) -> None:
     tokenizer = load_tokenizer(tokenizer_path, chat_template, local_only, vocab_size)
+    use_tool_template(tokenizer, tool_call_parser, chosen=chat_template is not None)
     TokenizerWorker(ipc.RunDir(run_dir), tokenizer).serve_forever()

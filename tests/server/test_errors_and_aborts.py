@@ -35,7 +35,7 @@ ERROR_CASES = [
     ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2, "min_new_tokens": 3}}, 400,
      "sampling_params.min_new_tokens", ["max_tokens"]),
     ("/generate", {"text": "x", "sampling_params": {"logit_bias": {"x": 1}}}, 400, "sampling_params.logit_bias", []),
-    (CHAT, {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools", []),
+    (CHAT, {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools.0.function", []),  # the function is missing
     (CHAT, {"messages": HI, "top_logprobs": 2}, 400, "top_logprobs", ["logprobs"]),
     (CHAT, {"messages": HI, "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs", []),
     (CHAT, {"messages": HI, "n": 0}, 400, "n", []),

@@ -183,14 +183,33 @@ def valid_bodies(model: str) -> dict[str, list[dict]]:
     native = {"max_new_tokens": 2, "temperature": 0.5, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "stop": ["zz"],
               "stop_token_ids": [3], "seed": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
               "repetition_penalty": 1.0, "min_new_tokens": 0}
+    # Structured outputs and tools: one grammar a body; a tool call and its result in the conversation.
+    schema = {"type": "object", "properties": {"q": {"type": "string", "maxLength": 2}}, "required": ["q"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "description": "d", "schema": schema,
+                                                              "strict": True}}
+    grammars = [{"response_format": response_format}, {"regex": "[a-z]{1,2}"}, {"ebnf": 'root ::= "a" | "b"'},
+                {"json_schema": '{"type": "integer", "minimum": 0, "maximum": 9}'}]
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": schema, "strict": True}}
+    conversation = [*messages, {"role": "assistant", "content": None, "reasoning_content": "r", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"q": "a"}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    hi = [{"role": "user", "content": "hi"}]
+    tools = {"messages": conversation, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}},
+             "parallel_tool_calls": False}
     return {
         "/v1/chat/completions": [{**sampling, "messages": messages, "max_completion_tokens": 2, "top_logprobs": 0,
-                                  "chat_template_kwargs": {"greeting": "hello"}}],
+                                  "chat_template_kwargs": {"greeting": "hello"}},
+                                 {"max_tokens": 2, **tools},
+                                 {"max_tokens": 2, "messages": hi, "tools": [tool], "tool_choice": "required"},
+                                 *({"messages": hi, "max_tokens": 2, **g} for g in grammars)],
         COMPLETIONS: [{**sampling, "prompt": "hi", "logprobs": None, "best_of": 1, "suffix": ""},
-                      {"prompt": [[1, 2], [3]], "max_tokens": 2}],
+                      {"prompt": [[1, 2], [3]], "max_tokens": 2},
+                      *({"prompt": "hi", "max_tokens": 2, **g} for g in grammars)],
         "/generate": [{"model": model, "text": "hi", "timeout": 60.0, "sampling_params": native},
-                      {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}],
-        "/tokenize": [{"model": model, "prompt": "hi"}, {"model": model, "messages": messages}],
+                      {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}},
+                      *({"text": "hi", "sampling_params": {"max_new_tokens": 2, **g}} for g in grammars[1:])],
+        "/tokenize": [{"model": model, "prompt": "hi"}, {"model": model, "messages": messages},
+                      {"messages": conversation}],
         "/detokenize": [{"model": model, "tokens": [1, 2]}],
     }
 
@@ -240,7 +259,8 @@ def test_extreme_values_in_any_field_never_get_a_5xx(server, path):
     covered = {".".join(p for p in leaf if isinstance(p, str)) for body in bodies for leaf in leaves(body)}
     assert schema_fields(schema, openapi["components"]["schemas"]) <= covered  # every field gets fuzzed
     for body in bodies:
-        assert client.post(path, json=body).status_code == 200, body
+        response = client.post(path, json=body)
+        assert response.status_code == 200, (body, response.text)
 
     def send(body: dict, leaf: tuple, fragment: str) -> None:
         response = client.post(path, content=with_fragment(body, leaf, fragment),
