@@ -85,6 +85,7 @@ def tiny_engine(path: str, **args):
 def full_logits(engine, token_ids: list[int]):
     """Logits at every position of `token_ids` ([len, vocab] numpy), through the engine's model
     with the reference attention, outside any step: what a step's logits must be."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -105,6 +106,12 @@ def full_logits(engine, token_ids: list[int]):
     backend = AttentionBackend("reference", "reference", cfg.head_dim**-0.5,
                                dtype=jnp.float32, head_dim=cfg.head_dim, page_size=1)
     ids = jnp.array(token_ids, jnp.int32)
-    collectives = engine.runner.collectives.for_step(False, engine.runner.state.all_reduce_seq)
-    hidden, _ = model(ids, pool, ForwardContext(jnp.arange(n, dtype=jnp.int32), meta, backend, False, collectives))
-    return np.asarray(model.logits(hidden))
+
+    def forward(model, ids, pool, meta, seq):
+        collectives = engine.runner.collectives.for_step(False, seq)
+        hidden, _ = model(ids, pool, ForwardContext(jnp.arange(n, dtype=jnp.int32), meta, backend, False, collectives))
+        return model.logits(hidden)
+
+    # Under tp > 1 one program: eager ops on sharded parameters each compile their own (seconds a call).
+    run = jax.jit(forward) if engine.runner.mesh.size > 1 else forward
+    return np.asarray(run(model, ids, pool, meta, engine.runner.state.all_reduce_seq))

@@ -10,18 +10,23 @@ into expert order, multiplied by their expert's gate/up and down weights, weight
 per token. Every shape is static per bucket ([T*k, ...], group sizes [experts]); only the group
 sizes change with the routing, so no routing pattern recompiles.
 
-What a decode step reads: under jax's generic lowering of `ragged_dot` (CPU, and GPUs unless XLA
-rewrites it to a grouped kernel) the grouped GEMM is a dense product masked per group, so every
-step reads every expert's weights of the layer, hit or not, and spends experts/k times the FLOPs of
-the routed pairs. The GPU benchmark pending in benchmarks/RESULTS.md measures it against the floor
-of the experts actually hit.
+What a step reads and computes depends on XLA's lowering of the ragged dot. The generic one (CPU;
+NVIDIA GPUs by default: XLA's RaggedDotRewriter) is a dense product over an [experts, T*k, hidden]
+masked copy of the pairs: every expert's weights are read once per projection, hit or not, and the
+FLOPs are `experts` times the routed pairs' (128x for Qwen3-MoE: fine for tiny tests, too slow to
+serve). With XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true (Ampere/Hopper, recent
+cuDNN) XLA hands the bf16 ragged dot to a cuDNN grouped-GEMM fusion that computes only the routed
+rows; whether a decode step then reads only the experts hit is what the pending GPU run in
+benchmarks/RESULTS.md measures.
 
 Parallelism: each expert is tensor-parallel like the dense MLP (gate/up column-parallel, down
 row-parallel over the expert's intermediate dim, one all-reduce of [T, hidden] per layer through
 the step's `Collectives`), and attention stays as it is. So every device holds a slice of every
-expert: any top-k works on any tp that divides the expert's intermediate size, and the load is
-balanced whatever the routing. Expert parallelism (whole experts per device, tokens exchanged
-all-to-all) is not built.
+expert: any top-k works on any tp that divides the expert's intermediate size ("fewer experts per
+device than top-k" cannot arise; it is a case of expert parallelism), the load is balanced whatever
+the routing, and no all-to-all is needed. The price: each expert's matrices get thin at large tp
+(Qwen3-30B-A3B's 768 columns / tp). Expert parallelism (whole experts per device, tokens exchanged
+all-to-all) is not built; which of the two is faster is for the GPU runs to say.
 
 Weights: router [hidden, experts]; gate_up [experts, hidden, 2, inter]; down [experts, inter, hidden].
 """
