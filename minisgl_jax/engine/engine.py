@@ -32,10 +32,12 @@ from minisgl_jax.engine.logits_processing import ProcessingState
 from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
+from minisgl_jax.engine.outputs import collect_prompt_logprobs, request_output
 from minisgl_jax.engine.request import Phase, Req
+from minisgl_jax.engine.request_checks import RequestLimits
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
 from minisgl_jax.engine.step_failures import FailedSteps
-from minisgl_jax.grammar import GrammarCompiler, GrammarVocab, check_grammar, grammar_spec
+from minisgl_jax.grammar import GrammarCompiler, GrammarVocab, grammar_spec
 from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
@@ -124,6 +126,10 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, self.cache, SchedulerConfig(
             args.page_size, args.max_prefill_tokens, args.lpm_min_queue, self.buckets,
         ))
+        self.limits = RequestLimits(
+            cfg.vocab_size, self.max_model_len, self.allocator.num_usable, args.page_size, args.max_logit_bias,
+            args.nnodes > 1,
+        )
         self.batch_constants = BatchConstants(
             args.page_size, self.pages_per_seq, self.runner.scratch_slot, cfg.vocab_size,
         )
@@ -163,57 +169,11 @@ class Engine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, with the numbers, when this request can never be served."""
-        params.validate()
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}) (the vocabulary), got {bad[0]}")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}) (the vocabulary), got {bad[0]}")
-        bias = params.logit_bias or {}
-        bad = [t for t in bias if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}) (the vocabulary), got {bad[0]}")
-        if len(bias) > self.args.max_logit_bias:
-            raise ValueError(f"logit_bias has {len(bias)} entries; this server takes at most "
-                             f"{self.args.max_logit_bias} (--max-logit-bias)")
-        spec = grammar_spec(params)
-        if spec is not None:
-            if self.args.nnodes > 1:
-                raise ValueError(f"{spec.field}: structured outputs are not served across several hosts yet")
-            check_grammar(spec)
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens; the context length is {self.max_model_len}")
-        if n >= self.allocator.num_usable * self.page_size:
-            raise ValueError(
-                f"the prompt has {n} tokens; the whole KV cache holds {self.allocator.num_usable * self.page_size}"
-            )
-        max_new = self._max_new_tokens(n, params)
-        if n + max_new > self.max_model_len:
-            raise ValueError(
-                f"prompt ({n} tokens) plus max_tokens ({max_new}) is {n + max_new}, "
-                f"over the context length {self.max_model_len}"
-            )
-        pages_alone = pages_for(n + max_new, self.page_size)
-        if pages_alone > self.allocator.num_usable:
-            raise ValueError(
-                f"prompt plus max_tokens needs {pages_alone * self.page_size} KV tokens, "
-                f"more than the whole KV cache ({self.allocator.num_usable * self.page_size})"
-            )
-
-    def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        """max_tokens, or without one, up to the context length or what the whole KV pool holds."""
-        if params.max_tokens is not None:
-            return params.max_tokens
-        return min(self.max_model_len, self.allocator.num_usable * self.page_size) - prompt_len
+        self.limits.check(prompt_token_ids, params)
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._arrivals += 1
-        max_new = self._max_new_tokens(len(prompt_token_ids), params)
+        max_new = self.limits.max_new_tokens(len(prompt_token_ids), params)
         req = Req(request_id, list(prompt_token_ids), params, params.seed, max_new, arrival=self._arrivals)
         self.requests[request_id] = req
         self._counters["prompt_tokens"] += len(prompt_token_ids)
@@ -232,7 +192,7 @@ class Engine:
                 compiled = req.grammar_compile.result()
             except ValueError as error:
                 req.phase, req.finish_reason, req.error = Phase.FINISHED, FinishReason.ERROR, str(error)
-                self._finals.append(self._output(req))
+                self._finals.append(request_output(req))
                 continue
             p = req.params
             ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
@@ -254,7 +214,7 @@ class Engine:
             req.phase, req.finish_reason = Phase.FINISHED, FinishReason.ABORT
         else:
             self.scheduler.finish(req, FinishReason.ABORT)
-        self._finals.append(self._output(req))
+        self._finals.append(request_output(req))
 
     def shutdown(self) -> None:
         """Stop the background compiler; multi-host: tell the other nodes to leave their follower
@@ -371,7 +331,7 @@ class Engine:
         for req in reqs:
             if not req.finished:
                 self.scheduler.finish(req, FinishReason.ERROR)
-            outputs.append(dataclasses.replace(self._output(req), error=f"{type(error).__name__}: {error}"))
+            outputs.append(dataclasses.replace(request_output(req), error=f"{type(error).__name__}: {error}"))
         return outputs
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
@@ -382,7 +342,7 @@ class Engine:
         ids, logprob, top_ids, top_lps = arrays
         self.timing["wait_s"] += time.perf_counter() - waited
         if batch.key.prompt_logprobs:
-            self._collect_prompt_logprobs(batch, out)
+            collect_prompt_logprobs(batch, out)
         outputs = []
         for i, row in enumerate(batch.rows):
             req = row.req
@@ -404,23 +364,8 @@ class Engine:
                 if reason is not None:
                     self.scheduler.finish(req, reason)
                     break
-            outputs.append(self._output(req))
+            outputs.append(request_output(req))
         return outputs
-
-    def _collect_prompt_logprobs(self, batch: ScheduledBatch, out: StepOutput) -> None:
-        """Each prompt token's logprob from the position before it, for the rows that ask; a chunk
-        computed again (after a retraction) adds nothing."""
-        chosen, top_ids, top_lps = map(StepOutput.to_host, (out.prompt_logprob, out.prompt_top_ids,
-                                                            out.prompt_top_logprobs))
-        t = 0
-        for row in batch.rows:
-            req, n = row.req, row.req.params.prompt_logprobs
-            for j in range(row.num_tokens if n is not None else 0):
-                target = row.start + j + 1
-                if target < len(req.prompt_ids) and len(req.prompt_logprobs) == target:
-                    top = [(int(i), float(lp)) for i, lp in zip(top_ids[t + j, :n], top_lps[t + j, :n])]
-                    req.prompt_logprobs.append(TokenLogprob(req.prompt_ids[target], float(chosen[t + j]), top))
-            t += row.num_tokens
 
     def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
         if token in self.eos_token_ids and not req.params.ignore_eos:
@@ -430,27 +375,6 @@ class Engine:
         if len(req.output_ids) >= req.max_new_tokens:
             return FinishReason.LENGTH
         return None
-
-    def _output(self, req: Req) -> RequestOutput:
-        new = req.output_ids[req.num_emitted :]
-        new_lps = req.output_logprobs[req.num_emitted :] if req.params.logprobs is not None else []
-        req.num_emitted = len(req.output_ids)
-        prompt_logprobs = None
-        if (req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent
-                and len(req.prompt_logprobs) == len(req.prompt_ids)):
-            prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
-        return RequestOutput(
-            request_id=req.request_id,
-            new_token_ids=new,
-            finished=req.finished,
-            finish_reason=req.finish_reason,
-            new_logprobs=new_lps,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens,
-            error=req.error,
-            prompt_logprobs=prompt_logprobs,
-        )
 
     # ---- batch API ---------------------------------------------------------------------------
 
