@@ -314,7 +314,8 @@ class ChatCompletionRequest(SamplingFields):
                 raise APIError(400, "tool_choice that forces a call cannot be combined with response_format, "
                                     "regex, ebnf or json_schema", "tool_choice")
             try:
-                grammar = {"lark": tool_call_grammar(tool_format, forced, self.parallel_tool_calls)}
+                parallel = self.parallel_tool_calls and self.tool_choice == "required"  # a named function: one call
+                grammar = {"lark": tool_call_grammar(tool_format, forced, parallel)}
             except ValueError as err:
                 raise APIError(400, str(err), str(err).split()[0]) from None
         return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs, grammar=grammar)
