@@ -72,8 +72,8 @@ CONVERSATION = [
         {"id": "call_1", "type": "function", "function": {"name": "wx", "arguments": {"city": "Oslo"}}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
 ]
-TOOLS = [{"type": "function", "function": {
-    "name": "wx", "description": "the weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "wx", "description": "the weather", "parameters": CITY}}]
 
 
 @pytest.mark.parametrize("family, call_text", [
