@@ -37,6 +37,7 @@ from minisgl_jax.server.protocol import (
     TokenizeRequest,
 )
 from minisgl_jax.server.reasoning import REASONING_FORMATS
+from minisgl_jax.server.structured import grammar_after_reasoning
 from minisgl_jax.server.tool_parsers import FORMATS
 from minisgl_jax.server.worker_info import ModelCard, WorkerInfo
 
@@ -119,6 +120,9 @@ class Routes:
         self.check_model(body.model)
         tool_format = FORMATS.get(self.config.tool_call_parser or "")
         params = body.to_sampling_params(tool_format)
+        thinks = REASONING_FORMATS.get(self.config.reasoning_parser or "")
+        if thinks is not None and params.constrained and body.chat_template_kwargs.get("enable_thinking") is not False:
+            params = grammar_after_reasoning(params, thinks)
         limits = self.config.limits
         limits.check(params, body.n, num_messages=len(body.messages), logprobs_field="top_logprobs",
                      max_tokens_field="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
@@ -127,7 +131,7 @@ class Routes:
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.uses_tools else None
         message = GenerateReq(rid, messages=messages, chat_template_kwargs=body.chat_template_kwargs,
                               tools=tools, params=_wire(params), n=body.n)
-        reasoning = REASONING_FORMATS.get(self.config.reasoning_parser or "") if body.separate_reasoning else None
+        reasoning = thinks if body.separate_reasoning else None
         parsing = ChatParsing(tool_format if body.uses_tools else None, bool(body.forced_functions()), reasoning,
                               body.stream_reasoning)
         view = responses.ChatView(rid, self.config.served_model_name, body.stream_options, parsing)

@@ -9,11 +9,14 @@ word is that field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
+from minisgl_jax.core import GRAMMAR_FIELDS, SamplingParams
 from minisgl_jax.grammar import ANY_JSON_OBJECT, GrammarSpec, check_grammar
 from minisgl_jax.grammar.spec import COMPACT_JSON
+from minisgl_jax.server.reasoning import ReasoningFormat
 from minisgl_jax.server.tool_parsers import ToolCallFormat
 
 
@@ -86,3 +89,39 @@ def _concat(before: str, rule: str, after: str) -> str:
     """`rule` between two literals, either of them possibly empty."""
     return " ".join(part for part in (json.dumps(before) if before else "", rule, json.dumps(after) if after else "")
                     if part)
+
+
+def grammar_after_reasoning(params: SamplingParams, fmt: ReasoningFormat) -> SamplingParams:
+    """`params` with its grammar applying once a reasoning model's thinking has ended (`after_reasoning`)."""
+    grammar = {name: getattr(params, name) for name in GRAMMAR_FIELDS if getattr(params, name) is not None}
+    return dataclasses.replace(params, **{**dict.fromkeys(GRAMMAR_FIELDS), **after_reasoning(grammar, fmt)})
+
+
+def after_reasoning(grammar: dict[str, str], fmt: ReasoningFormat) -> dict[str, str]:
+    """`grammar` (a SamplingParams grammar field) applied only once the reasoning section has ended:
+    the thinking is free text up to the end tag, then up to two newlines, then the grammar.
+
+    A JSON Schema (an object), a regex and a Lark grammar are wrapped; a GBNF grammar or a boolean
+    schema is returned as it is, and applies from the first token (the model cannot think then).
+    """
+    ((kind, source),) = grammar.items()
+    if kind == "json_schema":
+        schema = json.loads(source)
+        if not isinstance(schema, dict):
+            return grammar
+        lark = f"start: %json {json.dumps({**schema, 'x-guidance': COMPACT_JSON})}\n"
+    elif kind == "regex":
+        lark = "start: /" + source.replace("/", "\\/") + "/\n"
+    elif kind == "lark":
+        lark = source
+    else:
+        return grammar
+    header, rules = ("%llguidance {}\n", lark.removeprefix("%llguidance {}\n")) if lark.startswith("%llguidance") \
+        else ("", lark)
+    if not rules.startswith("start:"):
+        return grammar
+    opening = "" if fmt.starts_inside else f"{json.dumps(fmt.start)} "
+    wrapped = (f"{header}start: {opening}reasoning (\"\\n\" \"\\n\"?)? answer\n"
+               f"reasoning[stop={json.dumps(fmt.end)}]: /(?s:.*)/\n"
+               f"answer:{rules.removeprefix('start:')}")
+    return {"lark": wrapped}

@@ -9,7 +9,9 @@ import json
 import jsonschema
 import numpy as np
 import pytest
-from minisgl_jax.server.structured import grammar_fields, tool_call_grammar
+from minisgl_jax.server.chat_output import ChatOutputParser, ChatParsing
+from minisgl_jax.server.reasoning import REASONING_FORMATS
+from minisgl_jax.server.structured import after_reasoning, grammar_fields, tool_call_grammar
 from minisgl_jax.server.tool_parsers import FORMATS, ToolCallParser
 from tiny_tokenizers import tiny_bpe_tokenizer
 
@@ -42,7 +44,7 @@ def random_output(compiler: GrammarCompiler, grammar: str, seed: int) -> str:
     rng = np.random.default_rng(seed)
     mask = np.zeros(compiler.vocab.mask_words, np.int32)
     tokens: list[int] = []
-    for _ in range(1500):
+    for _ in range(4000):
         matcher.fill_mask(mask)
         allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[:VOCAB])
         token = int(rng.choice(allowed))
@@ -109,3 +111,26 @@ def test_each_bad_grammar_field_is_named(args, message):
         grammar_fields(*args)
     with pytest.raises(ValueError, match=message.replace("^", "^sampling_params\\.") if args[0] is None else message):
         grammar_fields(*args, prefix="sampling_params." if args[0] is None else "")
+
+
+@pytest.mark.parametrize("reasoning", ["qwen3", "deepseek_r1"])
+def test_the_grammar_applies_after_the_reasoning_section(compiler, reasoning):
+    """Free thinking, then the schema, the regex or the tool calls: the reasoning parser splits them."""
+    fmt = REASONING_FORMATS[reasoning]
+    schema = FUNCTIONS[1]["parameters"]
+    cases = [({"json_schema": json.dumps(schema)}, None), ({"regex": "(yes|no)!"}, None),
+             ({"lark": tool_call_grammar(FORMATS["hermes"], FUNCTIONS[:1], parallel=False)}, FORMATS["hermes"])]
+    for grammar, tool_format in cases:
+        (kind, wrapped), = after_reasoning(grammar, fmt).items()
+        assert kind == "lark"
+        for seed in range(2):
+            parser = ChatOutputParser(ChatParsing(tool_format, tool_format is not None, fmt))
+            parser.feed(random_output(compiler, wrapped, seed), finished=True)
+            message = parser.message()
+            if "json_schema" in grammar:
+                jsonschema.validate(json.loads(message["content"]), schema)
+            elif "regex" in grammar:
+                assert message["content"] in ("yes!", "no!")
+            else:
+                (call,) = message["tool_calls"]
+                jsonschema.validate(json.loads(call["function"]["arguments"]), FUNCTIONS[0]["parameters"])
