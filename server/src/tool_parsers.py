@@ -31,7 +31,7 @@ class ToolCallFormat:
     """How one family writes its tool calls (the grammar for tool_choice "required" writes them so too)."""
 
     name: str
-    start: str  # opens the calls; "" when the output itself is the calls (it must begin with "{")
+    start: str  # opens the calls anywhere in the output; "" when only `leads` can open them
     arguments_key: str
     call_prefix: str  # around each call object, and between calls
     call_suffix: str
@@ -40,13 +40,19 @@ class ToolCallFormat:
     list_close: str = ""
     # What may stand between call objects besides whitespace (the family's own markers).
     fillers: tuple[str, ...] = ()
+    # What opens the calls when the output begins with it: Llama's bare JSON, and Mistral's list,
+    # whose [TOOL_CALLS] marker is a special token that the detokenizer leaves out of the text.
+    leads: tuple[str, ...] = ()
 
 
 FORMATS = {
     "hermes": ToolCallFormat("hermes", "<tool_call>", "arguments", "<tool_call>\n", "\n</tool_call>", "\n",
                              fillers=("<tool_call>", "</tool_call>")),
-    "llama3_json": ToolCallFormat("llama3_json", "", "parameters", "", "", "; ", fillers=(PYTHON_TAG, ";")),
-    "mistral": ToolCallFormat("mistral", "[TOOL_CALLS]", "arguments", "", "", ",", "[", "]", fillers=("[", "]", ",")),
+    "llama3_json": ToolCallFormat("llama3_json", "", "parameters", "", "", "; ", fillers=(PYTHON_TAG, ";"),
+                                  leads=("{", PYTHON_TAG)),
+    "mistral": ToolCallFormat("mistral", "[TOOL_CALLS]", "arguments", "", "", ",", "[", "]",
+                              fillers=("[TOOL_CALLS]", "[", "]", ","),
+                              leads=("[",)),
 }
 # The parser of each model type we serve (config.json's model_type), when --tool-call-parser is not given.
 MODEL_TYPE_PARSERS = {"qwen2": "hermes", "qwen3": "hermes", "qwen2_moe": "hermes", "qwen3_moe": "hermes",
@@ -124,14 +130,17 @@ class ToolCallParser:
         if self._content_only:
             self._emit_content(self.text[len(self.content):], out)
             return
-        if not self.fmt.start:  # the output is the calls, or it is all content
+        if self.fmt.leads and not self.content:  # the output may begin with the calls
             stripped = self.text.lstrip(_WHITESPACE)
-            if stripped.startswith("{") or stripped.startswith(PYTHON_TAG):
+            if any(stripped.startswith(lead) for lead in self.fmt.leads):
                 self._calls_at = len(self.text) - len(stripped)
-            elif stripped and not PYTHON_TAG.startswith(stripped):
+                return
+            if not stripped or any(lead.startswith(stripped) for lead in self.fmt.leads):
+                return
+            if not self.fmt.start:
                 self._content_only = True
                 self._emit_content(self.text[len(self.content):], out)
-            return
+                return
         found = self.text.find(self.fmt.start, len(self.content))
         if found >= 0:
             self._emit_content(self.text[len(self.content):found].rstrip(_WHITESPACE), out)

@@ -35,6 +35,8 @@ OUTPUTS = {
         ('Sure. [TOOL_CALLS] [{"name": "a", "arguments": {"k": true}}, {"name": "b", "arguments": {"k": null}}]',
          "Sure.", [("a", {"k": True}), ("b", {"k": None})]),
         ("No tools needed.", "No tools needed.", []),
+        ('[{"name": "a", "arguments": {}}]', None, [("a", {})]),  # [TOOL_CALLS] left out as a special token
+        ("[1] is a footnote.", "[1] is a footnote.", []),
     ],
 }
 CASES = [(family, *case) for family, cases in OUTPUTS.items() for case in cases]
