@@ -103,15 +103,19 @@ def test_bundled_moe_configs_have_the_model_cards_parameter_counts(name, total, 
     assert abs(count - experts + experts * cfg.num_experts_per_tok / cfg.num_experts - active) / active < 0.03
 
 
+QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=16, intermediate_size=32,
+                 moe_intermediate_size=6, num_hidden_layers=6, num_attention_heads=4, num_experts=4,
+                 num_experts_per_tok=2)
+
+
 def test_sparse_layers_follow_mlp_only_layers_and_the_sparse_step():
-    base = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=16, intermediate_size=32,
-                moe_intermediate_size=6, num_hidden_layers=6, num_attention_heads=4, num_experts=4,
-                num_experts_per_tok=2)
-    assert ModelConfig.from_hf_dict(base).moe_layers == (0, 1, 2, 3, 4, 5)
-    assert ModelConfig.from_hf_dict({**base, "decoder_sparse_step": 2}).moe_layers == (1, 3, 5)
-    assert ModelConfig.from_hf_dict({**base, "decoder_sparse_step": 2, "mlp_only_layers": [3]}).moe_layers == (1, 5)
-    assert ModelConfig.from_hf_dict({**base, "num_experts": 0}).moe_layers == ()
+    assert ModelConfig.from_hf_dict(QWEN3_MOE).moe_layers == (0, 1, 2, 3, 4, 5)
+    assert ModelConfig.from_hf_dict({**QWEN3_MOE, "decoder_sparse_step": 2}).moe_layers == (1, 3, 5)
+    mixed = {**QWEN3_MOE, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    assert ModelConfig.from_hf_dict(mixed).moe_layers == (1, 5)
+    assert ModelConfig.from_hf_dict({**QWEN3_MOE, "num_experts": 0}).moe_layers == ()
     with pytest.raises(ValueError, match="num_experts_per_tok"):
-        ModelConfig.from_hf_dict({**base, "num_experts_per_tok": 5})
+        ModelConfig.from_hf_dict({**QWEN3_MOE, "num_experts_per_tok": 5})
     with pytest.raises(ValueError, match="expert intermediate size"):
-        ModelConfig.from_hf_dict(base).for_tp(4)
+        ModelConfig.from_hf_dict(QWEN3_MOE).for_tp(4)
+
