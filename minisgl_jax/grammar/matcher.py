@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
 
 import llguidance
 import numpy as np
@@ -34,14 +35,20 @@ class GrammarMatcher:
         if out.shape != (self._vocab.mask_words,) or out.dtype != np.int32 or not out.flags["C_CONTIGUOUS"]:
             raise ValueError(f"the mask row must be a contiguous int32[{self._vocab.mask_words}], "
                              f"got {out.dtype}{list(out.shape)}")
-        words = out.view(np.uint32)
-        if self._ended_by_eos:
-            out[:] = 0
-        else:
+        if not self._ended_by_eos:
             target = out if self._scratch is None else self._scratch
             self._ll.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
             if self._scratch is not None:
                 out[:] = self._scratch[: out.shape[0]]
+        self._finish_mask(out)
+
+    def _finish_mask(self, out: np.ndarray) -> None:
+        """llguidance's mask in `out` (unless EOS ended the grammar) -> the request's: its EOS ids
+        where the grammar can end, llguidance's placeholder EOS never."""
+        words = out.view(np.uint32)
+        if self._ended_by_eos:
+            out[:] = 0
+        else:
             for token in self._vocab.ll_eos_ids:
                 if token < self._vocab.vocab_size:
                     words[token >> 5] &= ~np.uint32(1 << (token & 31))
@@ -89,3 +96,32 @@ class GrammarMatcher:
         if self._error or self._ll.is_error():
             return self._error or self._ll.get_error()
         return "no token is allowed here" if self._empty_mask else ""
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool (80% of the cores, at most 32): masks of many rows at once, without the GIL."""
+    return llguidance.LLExecutor()
+
+
+def fill_masks(rows: Sequence[tuple[int, GrammarMatcher]], out: np.ndarray) -> None:
+    """`matcher.fill_mask(out[row])` for each (row, matcher), llguidance's work spread over its threads:
+    a batch of constrained requests costs the host about one mask's time per core, not per row.
+
+    `out` is [rows, mask_words] int32, C-contiguous; the rows not named are left as they are.
+    """
+    if not rows:
+        return
+    vocab = rows[0][1]._vocab
+    if out.ndim != 2 or out.shape[1] != vocab.mask_words or out.dtype != np.int32 or not out.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"the masks must be a contiguous int32[rows, {vocab.mask_words}], "
+                         f"got {out.dtype}{list(out.shape)}")
+    if vocab.ll_mask_words != vocab.mask_words:  # llguidance's rows are wider: one at a time, through scratch
+        for row, matcher in rows:
+            matcher.fill_mask(out[row])
+        return
+    live = [(matcher._ll, row) for row, matcher in rows if not matcher._ended_by_eos]
+    if live:
+        _executor().unsafe_compute_mask_ptr(live, out.ctypes.data, out.shape[1] * 4, out.shape[0])
+    for row, matcher in rows:
+        matcher._finish_mask(out[row])

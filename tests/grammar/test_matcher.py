@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis_jsonschema import from_schema
 from tiny_tokenizers import tiny_bpe_tokenizer
 
-from minisgl_jax.grammar import GrammarCompiler, GrammarSpec, GrammarVocab
+from minisgl_jax.grammar import GrammarCompiler, GrammarSpec, GrammarVocab, fill_masks
 from minisgl_jax.tokenizer import byte_level_tokenizer
 
 VOCAB = 416  # the model's vocabulary: wider than either tokenizer, as checkpoints' often are
@@ -24,7 +24,8 @@ MAX_STEPS = 600
 
 BOUNDED_SCHEMAS = [
     {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 100},
-                                      "b": {"enum": ["x", "y"]}}, "required": ["a", "b"], "additionalProperties": False},
+                                      "b": {"enum": ["x", "y"]}},
+     "required": ["a", "b"], "additionalProperties": False},
     {"type": "object", "properties": {"user": {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
         "required": ["name", "age"], "additionalProperties": False}},
@@ -66,10 +67,12 @@ BOUNDED_SCHEMAS = [
      "required": ["tags", "score"], "additionalProperties": False},
     {"type": "string", "enum": ["caf\u00e9", "na\u00efve", "\u65e5\u672c"]},
     {"type": "object", "properties": {"when": {"type": "string", "format": "date"},
-                                      "ok": {"type": "boolean"}}, "required": ["when", "ok"], "additionalProperties": False},
+                                      "ok": {"type": "boolean"}},
+     "required": ["when", "ok"], "additionalProperties": False},
     {"type": "integer", "minimum": 100, "maximum": 999},
     {"type": "object", "properties": {"mode": {"anyOf": [{"const": "fast"}, {"type": "object", "properties": {
-        "level": {"type": "integer", "minimum": 1, "maximum": 3}}, "required": ["level"], "additionalProperties": False}]}},
+        "level": {"type": "integer", "minimum": 1, "maximum": 3}},
+        "required": ["level"], "additionalProperties": False}]}},
      "required": ["mode"], "additionalProperties": False},
 ]
 
@@ -244,3 +247,27 @@ def test_added_tokens_that_are_text_match_grammar_literals():
     matcher = compiler.compile(spec).matcher([EOS])
     assert matcher.accept(tokenizer.convert_tokens_to_ids("<tool_call>"))
     assert matcher.accept(tokenizer.encode("x")[0]) and matcher.is_finished
+
+
+@pytest.mark.parametrize("vocab_size", [VOCAB, 400 - 64])  # wider and narrower than llguidance's rows
+def test_masks_filled_together_equal_each_filled_alone(vocab_size):
+    """fill_masks over matchers in every state (fresh, mid-way, may end, ended by EOS, finished)."""
+    tokenizer = tiny_bpe_tokenizer()
+    compiler = GrammarCompiler(GrammarVocab(tokenizer, vocab_size))
+    specs = [GrammarSpec("json_schema", json.dumps(BOUNDED_SCHEMAS[0])), GrammarSpec("regex", "ab(cd)?")]
+    states = [(0, ""), (0, '{"a":4'), (1, "ab"), (1, "abcd"), (1, "ab")]
+    matchers = []
+    for kind, prefix in states:
+        matcher = compiler.compile(specs[kind]).matcher([EOS])
+        for token in tokenizer.encode(prefix):
+            assert matcher.accept(token)
+        matchers.append(matcher)
+    assert matchers[-1].accept(EOS)
+    together = np.full((len(matchers) + 1, compiler.vocab.mask_words), 7, np.int32)
+    fill_masks([(i + 1, m) for i, m in enumerate(matchers)], together)
+    for i, matcher in enumerate(matchers):
+        alone = np.zeros(compiler.vocab.mask_words, np.int32)
+        matcher.fill_mask(alone)
+        assert np.array_equal(together[i + 1], alone), i
+    assert (together[0] == 7).all()
+    compiler.close()
