@@ -21,7 +21,7 @@ from minisgl_jax.server.messages import (
     TokenizeReply,
     TokenizeReq,
 )
-from minisgl_jax.server.tool_templates import use_tool_template
+from minisgl_jax.server.tool_templates import tool_template
 from transformers import PreTrainedTokenizerBase
 
 from minisgl_jax.tokenizer import load_tokenizer
@@ -40,14 +40,17 @@ class RequestRefused(ValueError):
 
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
-    tools: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None, tool_template: str | None = None,
 ) -> list[int]:
-    """Token ids of `messages` (and the `tools` offered) through the chat template, ready for the assistant's turn."""
+    """Token ids of `messages` (and the `tools` offered) through the chat template, ready for the
+    assistant's turn; through `tool_template` instead when there are tools or tool messages."""
     reserved = RESERVED_TEMPLATE_KWARGS & set(template_kwargs)
     if reserved:
         raise RequestRefused(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
     if tools is not None:
         template_kwargs = {**template_kwargs, "tools": tools}
+    if tool_template is not None and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
+        template_kwargs = {**template_kwargs, "chat_template": tool_template}
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
     except Exception as err:  # jinja raises its own errors (e.g. roles that do not alternate)
@@ -56,8 +59,10 @@ def render_chat(
 
 
 class TokenizerWorker:
-    def __init__(self, run_dir: ipc.RunDir, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, run_dir: ipc.RunDir, tokenizer: PreTrainedTokenizerBase,
+                 tool_template: str | None = None) -> None:
         self.tokenizer = tokenizer
+        self.tool_template = tool_template  # for requests with tools, where the tokenizer's renders none
         context = zmq.Context()
         self.inbox = ipc.bind_inbox(context, run_dir, "tokenizer")
         self.to_scheduler = ipc.connect_outbox(context, run_dir, "scheduler")
@@ -81,7 +86,8 @@ class TokenizerWorker:
     def _generate(self, req: GenerateReq) -> None:
         try:
             if req.messages is not None:
-                prompts = [render_chat(self.tokenizer, req.messages, req.chat_template_kwargs, req.tools)]
+                prompts = [render_chat(self.tokenizer, req.messages, req.chat_template_kwargs, req.tools,
+                                       self.tool_template)]
             else:
                 prompts = [self._encode(p) for p in req.prompts]
         except RequestRefused as err:
@@ -115,7 +121,7 @@ class TokenizerWorker:
             if req.token_ids is not None:
                 reply = TokenizeReply(req.rid, req.token_ids, self.tokenizer.decode(req.token_ids))
             elif req.messages is not None:
-                ids = render_chat(self.tokenizer, req.messages, {})
+                ids = render_chat(self.tokenizer, req.messages, {}, tool_template=self.tool_template)
                 reply = TokenizeReply(req.rid, ids, "")
             else:
                 ids = self.tokenizer.encode(req.text or "", add_special_tokens=req.add_special_tokens)
@@ -134,5 +140,5 @@ def run_tokenizer(
     tool_call_parser: str | None = None,
 ) -> None:
     tokenizer = load_tokenizer(tokenizer_path, chat_template, local_only, vocab_size)
-    use_tool_template(tokenizer, tool_call_parser, chosen=chat_template is not None)
-    TokenizerWorker(ipc.RunDir(run_dir), tokenizer).serve_forever()
+    template = tool_template(tokenizer, tool_call_parser, chosen=chat_template is not None)
+    TokenizerWorker(ipc.RunDir(run_dir), tokenizer, template).serve_forever()

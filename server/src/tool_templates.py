@@ -1,5 +1,5 @@
-"""The bundled chat templates with tools (templates/), one per tool-call format: used where the
-checkpoint's own template cannot render tools, so that tools and tool messages still reach the model."""
+"""The bundled chat templates with tools (templates/), one per tool-call format: for requests with
+tools or tool messages where the checkpoint's own template cannot render tools."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ def renders_tools(template: str | None) -> bool:
     return template is not None and "tools" in template
 
 
-def use_tool_template(tokenizer: PreTrainedTokenizerBase, tool_call_parser: str | None, chosen: bool) -> None:
-    """Give `tokenizer` the bundled template of `tool_call_parser` if its own renders no tools.
+def tool_template(tokenizer: PreTrainedTokenizerBase, tool_call_parser: str | None, chosen: bool) -> str | None:
+    """The bundled template of `tool_call_parser` if `tokenizer`'s own renders no tools, else None
+    (its own serves tool requests too). Other requests keep the tokenizer's template either way.
 
-    `chosen`: the template came from --chat-template, which is kept as it is.
+    `chosen`: the template came from --chat-template, which serves every request as it is.
     """
     if tool_call_parser is None or chosen or renders_tools(tokenizer.chat_template):
-        return
-    tokenizer.chat_template = bundled_template(tool_call_parser)
-    logger.info("the checkpoint's chat template renders no tools: using the bundled %s template "
+        return None
+    logger.info("the chat template renders no tools: requests with tools use the bundled %s template "
                 "(server/src/templates/%s.jinja)", tool_call_parser, tool_call_parser)
+    return bundled_template(tool_call_parser)

@@ -11,7 +11,7 @@ from minisgl_jax.server.messages import TextChunk
 from minisgl_jax.server.reasoning import REASONING_FORMATS
 from minisgl_jax.server.responses import ChatView, Choices
 from minisgl_jax.server.tool_parsers import FORMATS
-from minisgl_jax.server.tool_templates import bundled_template, use_tool_template
+from minisgl_jax.server.tool_templates import bundled_template, tool_template
 from minisgl_jax.server.tokenizer_worker import render_chat
 from tiny_tokenizers import tiny_bpe_tokenizer
 
@@ -88,13 +88,14 @@ def test_bundled_templates_render_tools_calls_and_results(family, call_text):
     assert call_text in text and "sunny, 21C" in text and "be brief" in text and "weather in Oslo?" in text
 
 
-def test_the_bundled_template_replaces_only_a_template_without_tools():
-    plain = tiny_bpe_tokenizer(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
-    use_tool_template(plain, "hermes", chosen=False)
-    assert plain.chat_template == bundled_template("hermes")
+def test_the_bundled_template_serves_tool_requests_where_the_own_renders_no_tools():
+    plain = tiny_bpe_tokenizer(chat_template="{% for m in messages %}{{ m.content }}|{% endfor %}")
+    template = tool_template(plain, "hermes", chosen=False)
+    assert template == bundled_template("hermes")
+    assert plain.decode(render_chat(plain, CONVERSATION[:2], {}, None, template)) == "be brief|weather in Oslo?|"
+    assert "<tool_call>" in plain.decode(render_chat(plain, CONVERSATION, {}, None, template))  # tool messages
+    assert "<tools>" in plain.decode(render_chat(plain, CONVERSATION[:2], {}, TOOLS, template))
     own = "{{ tools }}{% for m in messages %}{{ m.content }}{% endfor %}"
-    for template, chosen in ((own, False), ("x", True)):  # its own template renders tools; --chat-template
-        tokenizer = tiny_bpe_tokenizer(chat_template=template)
-        before = tokenizer.chat_template
-        use_tool_template(tokenizer, "hermes", chosen)
-        assert tokenizer.chat_template == before
+    assert tool_template(tiny_bpe_tokenizer(chat_template=own), "hermes", chosen=False) is None
+    assert tool_template(plain, "hermes", chosen=True) is None  # --chat-template serves every request
+    assert tool_template(plain, None, chosen=False) is None
