@@ -190,10 +190,10 @@ def valid_bodies(model: str) -> dict[str, list[dict]]:
     grammars = [{"response_format": response_format}, {"regex": "[a-z]{1,2}"}, {"ebnf": 'root ::= "a" | "b"'},
                 {"json_schema": '{"type": "integer", "minimum": 0, "maximum": 9}'}]
     tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": schema, "strict": True}}
-    conversation = [*messages, {"role": "assistant", "content": None, "reasoning_content": "r", "tool_calls": [
+    hi = [{"role": "user", "content": "hi"}]
+    conversation = [*hi, {"role": "assistant", "content": None, "reasoning_content": "r", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"q": "a"}'}}]},
         {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
-    hi = [{"role": "user", "content": "hi"}]
     tools = {"messages": conversation, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}},
              "parallel_tool_calls": False}
     return {
