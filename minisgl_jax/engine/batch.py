@@ -4,6 +4,7 @@ the arrays the step gives back (StepOutput)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +31,26 @@ class StepKey:
     num_steps: int = 1  # decode steps per launch (a burst)
     logits_processing: bool = False  # some row has penalties, logit_bias or min_tokens (logits_processing.py)
     prompt_logprobs: bool = False  # prefill: some row wants its prompt tokens' logprobs (all positions' logits)
+    # "full": forward and sample; a constrained batch runs "forward" (to the logits), then "sample"
+    # once the host has filled its grammar masks from the tokens of the step before.
+    stage: str = "full"
 
     def describe(self) -> str:
         phase = "decode" if self.is_decode else "prefill"
         processing = ", logits processing" if self.logits_processing else ""
         prompt = ", prompt logprobs" if self.prompt_logprobs else ""
+        stage = "" if self.stage == "full" else f", {self.stage} stage"
         return (f"the {phase} program ({self.sample_mode} sampling, {self.num_logprobs} logprobs, "
-                f"{self.num_steps} steps{processing}{prompt})")
+                f"{self.num_steps} steps{processing}{prompt}{stage})")
+
+    def forward_stage(self) -> StepKey:
+        """The key of this step's forward half: the sampling choices do not matter to it (its batch
+        still carries the logits-processing arrays, for the sample stage)."""
+        return StepKey(self.is_decode, logits_processing=self.logits_processing,
+                       prompt_logprobs=self.prompt_logprobs, stage="forward")
+
+    def sample_stage(self) -> StepKey:
+        return dataclasses.replace(self, prompt_logprobs=False, stage="sample")
 
 
 @dataclass
@@ -122,6 +136,7 @@ class StepOutput:
     logprob: jax.Array | None  # [S]
     top_ids: jax.Array | None  # [S, MAX_LOGPROBS]
     top_logprobs: jax.Array | None
+    logits: jax.Array | None = None  # [S, vocab] float32 of a "forward" stage, for its "sample" stage
     # With StepKey.prompt_logprobs, per token of the batch: its prediction's logprob of prompt_targets, and the top
     prompt_logprob: jax.Array | None = None  # [T]
     prompt_top_ids: jax.Array | None = None  # [T, MAX_LOGPROBS]

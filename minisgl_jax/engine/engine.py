@@ -69,7 +69,8 @@ class Engine:
         self.failed_steps = FailedSteps()
         self._rng = random.Random(args.seed)
         self._arrivals = 0
-        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0, burst_steps=0)
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, cascade_steps=0, burst_steps=0,
+                              split_steps=0)
         # Seconds in step() and, of those, waiting for the device's tokens and launching the compiled
         # step: the rest is the engine's own host work. All of it but the wait must hide behind the
         # device's work for the previous step.
@@ -259,17 +260,10 @@ class Engine:
             self._start_constrained()
         outputs, self._finals = self._finals, []
         batch = self.scheduler.schedule()
-        if batch is not None and batch.constrained and self._in_flight is not None:
-            # A grammar's mask needs the tokens of the step in flight: read them first (no overlap),
-            # and leave out the rows of the requests that read has ended (their slots are given back).
-            outputs += self._read(*self._in_flight)
-            self._in_flight = None
-            batch.rows = [row for row in batch.rows if not row.req.finished]
-            batch = batch if batch.rows else None
         launched = failure = None
         if batch is not None:
             try:
-                launched = (batch, self._dispatch(batch))
+                launched = (batch, self._dispatch(batch, outputs))
             except Exception as error:
                 failure = error
                 # Nothing ran: take its positions back before the read below may release these
@@ -290,7 +284,10 @@ class Engine:
         self._maybe_log_status()
         return outputs
 
-    def _dispatch(self, batch: ScheduledBatch) -> StepOutput:
+    def _dispatch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> StepOutput:
+        """Launch `batch`. A constrained batch's grammar masks need the tokens of the step in flight:
+        its forward stage runs on the device while the host reads those (into `outputs`) and fills
+        the masks; then its sample stage."""
         tokens, seqs = self.buckets.shape(batch.is_decode, len(batch.rows), batch.num_tokens)
         cascade = None
         if batch.is_decode and batch.num_steps == 1 and self.buckets.has_cascade(seqs):
@@ -302,9 +299,21 @@ class Engine:
         if batch.logits_processing:
             constraints.seed_slots(batch, self.runner, self.eos_token_ids, self.logit_bias_width)
         step_batch = build_step_batch(batch, tokens, seqs, self.batch_constants, cascade)
-        mask = constraints.grammar_masks(batch, seqs, self.runner.mask_words) if batch.constrained else None
         launched = time.perf_counter()
-        out = self.runner.run(step_batch, batch.key, mask)
+        if batch.constrained:
+            key = batch.key
+            forward = self.runner.run(step_batch, key.forward_stage())
+            if self._in_flight is not None:
+                outputs += self._read(*self._in_flight)
+                self._in_flight = None
+            mask = constraints.grammar_masks(batch, seqs, self.runner.mask_words)
+            out = self.runner.run(step_batch, key.sample_stage(), mask, forward.logits)
+            out = dataclasses.replace(out, prompt_logprob=forward.prompt_logprob,
+                                      prompt_top_ids=forward.prompt_top_ids,
+                                      prompt_top_logprobs=forward.prompt_top_logprobs)
+            self._counters["split_steps"] += 1
+        else:
+            out = self.runner.run(step_batch, batch.key)
         out.start_copy()
         self.timing["launch_s"] += time.perf_counter() - launched
         self._counters["steps"] += 1

@@ -110,10 +110,11 @@ class ModelRunner:
         """The parameters as the model's NNX state (for inspection; the step takes the flat list)."""
         return jax.tree.unflatten(self.params_treedef, self.params)
 
-    def _step_fn(self, params, kv_pool, state: DeviceState, packed, mask, *, layout: PackedLayout, key: StepKey):
+    def _step_fn(self, params, kv_pool, state: DeviceState, packed, mask, logits, *, layout: PackedLayout,
+                 key: StepKey):
         batch = unpack_batch(packed, layout)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self.params_treedef, params))
-        forward = functools.partial(self._forward, model, key=key, mask=mask)
+        forward = functools.partial(self._forward, model, key=key, mask=mask, given_logits=logits)
         if key.num_steps == 1:
             kv_pool, state, out = forward(kv_pool, state, batch)
         else:
@@ -160,8 +161,12 @@ class ModelRunner:
         (kv_pool, state), out = jax.lax.scan(substep, (kv_pool, state), steps)
         return kv_pool, state, out  # every output gains a leading [num_steps] axis
 
-    def _forward(self, model, kv_pool, state: DeviceState, batch: StepBatch, *, key: StepKey, mask):
-        """One step of the model on one batch: write its K/V, sample a token per sequence."""
+    def _forward(self, model, kv_pool, state: DeviceState, batch: StepBatch, *, key: StepKey, mask, given_logits):
+        """One step of the model on one batch: write its K/V, sample a token per sequence. Its
+        "forward" stage stops at the logits; its "sample" stage starts from them (`given_logits`)."""
+        if key.stage == "sample":
+            collectives = self.collectives.for_step(key.is_decode, state.all_reduce_seq)
+            return kv_pool, *self._sample(state, batch, given_logits, state.page_table, collectives, key, mask)
         page_size = self.page_size
         if key.is_decode:
             input_ids = state.tokens[batch.token_slots]
@@ -184,6 +189,20 @@ class ModelRunner:
         hidden, kv_pool = model(input_ids, kv_pool, ctx)
         last = jnp.maximum(batch.attn.cu_q_lens[1:] - 1, 0)
         logits = model.logits(hidden[last])
+        prompt = {}
+        if key.prompt_logprobs:
+            with jax.named_scope("prompt_logprobs"):
+                chosen, top, top_lps = prompt_logprobs(model.logits, hidden, batch.prompt_targets, MAX_LOGPROBS)
+            prompt = dict(prompt_logprob=chosen, prompt_top_ids=top, prompt_top_logprobs=top_lps)
+        if key.stage == "forward":
+            state = dataclasses.replace(state, page_table=page_table,
+                                        all_reduce_seq=state.all_reduce_seq + collectives.count)
+            return kv_pool, state, StepOutput(None, None, None, None, logits=logits, **prompt)
+        state, out = self._sample(state, batch, logits, page_table, collectives, key, mask)
+        return kv_pool, state, dataclasses.replace(out, **prompt)
+
+    def _sample(self, state: DeviceState, batch: StepBatch, logits, page_table, collectives, key: StepKey, mask):
+        """The logits-processing stage (when the key has it), sampling, and the state it leaves."""
         processing = state.processing
         sample_logits = logits
         if key.logits_processing:
@@ -196,16 +215,11 @@ class ModelRunner:
             )
         if key.logits_processing:
             processing = count_sampled(processing, batch.processing, ids)
-        prompt = {}
-        if key.prompt_logprobs:
-            with jax.named_scope("prompt_logprobs"):
-                chosen, top, top_lps = prompt_logprobs(model.logits, hidden, batch.prompt_targets, MAX_LOGPROBS)
-            prompt = dict(prompt_logprob=chosen, prompt_top_ids=top, prompt_top_logprobs=top_lps)
         state = DeviceState(
             tokens=state.tokens.at[batch.seq_slots].set(ids), page_table=page_table,
             all_reduce_seq=state.all_reduce_seq + collectives.count, processing=processing,
         )
-        return kv_pool, state, StepOutput(ids, logprob, top_ids, top_logprobs, **prompt)
+        return state, StepOutput(ids, logprob, top_ids, top_logprobs)
 
     def _seed_fn(self, state: DeviceState, packed: jax.Array) -> DeviceState:
         return dataclasses.replace(state, processing=self._replicated(seed(state.processing, packed)))
@@ -226,14 +240,18 @@ class ModelRunner:
             return jax.device_put(tree, self.replicated)
         return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(self.replicated, a), tree)
 
-    def run(self, batch: StepBatch, key: StepKey, mask: np.ndarray | None = None) -> StepOutput:
+    def run(
+        self, batch: StepBatch, key: StepKey, mask: np.ndarray | None = None, logits: jax.Array | None = None
+    ) -> StepOutput:
         """Launch one step (or a burst of `key.num_steps` decode steps) on a host-made batch; `mask`:
-        the grammar masks of its rows ([seqs, mask_words] int32) when some row is constrained."""
+        the grammar masks of its rows ([seqs, mask_words] int32) when some row is constrained;
+        `logits`: a "sample" stage's, from its "forward" stage."""
         packed, layout = pack_batch(batch)
-        return self.run_packed(packed, ProgramKey(layout, key), mask)
+        return self.run_packed(packed, ProgramKey(layout, key), mask, logits)
 
     def run_packed(
-        self, packed: np.ndarray | jax.Array, program: ProgramKey, mask: np.ndarray | None = None
+        self, packed: np.ndarray | jax.Array, program: ProgramKey, mask: np.ndarray | None = None,
+        logits: jax.Array | None = None,
     ) -> StepOutput:
         """Launch the step on a packed batch, from the host or already on the device (benchmarks
         replay one device buffer to time XLA's launch without the transfer's fresh address)."""
@@ -244,7 +262,7 @@ class ModelRunner:
         compiled = self.programs.compiled.get(program)
         if compiled is None:
             compiled = self.programs.get(program, packed)
-        self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed, mask)
+        self.kv_pool, self.state, out = compiled(self.params, self.kv_pool, self.state, packed, mask, logits)
         return out
 
     def _open_mask(self, seqs: int) -> jax.Array:
@@ -256,10 +274,13 @@ class ModelRunner:
     def lower(self, program: ProgramKey, packed: np.ndarray | jax.Array) -> jax.stages.Lowered:
         """Trace and lower the step program of `program` (Python, under the GIL)."""
         params, kv_pool, state = self._abstract_args
-        mask = None
+        mask = logits = None
         if program.step.logits_processing:
             mask = jax.ShapeDtypeStruct((_seqs(program), self.mask_words), jnp.int32, sharding=self.replicated)
-        return self._step.lower(params, kv_pool, state, packed, mask, layout=program.layout, key=program.step)
+        if program.step.stage == "sample":
+            logits = jax.ShapeDtypeStruct((_seqs(program), self.vocab_size), jnp.float32, sharding=self.replicated)
+        return self._step.lower(params, kv_pool, state, packed, mask, logits, layout=program.layout,
+                                key=program.step)
 
     def lower_text(self, batch: StepBatch, key: StepKey) -> str:
         """The compiled HLO of one bucket, to check that the pool is aliased, not copied."""

@@ -58,26 +58,36 @@ SAMPLING_VARIANTS = (
 
 
 def step_programs(
-    engine: Engine, sample_mode: str = SAMPLE_PLAIN, num_logprobs: int = 0, logits_processing: bool = False
+    engine: Engine, sample_mode: str = SAMPLE_PLAIN, num_logprobs: int = 0, logits_processing: bool = False,
+    stage: str = "full",
 ) -> list[tuple[ProgramKey, np.ndarray]]:
-    """Each program of the engine's buckets, its key with an empty example batch (packed)."""
+    """Each program of the engine's buckets, its key with an empty example batch (packed); the
+    stages of a constrained step exist for single steps only (constrained rows never burst)."""
     programs = []
     no_groups = (np.zeros(0, np.int32), np.zeros((cascade_groups.MAX_GROUPS, 3), np.int32))
     for shape in engine.buckets.programs():
+        if stage != "full" and shape.num_steps > 1:
+            continue
         scheduled = ScheduledBatch(rows=[], is_decode=shape.is_decode, num_steps=shape.num_steps)
         step_batch = build_step_batch(scheduled, shape.tokens, shape.seqs, engine.batch_constants,
                                       no_groups if shape.cascade else None)
         if logits_processing:
             step_batch.processing = processing_arrays([], shape.seqs, engine.batch_constants.scratch_slot)
         packed, layout = pack_batch(step_batch)
-        key = StepKey(shape.is_decode, sample_mode, num_logprobs, shape.num_steps, logits_processing)
+        key = StepKey(shape.is_decode, sample_mode, num_logprobs, shape.num_steps, logits_processing, stage=stage)
         programs.append((ProgramKey(layout, key), packed))
     return programs
 
 
+# The stages of constrained steps (a grammar's mask between them), after every other variant.
+STAGE_VARIANTS = ((SAMPLE_PLAIN, 0, True, "sample"), (SAMPLE_FILTERED, 0, True, "sample"))
+
+
 def variant_programs(engine: Engine) -> list[tuple[ProgramKey, np.ndarray]]:
-    """Every program in each of SAMPLING_VARIANTS: what the background compiler compiles."""
-    return [program for variant in SAMPLING_VARIANTS for program in step_programs(engine, *variant)]
+    """Every program in each of SAMPLING_VARIANTS, then the constrained stages: what the background
+    compiler compiles."""
+    variants = [*SAMPLING_VARIANTS, (SAMPLE_PLAIN, 0, True, "forward"), *STAGE_VARIANTS]
+    return [program for variant in variants for program in step_programs(engine, *variant)]
 
 
 def compile_programs(engine: Engine) -> float:

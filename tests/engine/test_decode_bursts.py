@@ -85,7 +85,7 @@ def test_no_burst_while_requests_wait_or_tokens_run_short(checkpoint):
             break
         if batch.is_decode:
             sizes.append((len(engine.scheduler.waiting), batch.num_steps))
-        engine._in_flight = (batch, engine._dispatch(batch))
+        engine._in_flight = (batch, engine._dispatch(batch, []))
         for out in engine._process(*engine._in_flight):
             if out.finished:
                 engine.requests.pop(out.request_id)
@@ -107,7 +107,7 @@ def test_a_row_near_max_tokens_takes_a_shorter_burst(checkpoint):
     engine.step()  # the prefill of both: one token each
     batch = engine.scheduler.schedule()
     assert batch.num_steps == 4 and [r.steps for r in batch.rows] == [2, 4]
-    engine._in_flight = (batch, engine._dispatch(batch))
+    engine._in_flight = (batch, engine._dispatch(batch, []))
     tokens = {rid: [] for rid in params}
     for out in engine._process(*engine._in_flight):
         tokens[out.request_id] += out.new_token_ids
@@ -161,7 +161,7 @@ def test_warmup_compiles_every_program_serving_runs(checkpoint):
     plain = len(engine.buckets.decode) + len(engine.buckets.burst_buckets()) + len(engine.buckets.prefill)
     assert len(engine.runner.programs.compiled) >= plain
     engine.background_compiler.thread.join()
-    assert len(engine.runner.programs.compiled) == (1 + len(warmup.SAMPLING_VARIANTS)) * plain
+    assert len(engine.runner.programs.compiled) == plain + len(warmup.variant_programs(engine))
     params = [
         SamplingParams(temperature=0.0, max_tokens=19, ignore_eos=True),
         SamplingParams(temperature=0.8, top_p=0.9, max_tokens=14, ignore_eos=True, seed=11, logprobs=3),
@@ -174,7 +174,7 @@ def test_warmup_compiles_every_program_serving_runs(checkpoint):
     assert [len(t) for t in result["tokens"].values()] == [19, 14, 12, 6, 9, 11]
     assert engine.stats()["burst_steps"] > 0
     # nothing compiled while serving
-    assert len(engine.runner.programs.compiled) == (1 + len(warmup.SAMPLING_VARIANTS)) * plain
+    assert len(engine.runner.programs.compiled) == plain + len(warmup.variant_programs(engine))
     # Dropped, the engine thaws what it froze, and its device arrays (in reference cycles) are freed.
     kv_pages = weakref.ref(engine.runner.kv_pool[0][0])
     del engine

@@ -95,3 +95,15 @@ def test_tensor_parallel_gives_the_same_tokens(checkpoint, engine):
     tp2 = tiny_engine(checkpoint, tp=2, cache="radix", num_pages=192, page_size=16, max_running_requests=8,
                       max_prefill_tokens=64)
     assert tp2.generate(prompts, params) == engine.generate(prompts, params)
+
+
+def test_retraction_and_chunked_prefill_keep_the_tokens(checkpoint, engine):
+    """Constrained requests retracted and recomputed (their grammar stays where their output is),
+    prompts prefilled in chunks: the tokens of the roomy engine."""
+    params = constrained_params()
+    prompts = [[5, 6, 7, 8 + i] * 6 for i in range(len(params))]
+    small = tiny_engine(checkpoint, cache="naive", num_pages=8, page_size=16, max_running_requests=8,
+                        max_prefill_tokens=16)
+    assert small.generate(prompts, params) == engine.generate(prompts, params)
+    assert small.stats()["num_retractions"] > 0 and small.stats()["split_steps"] > 0
+    small.check_kv_invariant()
