@@ -11,6 +11,7 @@ from minisgl_jax.engine.batch import ScheduledBatch
 from minisgl_jax.engine.logits_processing import seed_chunks
 from minisgl_jax.engine.model_runner import ModelRunner
 from minisgl_jax.engine.request import Req
+from minisgl_jax.grammar.matcher import fill_masks
 
 
 def seed_slots(batch: ScheduledBatch, runner: ModelRunner, eos_token_ids: set[int], bias_width: int) -> None:
@@ -29,10 +30,8 @@ def grammar_masks(batch: ScheduledBatch, seqs: int, mask_words: int) -> np.ndarr
     """Each constrained row's allowed next tokens; every token for the other rows (and for a request
     that has ended since it was scheduled: its row's token is dropped)."""
     masks = np.full((seqs, mask_words), -1, np.int32)
-    for i, row in enumerate(batch.rows):
-        grammar = row.req.grammar
-        if row.samples and grammar is not None and not row.req.finished:
-            grammar.fill_mask(masks[i])
+    fill_masks([(i, row.req.grammar) for i, row in enumerate(batch.rows)
+                if row.samples and row.req.grammar is not None and not row.req.finished], masks)
     return masks
 
 
