@@ -155,6 +155,7 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None  # with FinishReason.ERROR: what failed
+    error_field: str | None = None  # with it, the request field at fault (a grammar): the client's error, not ours
     # With SamplingParams.prompt_logprobs, once (with the first output): None for the first prompt
     # token, then one TokenLogprob per prompt token.
     prompt_logprobs: list[TokenLogprob | None] | None = None

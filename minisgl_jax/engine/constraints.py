@@ -11,6 +11,7 @@ from minisgl_jax.engine.batch import ScheduledBatch
 from minisgl_jax.engine.logits_processing import seed_chunks
 from minisgl_jax.engine.model_runner import ModelRunner
 from minisgl_jax.engine.request import Req
+from minisgl_jax.grammar import grammar_spec
 from minisgl_jax.grammar.matcher import fill_masks
 
 
@@ -41,5 +42,6 @@ def advance_grammar(req: Req, token: int) -> FinishReason | None:
     grammar = req.grammar
     if not grammar.accept(token) or grammar.is_dead:
         req.error = f"the output left its grammar: {grammar.error}"
+        req.error_field = grammar_spec(req.params).field
         return FinishReason.ERROR
     return FinishReason.STOP if grammar.is_finished else None

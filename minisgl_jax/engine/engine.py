@@ -191,8 +191,9 @@ class Engine:
             self._compiling.remove(req)
             try:
                 compiled = req.grammar_compile.result()
-            except ValueError as error:
+            except ValueError as error:  # past the time or size limit, or invalid after all
                 req.phase, req.finish_reason, req.error = Phase.FINISHED, FinishReason.ERROR, str(error)
+                req.error_field = req.grammar_compile.spec.field
                 self._finals.append(request_output(req))
                 continue
             p = req.params

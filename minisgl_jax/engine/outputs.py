@@ -43,5 +43,6 @@ def request_output(req: Req) -> RequestOutput:
         completion_tokens=len(req.output_ids),
         cached_tokens=req.cached_tokens,
         error=req.error,
+        error_field=req.error_field,
         prompt_logprobs=prompt_logprobs,
     )

@@ -54,6 +54,7 @@ class Req:
     grammar_compile: CompileHandle | None = None  # structured output: its grammar, compiling
     grammar: GrammarMatcher | None = None  # then where the output stands in it
     error: str | None = None  # why it ended with FinishReason.ERROR, when the step did not fail
+    error_field: str | None = None  # the request field that error is about (its grammar)
 
     @property
     def all_ids(self) -> list[int]:

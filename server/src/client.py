@@ -119,9 +119,11 @@ class EngineClient:
                 if isinstance(item, ErrorReply):
                     raise APIError(item.status, item.message, item.param)
                 index = int(item.rid.rsplit("/", 1)[1])
-                if item.finish_reason == FinishReason.ERROR.value:  # its step failed in the engine
+                if item.finish_reason == FinishReason.ERROR.value:
                     unfinished.discard(index)  # the engine has ended it already
-                    raise APIError(500, STEP_FAILED)
+                    if item.error_field:  # the request's own fault: its grammar failed to compile or ran dry
+                        raise APIError(400, item.error, item.error_field)
+                    raise APIError(500, STEP_FAILED)  # its step failed in the engine
                 self._observe(item, index, arrival, last_token)
                 if item.finished:
                     unfinished.discard(index)
@@ -154,4 +156,5 @@ def joined(first: TextChunk, then: TextChunk) -> TextChunk:
     return TextChunk(
         first.rid, first.text + then.text, first.token_ids + then.token_ids, then.finished, then.finish_reason,
         first.logprobs + then.logprobs, then.prompt_tokens, then.completion_tokens, then.cached_tokens,
+        then.error, then.error_field,
     )

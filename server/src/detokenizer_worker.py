@@ -100,7 +100,7 @@ class DetokenizerWorker:
             logprobs = [self._logprob(entry) for entry in out.prompt_logprobs or []] + logprobs
         return TextChunk(
             out.rid, text, out.token_ids[:used], finished, reason, logprobs,
-            out.prompt_tokens, out.completion_tokens - dropped, out.cached_tokens,
+            out.prompt_tokens, out.completion_tokens - dropped, out.cached_tokens, out.error, out.error_field,
         )
 
     def _logprob(self, entry: list[Any]) -> TokenLogprobText:

@@ -120,6 +120,8 @@ class StepTokens:
     cached_tokens: int
     # Once, with echo and logprobs: [token id, logprob or None (the first), [[id, logprob], ...]] per prompt token
     prompt_logprobs: list[list[typing.Any]] | None = None
+    error: str | None = None  # with finish reason "error": what failed
+    error_field: str | None = None  # and the request field at fault, when it is the request's (a grammar)
 
 
 @dataclass
@@ -153,6 +155,8 @@ class TextChunk:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    error: str | None = None
+    error_field: str | None = None
 
 
 @dataclass

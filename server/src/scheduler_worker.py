@@ -154,7 +154,7 @@ class SchedulerWorker:
                 out.finish_reason.value if out.finish_reason is not None else None,
                 [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.new_logprobs],
                 out.prompt_tokens, out.completion_tokens, out.cached_tokens,
-                self._prompt_logprobs(out),
+                self._prompt_logprobs(out), out.error, out.error_field,
             )
             for out in outputs
         ]
