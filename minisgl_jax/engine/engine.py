@@ -30,7 +30,7 @@ from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepOutput,
 from minisgl_jax.engine.buckets import Buckets
 from minisgl_jax.engine.logits_processing import ProcessingState
 from minisgl_jax.layers.collectives import CollectiveBackend
-from minisgl_jax.engine.multihost import ABORT, ADD, STOP, CommandChannel
+from minisgl_jax.engine.multihost import ABORT, ADD, GRAMMAR, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
 from minisgl_jax.engine.outputs import collect_prompt_logprobs, request_output
 from minisgl_jax.engine.request import Phase, Req
@@ -129,7 +129,6 @@ class Engine:
         ))
         self.limits = RequestLimits(
             cfg.vocab_size, self.max_model_len, self.allocator.num_usable, args.page_size, args.max_logit_bias,
-            args.nnodes > 1,
         )
         self.batch_constants = BatchConstants(
             args.page_size, self.pages_per_seq, self.runner.scratch_slot, cfg.vocab_size,
@@ -186,20 +185,42 @@ class Engine:
             self._compiling.append(req)
 
     def _start_constrained(self) -> None:
-        """Queue the requests whose grammar has compiled; end those whose grammar failed to."""
-        for req in [r for r in self._compiling if r.grammar_compile.done()]:
-            self._compiling.remove(req)
+        """Queue the requests whose grammar has compiled; end those whose grammar failed to. Across
+        hosts node 0 decides when, by a command every node applies (`_grammar_compiled`)."""
+        if self.channel is not None and not self.channel.is_leader:
+            return
+        for req in [r for r in self._compiling if r.grammar_compile.done() and not r.grammar_announced]:
+            error = None
             try:
-                compiled = req.grammar_compile.result()
-            except ValueError as error:  # past the time or size limit, or invalid after all
-                req.phase, req.finish_reason, req.error = Phase.FINISHED, FinishReason.ERROR, str(error)
-                req.error_field = req.grammar_compile.spec.field
-                self._finals.append(request_output(req))
-                continue
-            p = req.params
-            ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-            req.grammar, req.grammar_compile = compiled.matcher(ends), None
-            self.scheduler.add(req)
+                req.grammar_compile.result()
+            except ValueError as err:  # past the time or size limit, or invalid after all
+                error = str(err)
+            if self.channel is None:
+                self._grammar_compiled(req.request_id, error)
+            else:
+                self.channel.grammar_compiled(req.request_id, error)
+                req.grammar_announced = True
+
+    def _grammar_compiled(self, request_id: str, error: str | None) -> None:
+        """Queue the request with a matcher of its grammar, or end it with `error`."""
+        req = self.requests.get(request_id)
+        if req is None or req not in self._compiling:
+            return  # aborted meanwhile
+        self._compiling.remove(req)
+        if error is not None:
+            req.phase, req.finish_reason, req.error = Phase.FINISHED, FinishReason.ERROR, error
+            req.error_field = req.grammar_compile.spec.field
+            self._finals.append(request_output(req))
+            return
+        try:  # node 0's compiled: this node's copy must be too, whatever its compile takes
+            compiled = req.grammar_compile.wait()
+        except (TimeoutError, ValueError) as err:
+            raise RuntimeError(f"request {request_id}: the grammar compiled on node 0 but not here ({err}); "
+                               f"the nodes would no longer take the same steps") from err
+        p = req.params
+        ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        req.grammar, req.grammar_compile = compiled.matcher(ends), None
+        self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> None:
         if self.channel is not None:
@@ -235,6 +256,8 @@ class Engine:
                 self._abort(command[1])
             elif command[0] == STOP:
                 self.stopped = True
+            elif command[0] == GRAMMAR:
+                self._grammar_compiled(command[1], command[2])
 
     def has_unfinished(self) -> bool:
         pending = self.channel.pending if self.channel is not None else 0

@@ -1,9 +1,11 @@
 """Multi-host serving: every host runs the same scheduler on one global mesh.
 
 Node 0 receives the requests; at the start of every step it broadcasts the commands it got since
-the last step (new requests with their seeds, aborts, stop), so all hosts apply the same commands
-in the same order, make the same scheduling decision, and issue the same jitted steps, whose
-collectives XLA runs across all GPUs.
+the last step (new requests with their seeds, aborts, stop, and when a request's grammar has
+compiled), so all hosts apply the same commands in the same order, make the same scheduling
+decision, and issue the same jitted steps, whose collectives XLA runs across all GPUs. Every host
+reads the same sampled tokens, so each keeps its own copy of a constrained request's grammar and
+fills the same masks; only the moment a grammar is ready (compilation time varies) comes from node 0.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from minisgl_jax.core import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-ADD, ABORT, STOP = "add", "abort", "stop"
+ADD, ABORT, STOP, GRAMMAR = "add", "abort", "stop", "grammar"
 
 
 def init_distributed(args: EngineArgs) -> None:
@@ -53,6 +55,10 @@ class CommandChannel:
 
     def stop(self) -> None:
         self._send([STOP])
+
+    def grammar_compiled(self, request_id: str, error: str | None) -> None:
+        """Node 0's grammar for the request is ready (error None) or failed: every node acts on it at once."""
+        self._send([GRAMMAR, request_id, error])
 
     def _send(self, command: list) -> None:
         if not self.is_leader:

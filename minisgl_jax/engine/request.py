@@ -53,6 +53,7 @@ class Req:
     prompt_logprobs_sent: bool = False
     grammar_compile: CompileHandle | None = None  # structured output: its grammar, compiling
     grammar: GrammarMatcher | None = None  # then where the output stands in it
+    grammar_announced: bool = False  # multi-host: node 0 has sent that its grammar compiled
     error: str | None = None  # why it ended with FinishReason.ERROR, when the step did not fail
     error_field: str | None = None  # the request field that error is about (its grammar)
 

@@ -17,7 +17,6 @@ class RequestLimits:
     kv_pages: int  # usable pages of the whole pool
     page_size: int
     max_logit_bias: int
-    multi_host: bool
 
     def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         """max_tokens, or without one, up to the context length or what the whole KV pool holds."""
@@ -46,8 +45,6 @@ class RequestLimits:
                              f"{self.max_logit_bias} (--max-logit-bias)")
         spec = grammar_spec(params)
         if spec is not None:
-            if self.multi_host:
-                raise ValueError(f"{spec.field}: structured outputs are not served across several hosts yet")
             check_grammar(spec)
         kv_tokens = self.kv_pages * self.page_size
         if n >= self.max_model_len:
