@@ -148,7 +148,8 @@ class Engine:
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
-        """Made on the first constrained request: it needs the tokenizer's vocabulary in llguidance's form."""
+        """The tokenizer's vocabulary in llguidance's form and the grammar compiler: made at warm-up
+        (or by the first constrained request without one); ValueError if the tokenizer cannot be."""
         if self._grammar_compiler is None:
             self._grammar_compiler = GrammarCompiler(GrammarVocab(self.tokenizer, self.model_config.vocab_size))
         return self._grammar_compiler
@@ -170,6 +171,12 @@ class Engine:
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, with the numbers, when this request can never be served."""
         self.limits.check(prompt_token_ids, params)
+        spec = grammar_spec(params)
+        if spec is not None:
+            try:
+                self.grammar_compiler
+            except ValueError as err:
+                raise ValueError(f"{spec.field}: structured outputs are not available here: {err}") from None
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._arrivals += 1
@@ -485,5 +492,9 @@ class Engine:
         freeze what start-up made, so serving never waits on a full garbage collection over it."""
         with warmup.collector_paused():
             seconds = warmup.compile_programs(self)
+            try:  # the vocabulary in llguidance's form, once, before the first constrained request
+                self.grammar_compiler
+            except ValueError as err:
+                logger.warning("structured outputs are not available: %s", err)
         warmup.freeze_start_up_objects(self)
         return seconds
