@@ -107,7 +107,7 @@ def main() -> None:
     report["batch1_constrained_over_free"] = (report["batch1_constrained_ms_per_token"]
                                               / report["batch1_free_ms_per_token"])
 
-    compiler = engine.grammar_compiler
+    compiler = engine.grammars.compiler
     for i, field in enumerate(("name", "city")):  # a new schema each: a cold compile
         variant = dict(SCHEMA, properties=dict(SCHEMA["properties"], **{f"extra_{field}": {"type": "string"}}))
         spec = GrammarSpec("json_schema", json.dumps(variant))

@@ -37,7 +37,8 @@ from minisgl_jax.engine.request import Phase, Req
 from minisgl_jax.engine.request_checks import RequestLimits
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
 from minisgl_jax.engine.step_failures import FailedSteps
-from minisgl_jax.grammar import GrammarCompiler, GrammarVocab, grammar_spec
+from minisgl_jax.engine.grammar_queue import GrammarQueue
+from minisgl_jax.grammar import GrammarVocab, grammar_spec
 from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
@@ -62,8 +63,6 @@ class Engine:
         started = time.perf_counter()
         num_pages = self._build(args)
         self.requests: dict[str, Req] = {}
-        self._compiling: list[Req] = []  # structured-output requests whose grammar compiles
-        self._grammar_compiler: GrammarCompiler | None = None
         self._finals: list[RequestOutput] = []
         self._in_flight: tuple[ScheduledBatch, StepOutput] | None = None
         self.failed_steps = FailedSteps()
@@ -130,6 +129,7 @@ class Engine:
         self.limits = RequestLimits(
             cfg.vocab_size, self.max_model_len, self.allocator.num_usable, args.page_size, args.max_logit_bias,
         )
+        self.grammars = GrammarQueue(lambda: GrammarVocab(self.tokenizer, cfg.vocab_size), self.eos_token_ids)
         self.batch_constants = BatchConstants(
             args.page_size, self.pages_per_seq, self.runner.scratch_slot, cfg.vocab_size,
         )
@@ -145,14 +145,6 @@ class Engine:
             args.tokenizer or args.model, local_only=args.load_format == "dummy",
             vocab_size=self.model_config.vocab_size,
         )
-
-    @property
-    def grammar_compiler(self) -> GrammarCompiler:
-        """The tokenizer's vocabulary in llguidance's form and the grammar compiler: made at warm-up
-        (or by the first constrained request without one); ValueError if the tokenizer cannot be."""
-        if self._grammar_compiler is None:
-            self._grammar_compiler = GrammarCompiler(GrammarVocab(self.tokenizer, self.model_config.vocab_size))
-        return self._grammar_compiler
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -174,7 +166,7 @@ class Engine:
         spec = grammar_spec(params)
         if spec is not None:
             try:
-                self.grammar_compiler
+                self.grammars.compiler
             except ValueError as err:
                 raise ValueError(f"{spec.field}: structured outputs are not available here: {err}") from None
 
@@ -188,46 +180,27 @@ class Engine:
         if spec is None:
             self.scheduler.add(req)
         else:  # it waits outside the scheduler until its grammar has compiled (_start_constrained)
-            req.grammar_compile = self.grammar_compiler.submit(spec)
-            self._compiling.append(req)
+            self.grammars.submit(req)
 
     def _start_constrained(self) -> None:
         """Queue the requests whose grammar has compiled; end those whose grammar failed to. Across
         hosts node 0 decides when, by a command every node applies (`_grammar_compiled`)."""
         if self.channel is not None and not self.channel.is_leader:
             return
-        for req in [r for r in self._compiling if r.grammar_compile.done() and not r.grammar_announced]:
-            error = None
-            try:
-                req.grammar_compile.result()
-            except ValueError as err:  # past the time or size limit, or invalid after all
-                error = str(err)
+        for request_id, error in self.grammars.compiled():
             if self.channel is None:
-                self._grammar_compiled(req.request_id, error)
+                self._grammar_compiled(request_id, error)
             else:
-                self.channel.grammar_compiled(req.request_id, error)
-                req.grammar_announced = True
+                self.channel.grammar_compiled(request_id, error)
 
     def _grammar_compiled(self, request_id: str, error: str | None) -> None:
-        """Queue the request with a matcher of its grammar, or end it with `error`."""
         req = self.requests.get(request_id)
-        if req is None or req not in self._compiling:
+        if req is None or req not in self.grammars.waiting:
             return  # aborted meanwhile
-        self._compiling.remove(req)
-        if error is not None:
-            req.phase, req.finish_reason, req.error = Phase.FINISHED, FinishReason.ERROR, error
-            req.error_field = req.grammar_compile.spec.field
+        if self.grammars.take(req, error):
+            self.scheduler.add(req)
+        else:
             self._finals.append(request_output(req))
-            return
-        try:  # node 0's compiled: this node's copy must be too, whatever its compile takes
-            compiled = req.grammar_compile.wait()
-        except (TimeoutError, ValueError) as err:
-            raise RuntimeError(f"request {request_id}: the grammar compiled on node 0 but not here ({err}); "
-                               f"the nodes would no longer take the same steps") from err
-        p = req.params
-        ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-        req.grammar, req.grammar_compile = compiled.matcher(ends), None
-        self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> None:
         if self.channel is not None:
@@ -239,8 +212,7 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return
-        if req in self._compiling:
-            self._compiling.remove(req)
+        if self.grammars.drop(req):
             req.phase, req.finish_reason = Phase.FINISHED, FinishReason.ABORT
         else:
             self.scheduler.finish(req, FinishReason.ABORT)
@@ -287,7 +259,7 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         if self.channel is not None:
             self._apply_commands()
-        if self._compiling:
+        if self.grammars.waiting:
             self._start_constrained()
         outputs, self._finals = self._finals, []
         batch = self.scheduler.schedule()
@@ -493,7 +465,7 @@ class Engine:
         with warmup.collector_paused():
             seconds = warmup.compile_programs(self)
             try:  # the vocabulary in llguidance's form, once, before the first constrained request
-                self.grammar_compiler
+                self.grammars.compiler
             except ValueError as err:
                 logger.warning("structured outputs are not available: %s", err)
         warmup.freeze_start_up_objects(self)

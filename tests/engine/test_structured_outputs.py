@@ -114,7 +114,7 @@ def test_a_grammar_past_its_time_limit_ends_its_request_and_stalls_no_other(engi
     """The grammar compiles off the engine's loop (GrammarCompiler.submit returns at once), so the
     free request is served; past the compiler's limit the constrained one ends with an error that
     names its field (the server answers it with a 400)."""
-    engine._grammar_compiler = GrammarCompiler(GrammarVocab(engine.tokenizer, engine.model_config.vocab_size),
+    engine.grammars.compiler = GrammarCompiler(GrammarVocab(engine.tokenizer, engine.model_config.vocab_size),
                                                CompilerConfig(timeout_s=0.05))
     engine.add_request("slow", [5, 6], SamplingParams(max_tokens=8, regex="(a{1000}){1000}"))
     engine.add_request("free", [5, 7], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -124,5 +124,5 @@ def test_a_grammar_past_its_time_limit_ends_its_request_and_stalls_no_other(engi
     assert finished["free"].finish_reason is FinishReason.LENGTH and finished["free"].completion_tokens == 4
     slow = finished["slow"]
     assert slow.finish_reason is FinishReason.ERROR and slow.error_field == "regex" and "regex" in slow.error
-    engine._grammar_compiler = None
+    engine.grammars.compiler = None
     engine.check_kv_invariant()
