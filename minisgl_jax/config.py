@@ -52,6 +52,7 @@ class EngineArgs:
     status_interval_s: float = 10.0
     lpm_min_queue: int = 8
     max_logit_bias: int = 1024  # logit_bias entries per request at most (each slot holds this many on the device)
+    grammar_timeout_s: float = 10.0  # a structured output's grammar compiles within this, or its request ends
     decode_buckets: list[int] = field(default_factory=list)
     nnodes: int = 1
     node_rank: int = 0
@@ -86,6 +87,8 @@ class EngineArgs:
             raise ValueError(f"decode_steps must be in [1, 64], got {self.decode_steps}")
         if not 0 <= self.max_logit_bias <= 1 << 20:
             raise ValueError(f"max_logit_bias must be in [0, {1 << 20}], got {self.max_logit_bias}")
+        if not 0.0 < self.grammar_timeout_s <= 3600.0:
+            raise ValueError(f"grammar_timeout_s must be in (0, 3600], got {self.grammar_timeout_s}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.all_reduce not in ALL_REDUCE_MODES:

@@ -129,7 +129,8 @@ class Engine:
         self.limits = RequestLimits(
             cfg.vocab_size, self.max_model_len, self.allocator.num_usable, args.page_size, args.max_logit_bias,
         )
-        self.grammars = GrammarQueue(lambda: GrammarVocab(self.tokenizer, cfg.vocab_size), self.eos_token_ids)
+        self.grammars = GrammarQueue(lambda: GrammarVocab(self.tokenizer, cfg.vocab_size), self.eos_token_ids,
+                                     args.grammar_timeout_s)
         self.batch_constants = BatchConstants(
             args.page_size, self.pages_per_seq, self.runner.scratch_slot, cfg.vocab_size,
         )

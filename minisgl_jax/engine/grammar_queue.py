@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 from minisgl_jax.core import FinishReason
 from minisgl_jax.engine.request import Phase, Req
-from minisgl_jax.grammar import GrammarCompiler, GrammarVocab, grammar_spec
+from minisgl_jax.grammar import CompilerConfig, GrammarCompiler, GrammarVocab, grammar_spec
 
 
 class GrammarQueue:
-    def __init__(self, make_vocab: Callable[[], GrammarVocab], eos_token_ids: set[int]) -> None:
+    def __init__(self, make_vocab: Callable[[], GrammarVocab], eos_token_ids: set[int], timeout_s: float) -> None:
         self._make_vocab = make_vocab
+        self._timeout_s = timeout_s
         self._eos_token_ids = eos_token_ids
         self._compiler: GrammarCompiler | None = None
         self.waiting: list[Req] = []
@@ -22,7 +23,7 @@ class GrammarQueue:
         """The tokenizer's vocabulary in llguidance's form and the grammar compiler: made at warm-up
         (or by the first constrained request without one); ValueError if the tokenizer cannot be."""
         if self._compiler is None:
-            self._compiler = GrammarCompiler(self._make_vocab())
+            self._compiler = GrammarCompiler(self._make_vocab(), CompilerConfig(timeout_s=self._timeout_s))
         return self._compiler
 
     @compiler.setter

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "not in a background thread after start-up")
     engine.add_argument("--status-interval", type=float, default=d.status_interval_s,
                         help="seconds between engine status lines while busy")
+    engine.add_argument("--max-logit-bias", type=int, default=d.max_logit_bias,
+                        help="logit_bias entries a request may give (each request slot holds this many on the GPU)")
+    engine.add_argument("--grammar-timeout", type=float, default=d.grammar_timeout_s,
+                        help="seconds a structured output's grammar may take to compile before its request is refused")
 
     replicas = p.add_argument_group(
         "replicas", "data-parallel copies of this server behind sglang-router (pip install 'minisgl-jax[router]')")
@@ -183,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         compile_cache_dir=a.compile_cache_dir or None, compile_workers=a.compile_workers,
         background_compile=not a.no_background_compile,
         status_interval_s=a.status_interval, decode_buckets=decode_buckets, nnodes=a.nnodes,
+        max_logit_bias=a.max_logit_bias, grammar_timeout_s=a.grammar_timeout,
         node_rank=a.node_rank, coordinator=a.coordinator,
     )
     try:

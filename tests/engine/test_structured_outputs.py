@@ -25,6 +25,9 @@ SCHEMAS = [
     {"anyOf": [{"type": "integer", "minimum": -5, "maximum": 5}, {"type": "null"}]},
 ]
 REGEX = r"(yes|no)-[0-9]{2}"
+# A loaded 2-core machine can take seconds for a first compilation: a limit no test should meet.
+ENGINE = dict(cache="radix", num_pages=192, page_size=16, max_running_requests=8, max_prefill_tokens=64,
+              grammar_timeout_s=300.0)
 EBNF = 'root ::= "<" item ("," item)? ">"\nitem ::= [a-c] [0-9]'
 
 
@@ -35,8 +38,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    return tiny_engine(checkpoint, cache="radix", num_pages=192, page_size=16, max_running_requests=8,
-                       max_prefill_tokens=64)
+    return tiny_engine(checkpoint, **ENGINE)
 
 
 def constrained_params() -> list[SamplingParams]:
@@ -93,8 +95,7 @@ def test_a_bad_grammar_is_refused_and_a_running_one_can_end_or_be_aborted(engine
 def test_tensor_parallel_gives_the_same_tokens(checkpoint, engine):
     params = constrained_params()[:3]
     prompts = [[5, 6, 7, 8 + i] for i in range(len(params))]
-    tp2 = tiny_engine(checkpoint, tp=2, cache="radix", num_pages=192, page_size=16, max_running_requests=8,
-                      max_prefill_tokens=64)
+    tp2 = tiny_engine(checkpoint, **{**ENGINE, "tp": 2})
     assert tp2.generate(prompts, params) == engine.generate(prompts, params)
 
 
@@ -103,8 +104,7 @@ def test_retraction_and_chunked_prefill_keep_the_tokens(checkpoint, engine):
     prompts prefilled in chunks: the tokens of the roomy engine."""
     params = constrained_params()
     prompts = [[5, 6, 7, 8 + i] * 6 for i in range(len(params))]
-    small = tiny_engine(checkpoint, cache="naive", num_pages=8, page_size=16, max_running_requests=8,
-                        max_prefill_tokens=16)
+    small = tiny_engine(checkpoint, **{**ENGINE, "cache": "naive", "num_pages": 8, "max_prefill_tokens": 16})
     assert small.generate(prompts, params) == engine.generate(prompts, params)
     assert small.stats()["num_retractions"] > 0 and small.stats()["split_steps"] > 0
     small.check_kv_invariant()
