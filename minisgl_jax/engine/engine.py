@@ -129,8 +129,7 @@ class Engine:
         self.limits = RequestLimits(
             cfg.vocab_size, self.max_model_len, self.allocator.num_usable, args.page_size, args.max_logit_bias,
         )
-        self.grammars = GrammarQueue(lambda: GrammarVocab(self.tokenizer, cfg.vocab_size), self.eos_token_ids,
-                                     args.grammar_timeout_s)
+        self.grammars = GrammarQueue(self.eos_token_ids, args.grammar_timeout_s)
         self.batch_constants = BatchConstants(
             args.page_size, self.pages_per_seq, self.runner.scratch_slot, cfg.vocab_size,
         )
@@ -146,6 +145,9 @@ class Engine:
             args.tokenizer or args.model, local_only=args.load_format == "dummy",
             vocab_size=self.model_config.vocab_size,
         )
+
+    def _grammar_vocab(self) -> GrammarVocab:
+        return GrammarVocab(self.tokenizer, self.model_config.vocab_size)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class Engine:
         spec = grammar_spec(params)
         if spec is not None:
             try:
-                self.grammars.compiler
+                self.grammars.prepare(self._grammar_vocab)
             except ValueError as err:
                 raise ValueError(f"{spec.field}: structured outputs are not available here: {err}") from None
 
@@ -181,6 +183,7 @@ class Engine:
         if spec is None:
             self.scheduler.add(req)
         else:  # it waits outside the scheduler until its grammar has compiled (_start_constrained)
+            self.grammars.prepare(self._grammar_vocab)  # a node that follows another made none yet
             self.grammars.submit(req)
 
     def _start_constrained(self) -> None:
@@ -466,7 +469,7 @@ class Engine:
         with warmup.collector_paused():
             seconds = warmup.compile_programs(self)
             try:  # the vocabulary in llguidance's form, once, before the first constrained request
-                self.grammars.compiler
+                self.grammars.prepare(self._grammar_vocab)
             except ValueError as err:
                 logger.warning("structured outputs are not available: %s", err)
         warmup.freeze_start_up_objects(self)

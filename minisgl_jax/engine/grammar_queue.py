@@ -11,24 +11,17 @@ from minisgl_jax.grammar import CompilerConfig, GrammarCompiler, GrammarVocab, g
 
 
 class GrammarQueue:
-    def __init__(self, make_vocab: Callable[[], GrammarVocab], eos_token_ids: set[int], timeout_s: float) -> None:
-        self._make_vocab = make_vocab
-        self._timeout_s = timeout_s
+    def __init__(self, eos_token_ids: set[int], timeout_s: float) -> None:
         self._eos_token_ids = eos_token_ids
-        self._compiler: GrammarCompiler | None = None
+        self._timeout_s = timeout_s
+        self.compiler: GrammarCompiler | None = None  # made by `prepare`
         self.waiting: list[Req] = []
 
-    @property
-    def compiler(self) -> GrammarCompiler:
-        """The tokenizer's vocabulary in llguidance's form and the grammar compiler: made at warm-up
-        (or by the first constrained request without one); ValueError if the tokenizer cannot be."""
-        if self._compiler is None:
-            self._compiler = GrammarCompiler(self._make_vocab(), CompilerConfig(timeout_s=self._timeout_s))
-        return self._compiler
-
-    @compiler.setter
-    def compiler(self, compiler: GrammarCompiler | None) -> None:
-        self._compiler = compiler
+    def prepare(self, make_vocab: Callable[[], GrammarVocab]) -> None:
+        """Make the compiler, with the tokenizer's vocabulary in llguidance's form, if not yet made:
+        at warm-up, or for the first constrained request; ValueError if the tokenizer cannot be."""
+        if self.compiler is None:
+            self.compiler = GrammarCompiler(make_vocab(), CompilerConfig(timeout_s=self._timeout_s))
 
     def submit(self, req: Req) -> None:
         req.grammar_compile = self.compiler.submit(grammar_spec(req.params))
