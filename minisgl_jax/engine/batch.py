@@ -5,6 +5,7 @@ the arrays the step gives back (StepOutput)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,9 @@ class ScheduledRow:
 @dataclass
 class ScheduledBatch:
     """A step's rows. A decode batch may run `num_steps` decode steps in one launch (a burst): each
-    row then holds pages for positions start .. start + row.steps - 1 and samples row.steps tokens."""
+    row then holds pages for positions start .. start + row.steps - 1 and samples row.steps tokens.
+    Its static choices are computed once (the rows may be reordered, never changed): each walks
+    every row, which at 256 rows costs tens of microseconds a walk."""
 
     rows: list[ScheduledRow]
     is_decode: bool
@@ -78,7 +81,7 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(r.num_tokens for r in self.rows)
 
-    @property
+    @functools.cached_property
     def sample_mode(self) -> str:
         filtered = any(
             r.req.params.top_k > 0 or r.req.params.top_p < 1.0 or r.req.params.min_p > 0.0
@@ -87,24 +90,24 @@ class ScheduledBatch:
         )
         return SAMPLE_FILTERED if filtered else SAMPLE_PLAIN
 
-    @property
+    @functools.cached_property
     def num_logprobs(self) -> int:
         return MAX_LOGPROBS if any(r.req.params.logprobs is not None for r in self.rows) else 0
 
-    @property
+    @functools.cached_property
     def constrained(self) -> bool:
         """Some row samples under a grammar: the host fills its mask from the tokens so far."""
         return any(r.samples and r.req.grammar is not None for r in self.rows)
 
-    @property
+    @functools.cached_property
     def logits_processing(self) -> bool:
-        return self.constrained or any(r.req.params.processes_logits for r in self.rows)
+        return self.constrained or any(r.req.processes_logits for r in self.rows)
 
-    @property
+    @functools.cached_property
     def prompt_logprobs(self) -> bool:
         return not self.is_decode and any(r.req.params.prompt_logprobs is not None for r in self.rows)
 
-    @property
+    @functools.cached_property
     def key(self) -> StepKey:
         return StepKey(self.is_decode, self.sample_mode, self.num_logprobs, self.num_steps, self.logits_processing,
                        self.prompt_logprobs)

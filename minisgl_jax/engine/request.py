@@ -56,6 +56,11 @@ class Req:
     grammar_announced: bool = False  # multi-host: node 0 has sent that its grammar compiled
     error: str | None = None  # why it ended with FinishReason.ERROR, when the step did not fail
     error_field: str | None = None  # the request field that error is about (its grammar)
+    # params.processes_logits, read once: every step's batch asks it of every row
+    processes_logits: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.processes_logits = self.params.processes_logits
 
     @property
     def all_ids(self) -> list[int]:
