@@ -1,6 +1,9 @@
 """An FP8 KV pool: the write quantizes within e4m3's precision and saturates, and every Triton-lowered
 kernel (interpret mode) reads FP8 pages as the jnp reference does, with the per-layer scales applied."""
 
+from types import SimpleNamespace
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from minisgl_jax.kernels import (
     write_kv_reference,
 )
 from minisgl_jax.kernels.reference import FP8_MAX, quantize_kv
-from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata, KVScales
+from minisgl_jax.layers.attention import AttentionBackend, AttentionMetadata, KVScales, check_fp8_kv
 
 FP8 = jnp.float8_e4m3fn
 SCALES = KVScales(k=0.05, v=2.0)  # K stored 20x larger, V 2x smaller: both far from 1.0
@@ -69,6 +72,16 @@ def test_write_kv_into_fp8_round_trips_within_e4m3_precision_and_saturates():
     f32 = jnp.zeros((kv_heads, num_pages, page_size, head_dim), jnp.float32)
     k32, _ = write_kv_reference(f32, f32, jnp.asarray(k), jnp.asarray(v), slots, SCALES.k, SCALES.v)
     np.testing.assert_array_equal(np.asarray(k32).reshape(2, -1, 16)[:, np.asarray(slots)].transpose(1, 0, 2), k)
+
+
+def test_donated_fp8_pools_alias_their_outputs_in_the_compiled_program():
+    # quantizing before the scatter must not cost a copy of the pool
+    pages = jax.ShapeDtypeStruct((2, 64, 16, 8), FP8)
+    rows = jax.ShapeDtypeStruct((5, 2, 8), jnp.bfloat16)
+    slots = jax.ShapeDtypeStruct((5,), jnp.int32)
+    write = jax.jit(write_kv_reference, donate_argnums=(0, 1), static_argnums=(5, 6))
+    hlo = write.lower(pages, pages, rows, rows, slots, SCALES.k, SCALES.v).compile().as_text()
+    assert hlo.count("may-alias") + hlo.count("must-alias") >= 2
 
 
 def test_fp8_attention_with_scales_is_close_to_the_unquantized_attention():
@@ -140,6 +153,17 @@ def test_pools_of_another_dtype_are_refused_by_name():
         ragged_paged_attention(q, k.astype(jnp.float16), v.astype(jnp.float16), lens, table, cu, sm_scale=1.0)
     with pytest.raises(ValueError, match="kv_dtype"):
         AttentionBackend("pallas", "pallas", 1.0, dtype=jnp.float32, head_dim=64, page_size=16, kv_dtype=jnp.float16)
+
+
+def test_gpus_without_fp8_conversion_are_refused_with_the_reason():
+    def gpu(capability: str):
+        return SimpleNamespace(platform="gpu", compute_capability=capability, device_kind=f"GPU sm {capability}")
+
+    with pytest.raises(ValueError, match=r"kv_cache_dtype 'fp8_e4m3' needs a GPU with FP8 support.*sm 8\.0"):
+        check_fp8_kv(gpu("8.0"))
+    for capability in ("8.9", "9.0", "10.0"):
+        check_fp8_kv(gpu(capability))
+    check_fp8_kv(jax.devices()[0])  # the CPU converts in software
 
 
 def test_mosaic_prefill_refuses_fp8_pages_with_the_reason():
