@@ -77,11 +77,13 @@ class Engine:
         self._last_status = time.perf_counter()
         self._status_tokens = 0
         self.load_seconds = time.perf_counter() - started
+        kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_pool)
+        fp8_note = ": twice the tokens a bf16 pool holds in this memory" if self.runner.kv_dtype.itemsize == 1 else ""
         logger.info(
-            "loaded %s in %.1fs: weights %.2f GiB, %d KV pages of %d tokens (%d tokens of %s KV), "
+            "loaded %s in %.1fs: weights %.2f GiB, KV cache %.2f GiB of %s (%d pages of %d tokens, %d tokens%s), "
             "max %d running requests",
-            args.model, self.load_seconds, self.weights_bytes / 2**30, num_pages, args.page_size,
-            (num_pages - 1) * args.page_size, jnp.dtype(self.runner.kv_dtype).name, args.max_running_requests,
+            args.model, self.load_seconds, self.weights_bytes / 2**30, kv_bytes / 2**30, self.runner.kv_dtype.name,
+            num_pages, args.page_size, (num_pages - 1) * args.page_size, fp8_note, args.max_running_requests,
         )
         self.warmup_seconds = self.warmup() if args.warmup else 0.0
         self.background_compiler = None
