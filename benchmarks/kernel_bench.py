@@ -1,11 +1,13 @@
 """GPU benchmark of the paged-attention kernels against the measured floors and the baselines.
 
-    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py [--out DIR]
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py [--out DIR] [--kv-dtype fp8]
 
 One run: copy-bandwidth ceiling; correctness of every kernel path against the reference on fresh
 random inputs; decode (ours, tuned variants, vs jax's bundled Pallas paged_attention) in GB/s of
 KV read; prefill vs cuDNN in TFLOP/s; a mixed batch vs its two halves; the KV scatter write.
-Prints the table last and writes every number to DIR/kernels.json.
+Prints the table last and writes every number to DIR/kernels.json. `--kv-dtype fp8` makes every
+pool float8_e4m3fn (an FP8 KV cache: the kernels convert each loaded page to bf16), so decode's
+GB/s count one byte an element; the Mosaic kernel and jax's bundled one take no FP8 pages.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from minisgl_jax.kernels import (
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
 SCALE = 1.0 / math.sqrt(HEAD_DIM)
+KV_DTYPES = {"bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn}
+kv_dtype = jnp.dtype(jnp.bfloat16)  # the pools' (--kv-dtype)
 
 
 def timed(fn, *args, reps: int = 30, inner: int = 10) -> float:
@@ -53,7 +57,7 @@ def timed(fn, *args, reps: int = 30, inner: int = 10) -> float:
 
 def make_batch(seed: int, q_lens, kv_lens, page_size: int, dtype=jnp.bfloat16, pages_per_seq: int | None = None,
                q_heads: int = Q_HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM):
-    """Random q and pool, a shuffled page table sized to the lengths; returns the kernel's six inputs."""
+    """Random q and pool (of `kv_dtype`), a shuffled page table sized to the lengths; the kernel's six inputs."""
     rng = np.random.default_rng(seed)
     need = [-(-int(k) // page_size) for k in kv_lens]
     num_pages = sum(need) + 1
@@ -67,8 +71,8 @@ def make_batch(seed: int, q_lens, kv_lens, page_size: int, dtype=jnp.bfloat16, p
     key = jax.random.key(seed)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (int(sum(q_lens)), q_heads, head_dim), dtype)
-    k = jax.random.normal(kk, (kv_heads, num_pages, page_size, head_dim), dtype)
-    v = jax.random.normal(kv, (kv_heads, num_pages, page_size, head_dim), dtype)
+    k = jax.random.normal(kk, (kv_heads, num_pages, page_size, head_dim), dtype).astype(kv_dtype)
+    v = jax.random.normal(kv, (kv_heads, num_pages, page_size, head_dim), dtype).astype(kv_dtype)
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     return q, k, v, jnp.asarray(np.asarray(kv_lens, np.int32)), jnp.asarray(table), jnp.asarray(cu)
 
@@ -103,7 +107,8 @@ def check_correctness(results: dict) -> None:
             traceback.print_exc()
             results["correctness"][name] = "error"
         print(f"correctness {name}: {results['correctness'][name]}")
-        if c["mq"] is None and hopper_prefill_unsupported(jnp.bfloat16, HEAD_DIM, c["page_size"]) is None:
+        if c["mq"] is None and hopper_prefill_unsupported(jnp.bfloat16, HEAD_DIM, c["page_size"],
+                                                          kv_dtype=kv_dtype) is None:
             try:
                 out = hopper_prefill_attention(*args, sm_scale=SCALE)
                 results["correctness"][name + " (mosaic)"] = rel_err(out, ref)
@@ -118,7 +123,7 @@ def bench_decode(results: dict, copy_bw: float) -> None:
 
     for batch, ctx in [(256, 1024), (64, 4096), (8, 16384), (256, 128)]:
         args = make_batch(batch, [1] * batch, [ctx] * batch, 16)
-        kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+        kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
         row = {"batch": batch, "ctx": ctx, "kv_bytes": kv_bytes, "ours": {}, "jax_bundled": {}}
         variants = [dict(), dict(block_k=128, num_stages=3), dict(block_k=32, num_stages=4)]
         variants += [dict(num_splits=s) for s in (4, 16) if batch * KV_HEADS * s <= 1024]
@@ -131,7 +136,7 @@ def bench_decode(results: dict, copy_bw: float) -> None:
                 traceback.print_exc()
         q, k, v, lens, table, _ = args
         for splits in (1, 16):
-            if table.shape[1] % splits:
+            if table.shape[1] % splits or kv_dtype != jnp.bfloat16:
                 continue
             fn = jax.jit(functools.partial(paged_attention, k_splits=splits))
             try:
@@ -256,8 +261,8 @@ def bench_cascade(results: dict) -> None:
         except Exception:
             traceback.print_exc()
     row["best_s"] = min(row["variants"].values())
-    row["kv_bytes_plain"] = 2 * KV_HEADS * HEAD_DIM * 2 * int(np.sum(prefix + suffixes))
-    row["kv_bytes_cascade"] = 2 * KV_HEADS * HEAD_DIM * 2 * int(prefix + np.sum(suffixes))
+    row["kv_bytes_plain"] = 2 * KV_HEADS * HEAD_DIM * kv_dtype.itemsize * int(np.sum(prefix + suffixes))
+    row["kv_bytes_cascade"] = 2 * KV_HEADS * HEAD_DIM * kv_dtype.itemsize * int(prefix + np.sum(suffixes))
     results["cascade"] = row
     print("cascade: " + json.dumps({k: round(v * 1e6, 1) for k, v in row["variants"].items()}) + f" plain {row['plain_s'] * 1e6:.1f} us")
 
@@ -322,7 +327,7 @@ def bench_kv_write(results: dict, tokens: int = 256, num_pages: int = 65536, pag
 
 def print_table(r: dict) -> None:
     copy = r["copy_bw"]
-    print(f"\n== paged attention kernels, {r['device']}, jax {r['jax']}, {r['date']} ==")
+    print(f"\n== paged attention kernels, {r['device']}, jax {r['jax']}, {r['date']}, {r['kv_dtype']} pages ==")
     print(f"copy ceiling: {copy / 1e9:.0f} GB/s (read + written)")
     print("correctness (rel err vs reference, bf16): " + ", ".join(f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in r["correctness"].items()))
     print(f"{'decode':24s} {'ours us':>8s} {'GB/s':>7s} {'%copy':>6s} {'bundled us':>10s} {'x bundled':>9s} (best k_splits)")
@@ -373,11 +378,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for kernels.json")
     parser.add_argument("--only", default="correctness,decode,prefill,mixed,kv_write,cascade", help="comma-separated parts")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
+                        help="the pools' dtype: fp8 times the kernels over FP8 pages (correctness,decode,cascade)")
     args = parser.parse_args()
+    global kv_dtype
+    kv_dtype = jnp.dtype(KV_DTYPES[args.kv_dtype])
     parts = args.only.split(",")
     os.makedirs(args.out, exist_ok=True)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "date": time.strftime("%Y-%m-%d"), "correctness": {}, "decode": []}
+               "date": time.strftime("%Y-%m-%d"), "kv_dtype": kv_dtype.name, "correctness": {}, "decode": []}
     results["copy_bw"] = measure_copy_bandwidth()
     print(f"copy ceiling {results['copy_bw'] / 1e9:.0f} GB/s")
     steps = {"correctness": check_correctness, "decode": lambda r: bench_decode(r, r["copy_bw"]),

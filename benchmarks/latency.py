@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--model", default="Qwen/Qwen3-0.6B")
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--attention-backend", default="pallas")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=64)
@@ -148,6 +149,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(
         args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
         decode_steps=args.decode_steps, tp=args.tp, num_pages=args.num_pages, all_reduce=args.all_reduce,
         max_prefill_tokens=args.max_prefill_tokens, background_compile=False,  # plain sampling only

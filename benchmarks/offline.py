@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--attention-backend", default="pallas")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches (1: off)")
     parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have")
@@ -71,6 +72,7 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         overlap=not args.no_overlap, decode_steps=args.decode_steps, burst_max_rows=args.burst_max_rows,
         background_compile=args.background_compile, num_pages=args.num_pages,
         compile_cache_dir=args.compile_cache_dir, mem_fraction=args.mem_fraction, cache=args.cache,
@@ -89,9 +91,9 @@ def main() -> None:
     out_tokens = sum(len(r.token_ids) for r in results)
     assert out_tokens == sum(output_lens), (out_tokens, sum(output_lens))
     engine.check_kv_invariant()
-    roof_bytes = decode_roofline_bytes(
-        [len(p) for p in prompts], output_lens, engine.model_config.kv_bytes_per_token, engine.weights_bytes
-    )
+    # kv_bytes_per_token counts 2 bytes an element: an FP8 pool reads half of that per token.
+    kv_bytes_per_token = engine.model_config.kv_bytes_per_token * engine.runner.kv_dtype.itemsize // 2
+    roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens, kv_bytes_per_token, engine.weights_bytes)
     roof_seconds = roof_bytes / copy_bw if copy_bw else float("nan")
     report = dict(
         model=args.model, device=str(engine.mesh.devices.flat[0].device_kind), requests=args.num_requests,
@@ -103,6 +105,7 @@ def main() -> None:
         retractions=engine.stats()["num_retractions"], overlap=not args.no_overlap,
         attention_backend=args.attention_backend, page_size=args.page_size,
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,
+        kv_cache_dtype=args.kv_cache_dtype, kv_tokens=engine.allocator.num_usable * args.page_size,
         host_s=engine.timing["step_s"] - engine.timing["wait_s"], wait_for_device_s=engine.timing["wait_s"],
     )
     if args.penalized:

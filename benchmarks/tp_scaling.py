@@ -57,7 +57,8 @@ def run(args: argparse.Namespace, spec: str) -> dict:
         tp, _, all_reduce = spec.partition(":")
         tp = int(tp)
         engine = Engine(EngineArgs(
-            model=model, load_format="dummy", tp=tp, dtype=args.dtype, cache="naive", max_model_len=args.max_model_len,
+            model=model, load_format="dummy", tp=tp, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+            cache="naive", max_model_len=args.max_model_len,
             compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
             decode_steps=args.decode_steps, all_reduce=all_reduce or "auto", burst_max_rows=args.burst_max_rows,
             background_compile=args.background_compile,
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--prompt-len", type=int, default=0, help="cut prompts to this length: a decode-heavy run")
     parser.add_argument("--dtype", default="bfloat16", help="float32 separates kernel bugs from bf16 near-ties")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--decode-steps", type=int, default=4, help="1: no decode bursts")
     parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have")
     parser.add_argument("--background-compile", action="store_true", help=BACKGROUND_COMPILE_HELP)
@@ -104,7 +106,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     enable_compile_cache(args.compile_cache_dir)
     results = [run(args, spec) for spec in args.tps.split(",")]
-    print(f"\ndtype {args.dtype}, decode_steps {args.decode_steps}, burst_max_rows {args.burst_max_rows}, "
+    print(f"\ndtype {args.dtype}, KV {args.kv_cache_dtype}, decode_steps {args.decode_steps}, burst_max_rows {args.burst_max_rows}, "
           f"background compile {args.background_compile}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     base = results[0]
     print(f"\n{args.model}, {args.num_requests} requests\n| tp | all-reduce | seconds | output tok/s | speed-up | "

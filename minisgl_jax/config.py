@@ -8,6 +8,7 @@ ALL_REDUCE_MODES = ("auto", "xla", "psum", "peer")  # layers/collectives.py says
 ATTENTION_BACKENDS = ("reference", "pallas", "mosaic")
 CACHE_KINDS = ("radix", "naive")
 DTYPES = ("bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # auto: the model's dtype
 LOAD_FORMATS = ("auto", "dummy")
 
 
@@ -18,11 +19,14 @@ class EngineArgs:
     attention_backend is one name for both phases or "PREFILL,DECODE" (e.g. "reference,pallas");
     "mosaic" (prefill only, Hopper GPUs, bf16/fp16) leaves decode steps on the Pallas kernels.
     num_pages None sizes the KV pool from mem_fraction of the device memory left after weights.
+    kv_cache_dtype "fp8_e4m3" stores K/V as float8_e4m3fn, divided by the checkpoint's per-layer
+    k/v scales (1.0 where it has none): twice the tokens of a bf16 pool in the same memory.
     """
 
     model: str
     tokenizer: str | None = None
     dtype: str = "bfloat16"
+    kv_cache_dtype: str = "auto"
     load_format: str = "auto"
     page_size: int = 16
     num_pages: int | None = None
@@ -62,6 +66,8 @@ class EngineArgs:
         """Raise ValueError naming the first invalid field and the allowed values."""
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.cache not in CACHE_KINDS:

@@ -30,6 +30,7 @@ from .paged_blocks import (
     compiler_params,
     fit_tile,
     init_carry,
+    load_kv,
     load_rows,
     resolve_interpret,
     store_rows,
@@ -95,7 +96,7 @@ def _prefix_kernel(
         def body(i, carry):
             *state, slots = carry
             next_slots = slots_at(i + 1)
-            k, v = load_rows(k_ref, slots, head), load_rows(v_ref, slots, head)
+            k, v = load_kv(k_ref, slots, head, q.dtype), load_kv(v_ref, slots, head, q.dtype)
             mask = jnp.broadcast_to((start + i * block_k + offsets < end)[None, :], (block_m, block_k))
             return (*attend_block(q, k, v, tuple(state), sm_scale * LOG2E, mask), next_slots)
 

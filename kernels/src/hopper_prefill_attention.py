@@ -41,10 +41,19 @@ PROGRAMS_PER_SM = 8
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def hopper_prefill_unsupported(dtype, head_dim: int, page_size: int, block_kv: int = 128) -> str | None:
-    """Why these inputs cannot run on this kernel, or None when they can."""
+def hopper_prefill_unsupported(
+    dtype, head_dim: int, page_size: int, block_kv: int = 128, kv_dtype=None
+) -> str | None:
+    """Why these inputs cannot run on this kernel, or None when they can. kv_dtype: the pool's
+    (None: dtype).
+
+    FP8 pages are refused: wgmma takes K and V straight from the shared-memory slots TMA fills, so
+    reading FP8 pages needs a conversion pass per slot into a second, swizzled bf16 buffer with its
+    own barriers in the warp-specialised pipeline, which no CPU interpreter can check."""
     if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
         return f"dtype must be bfloat16 or float16, got {jnp.dtype(dtype).name}"
+    if kv_dtype is not None and jnp.dtype(kv_dtype) != jnp.dtype(dtype):
+        return f"it reads KV pages of the model's dtype only, not {jnp.dtype(kv_dtype).name} (an FP8 KV cache)"
     if head_dim not in (64, 128):
         return f"head_dim must be 64 or 128, got {head_dim}"
     chunk = min(page_size, block_kv)
@@ -305,7 +314,7 @@ def hopper_prefill_attention(
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
-    if reason := hopper_prefill_unsupported(q.dtype, head_dim, page_size, block_kv):
+    if reason := hopper_prefill_unsupported(q.dtype, head_dim, page_size, block_kv, k_pages.dtype):
         raise ValueError(f"hopper_prefill_attention: {reason}")
     if block_kv % 64 or num_stages < 2:
         raise ValueError(f"block_kv must be a multiple of 64 and num_stages >= 2, got {block_kv}, {num_stages}")

@@ -58,6 +58,12 @@ def load_rows(ref, rows: jax.Array, head: jax.Array | None = None) -> jax.Array:
     return ref[head, rows[:, None], cols]
 
 
+def load_kv(ref, rows: jax.Array, head: jax.Array, dtype) -> jax.Array:
+    """K or V rows of one kv head as `dtype` (q's): an FP8 page converts in registers after its load,
+    so the kernel reads one byte per element from memory and computes in q's dtype."""
+    return load_rows(ref, rows, head).astype(dtype)
+
+
 def store_rows(ref, rows: jax.Array, ok: jax.Array, value: jax.Array, split: jax.Array | None = None) -> None:
     """Scatter value [n, d] (or [n] for a 1-d ref) into rows where ok ([n] bool) holds."""
     num_rows = ref.shape[-2] if value.ndim == 2 else ref.shape[-1]
@@ -157,6 +163,10 @@ def check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens) -> None:
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(
             f"k_pages and v_pages must both be [kv_heads, pages, page_size, head_dim], got {k_pages.shape}, {v_pages.shape}"
+        )
+    if k_pages.dtype != v_pages.dtype or k_pages.dtype not in (q.dtype, jnp.dtype(jnp.float8_e4m3fn)):
+        raise ValueError(
+            f"k_pages and v_pages must both be q's dtype ({q.dtype}) or float8_e4m3fn, got {k_pages.dtype}, {v_pages.dtype}"
         )
     if q.shape[1] % k_pages.shape[0]:
         raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k_pages.shape[0]})")

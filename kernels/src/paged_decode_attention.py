@@ -24,6 +24,7 @@ from .paged_blocks import (
     compiler_params,
     fit_tile,
     init_carry,
+    load_kv,
     load_rows,
     normalise,
     resolve_interpret,
@@ -106,8 +107,8 @@ def _decode_kernel(
         *state, slots = carry
         next_slots = slots_at(i + 1)  # the next block's page ids load while this block computes
         tokens = start + i * block_k + offsets
-        k = load_rows(k_ref, slots, head)
-        v = load_rows(v_ref, slots, head)
+        k = load_kv(k_ref, slots, head, q.dtype)
+        v = load_kv(v_ref, slots, head, q.dtype)
         mask = jnp.broadcast_to((tokens < end)[None, :], (group_rows, block_k))
         return (*attend_block(q, k, v, tuple(state), sm_scale * LOG2E, mask), next_slots)
 

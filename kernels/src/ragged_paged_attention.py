@@ -28,6 +28,7 @@ from .paged_blocks import (
     compiler_params,
     fit_tile,
     init_carry,
+    load_kv,
     load_rows,
     normalise,
     resolve_interpret,
@@ -98,7 +99,7 @@ def _block_kernel(
         def step(i, carry, causal: bool):
             *state, slots = carry
             next_slots = slots_at(i + 1)  # the next block's page ids load while this block computes
-            k, v = load_rows(k_ref, slots, head), load_rows(v_ref, slots, head)
+            k, v = load_kv(k_ref, slots, head, q.dtype), load_kv(v_ref, slots, head, q.dtype)
             mask = (i * block_k + offsets)[None, :] <= positions[:, None] if causal else None
             return (*attend_block(q, k, v, tuple(state), sm_scale * LOG2E, mask), next_slots)
 

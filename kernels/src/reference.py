@@ -8,6 +8,11 @@ Layouts (the contract every backend follows):
   cu_q_lens:  [seqs + 1] int32  sequence i owns query rows cu_q_lens[i]:cu_q_lens[i+1]
   slot_mapping: [tokens] int32  page * page_size + offset where token t's K/V is written
 
+The pool may be float8_e4m3fn (an FP8 KV cache): the write stores k / k_scale clipped to the
+e4m3 range (+-448; a cast past it gives NaN, as e4m3fn has no inf), and every reader converts a
+loaded page to q's dtype. The scales never reach the kernels: the attention layer folds k_scale
+into q and multiplies the output by v_scale (layers/attention.py).
+
 Query row j of sequence i sits at position kv_lens[i] - q_len[i] + j and attends to keys at
 positions <= its own (causal inside the new tokens, full over the cached prefix).
 Padding sequences have q_len 0 and kv_len 0; rows at or past cu_q_lens[-1] are padding and their
@@ -21,6 +26,8 @@ import jax.numpy as jnp
 
 from minisgl_jax.utils import cdiv
 
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
 ROW_BLOCK = 128  # query rows per block: bounds the gathered keys to [kv_heads, ROW_BLOCK, max_kv, head_dim]
 
 
@@ -67,8 +74,8 @@ def _attend_rows(q, rows, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_s
     q_pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])
 
     # keys of each row's sequence: [kv_heads, rows, max_kv, head_dim]
-    k_tok = k_pages[:, page_table[seq]].reshape(num_kv_heads, num_rows, max_kv, head_dim)
-    v_tok = v_pages[:, page_table[seq]].reshape(num_kv_heads, num_rows, max_kv, head_dim)
+    k_tok = k_pages[:, page_table[seq]].reshape(num_kv_heads, num_rows, max_kv, head_dim).astype(q.dtype)
+    v_tok = v_pages[:, page_table[seq]].reshape(num_kv_heads, num_rows, max_kv, head_dim).astype(q.dtype)
 
     qg = q.reshape(num_rows, num_kv_heads, group, head_dim)
     scores = jnp.einsum("thgd,htkd->thgk", qg, k_tok, preferred_element_type=jnp.float32) * sm_scale
@@ -84,17 +91,30 @@ def _attend_rows(q, rows, k_pages, v_pages, kv_lens, page_table, cu_q_lens, sm_s
     return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
 
 
+def quantize_kv(x: jax.Array, scale: float, dtype) -> jax.Array:
+    """x as the pool stores it: cast to a float pool's dtype, or x / scale saturated to +-448 in FP8."""
+    if jnp.dtype(dtype) != FP8_DTYPE:
+        return x.astype(dtype)
+    return jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(dtype)
+
+
 def write_kv_reference(
     k_pages: jax.Array,
     v_pages: jax.Array,
     k: jax.Array,
     v: jax.Array,
     slot_mapping: jax.Array,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter new K/V rows [tokens, kv_heads, head_dim] into their slots; in place when donated."""
+    """Scatter new K/V rows [tokens, kv_heads, head_dim] into their slots; in place when donated.
+
+    k_scale, v_scale: the FP8 pool's per-layer scales (ignored by a float pool)."""
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
     flat = (num_kv_heads, num_pages * page_size, head_dim)
-    k_pages = k_pages.reshape(flat).at[:, slot_mapping].set(k.transpose(1, 0, 2).astype(k_pages.dtype))
-    v_pages = v_pages.reshape(flat).at[:, slot_mapping].set(v.transpose(1, 0, 2).astype(v_pages.dtype))
+    k_rows = quantize_kv(k.transpose(1, 0, 2), k_scale, k_pages.dtype)
+    v_rows = quantize_kv(v.transpose(1, 0, 2), v_scale, v_pages.dtype)
+    k_pages = k_pages.reshape(flat).at[:, slot_mapping].set(k_rows)
+    v_pages = v_pages.reshape(flat).at[:, slot_mapping].set(v_rows)
     shape = (num_kv_heads, num_pages, page_size, head_dim)
     return k_pages.reshape(shape), v_pages.reshape(shape)

@@ -77,10 +77,13 @@ class Engine:
         self._last_status = time.perf_counter()
         self._status_tokens = 0
         self.load_seconds = time.perf_counter() - started
+        kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_pool)
+        fp8_note = ": twice the tokens a bf16 pool holds in this memory" if self.runner.kv_dtype.itemsize == 1 else ""
         logger.info(
-            "loaded %s in %.1fs: weights %.2f GiB, %d KV pages of %d tokens, max %d running requests",
-            args.model, self.load_seconds, self.weights_bytes / 2**30, num_pages, args.page_size,
-            args.max_running_requests,
+            "loaded %s in %.1fs: weights %.2f GiB, KV cache %.2f GiB of %s (%d pages of %d tokens, %d tokens%s), "
+            "max %d running requests",
+            args.model, self.load_seconds, self.weights_bytes / 2**30, kv_bytes / 2**30, self.runner.kv_dtype.name,
+            num_pages, args.page_size, (num_pages - 1) * args.page_size, fp8_note, args.max_running_requests,
         )
         self.warmup_seconds = self.warmup() if args.warmup else 0.0
         self.background_compiler = None
@@ -106,12 +109,14 @@ class Engine:
         self.pages_per_seq = pages_for(self.max_model_len, args.page_size)
         self.logit_bias_width = max(1, args.max_logit_bias)
         processing_bytes = ProcessingState.nbytes(args.max_running_requests + 1, cfg.vocab_size, self.logit_bias_width)
-        num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(dtype).itemsize,
+        # An FP8 pool: one byte per element, so the same memory holds twice a bf16 pool's tokens.
+        kv_dtype = jnp.float8_e4m3fn if args.kv_cache_dtype == "fp8_e4m3" else dtype
+        num_pages = setup.plan_kv_pages(args, cfg, self.mesh, self.pages_per_seq, jnp.dtype(kv_dtype).itemsize,
                                         reserved_bytes=processing_bytes)
         prefill_backend, decode_backend = args.attention_backends
         backend = AttentionBackend(
             prefill_backend, decode_backend, sm_scale=cfg.head_dim**-0.5, mesh=self.mesh,
-            dtype=dtype, head_dim=cfg.head_dim, page_size=args.page_size,
+            dtype=dtype, head_dim=cfg.head_dim, page_size=args.page_size, kv_dtype=kv_dtype,
         )
         # Shared prefixes exist only with the radix cache; the cascade kernel is a Pallas kernel.
         cascade = args.cascade_attention and args.cache == "radix" and decode_backend == "pallas"
@@ -119,7 +124,7 @@ class Engine:
         collectives = CollectiveBackend(args.all_reduce, self.mesh, dtype, max(self.buckets.decode), cfg.hidden_size)
         self.runner = ModelRunner(model, RunnerConfig(
             self.mesh, backend, collectives, num_pages, args.page_size, args.max_running_requests,
-            self.pages_per_seq, dtype, self.logit_bias_width,
+            self.pages_per_seq, kv_dtype, self.logit_bias_width,
         ))
         self.allocator = PageAllocator(num_pages)
         self.cache = make_prefix_cache(args.cache, self.allocator, args.page_size)

@@ -57,7 +57,7 @@ class RunnerConfig:
     page_size: int
     max_slots: int  # request slots; one more, the last, is the padding rows' scratch slot
     pages_per_seq: int
-    kv_dtype: jnp.dtype
+    kv_dtype: jnp.dtype  # the model's, or float8_e4m3fn (EngineArgs.kv_cache_dtype "fp8_e4m3")
     logit_bias_width: int  # logit_bias entries a slot holds at most
 
 
@@ -80,6 +80,7 @@ class ModelRunner:
         self.num_pages = num_pages
         self.pages_per_seq = pages_per_seq
         self.scratch_slot = max_slots  # padding rows' slot
+        self.kv_dtype = jnp.dtype(kv_dtype)
         pool_shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         pool_sharding = NamedSharding(mesh, P("tp", None, None, None))
         zeros = jax.jit(lambda: jnp.zeros(pool_shape, kv_dtype), out_shardings=pool_sharding)

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from minisgl_jax.models.config import ModelConfig
+from minisgl_jax.models.kv_scales import read_kv_scales
 from minisgl_jax.models.transformer import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def load_model(
 ) -> CausalLM:
     """Build the model with every parameter placed by its PartitionSpec over `mesh`.
 
-    model_dir None (with dummy_seed set) gives random weights from the config alone.
+    model_dir None (with dummy_seed set) gives random weights from the config alone (KV scales 1.0).
     """
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype))
     graphdef, state = nnx.split(abstract)
@@ -177,5 +178,8 @@ def load_model(
                 raise ValueError(f"parameter {'.'.join(map(str, path))}: checkpoint shape {host.shape}, expected {shape}")
             value = jax.device_put(host.astype(dtype), sharding)
         variable.set_value(value)
-    state = nnx.from_flat_state(flat)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if checkpoint is not None:  # static floats of each layer: an FP8 KV pool's scales (models/kv_scales.py)
+        for layer, scales in zip(model.layers, read_kv_scales(checkpoint, cfg.num_layers)):
+            layer.attn.kv_scales = scales
+    return model

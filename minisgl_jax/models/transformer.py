@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.layers.attention import KVScales
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.layers.context import ForwardContext
 from minisgl_jax.models.config import ModelConfig
@@ -57,6 +58,7 @@ class Attention(nnx.Module):
         self.o_bias = _param((h,), dtype, P(None)) if cfg.o_bias else None
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.kv_scales = KVScales()  # the checkpoint's, set by the loader (models/kv_scales.py)
 
     def __call__(
         self, x: jax.Array, kv: tuple[jax.Array, jax.Array], inv_freq: jax.Array, ctx: ForwardContext
@@ -72,8 +74,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, ctx.positions, inv_freq)
         k = apply_rope(k, ctx.positions, inv_freq)
-        k_pages, v_pages = ctx.backend.write_kv(kv[0], kv[1], k, v, ctx.attention)
-        out = ctx.backend.attend(q, k_pages, v_pages, ctx.attention, is_decode=ctx.is_decode)
+        k_pages, v_pages = ctx.backend.write_kv(kv[0], kv[1], k, v, ctx.attention, self.kv_scales)
+        out = ctx.backend.attend(q, k_pages, v_pages, ctx.attention, is_decode=ctx.is_decode, scales=self.kv_scales)
         out = ctx.collectives.matmul("tnd,ndh->th", out, self.o_proj[...], P(None, "tp", None), P("tp", None, None))
         if self.o_bias is not None:
             out = out + self.o_bias[...]

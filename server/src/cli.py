@@ -12,6 +12,7 @@ from minisgl_jax.config import (
     ATTENTION_BACKENDS,
     CACHE_KINDS,
     DTYPES,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     EngineArgs,
 )
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format,
                        help="auto reads the weights; dummy makes random ones (benchmarks)")
     model.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights, activations and KV cache")
+    model.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
+                       help="auto: --dtype; fp8_e4m3: twice the tokens in the same memory, K/V divided by the "
+                            "checkpoint's per-layer k_scale/v_scale (1.0 where it has none); needs sm_89+")
     model.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     model.add_argument("--chat-template", default=None,
                        help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
@@ -177,7 +181,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
     except ValueError:
         parser.error(f"--decode-buckets must be comma-separated integers, got {a.decode_buckets!r}")
     engine = EngineArgs(
-        model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, load_format=a.load_format, page_size=a.page_size,
+        model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype,
+        load_format=a.load_format, page_size=a.page_size,
         num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
         max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
         attention_backend=a.attention_backend, tp=a.tp, all_reduce=a.all_reduce, overlap=not a.no_overlap,
