@@ -1,0 +1,148 @@
+"""FP8 weights: tiny checkpoints quantized here into both formats run as their dequantized weights do."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.torch import load_file, save_file
+
+from minisgl_jax.config import EngineArgs
+from minisgl_jax.core import SamplingParams
+from minisgl_jax.engine import Engine
+from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
+from minisgl_jax.models.quantization import FP8_DTYPE, FP8_MAX, QuantConfig, dequantize, fp8_einsum, linear
+from tiny_models import full_logits, save_tiny_checkpoint
+
+PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71))]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+ARGS = dict(dtype="float32", attention_backend="reference", cache="naive", num_pages=32, max_running_requests=2,
+            max_prefill_tokens=64, compile_cache_dir=None, warmup=False)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK = (48, 32)  # [out, in]: 48 leaves a partial last block on 64 outputs, 32 splits o_proj's heads
+
+
+def _config(fmt: str) -> dict:
+    """quantization_config of `fmt`: fp8-block (Qwen3-*-FP8's), ct-channel (FP8_DYNAMIC), ct-tensor (FP8)."""
+    if fmt == "fp8-block":
+        return dict(quant_method="fp8", activation_scheme="dynamic", fmt="e4m3", weight_block_size=list(BLOCK))
+    strategy = fmt.removeprefix("ct-")
+    acts = (dict(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True) if strategy == "channel"
+            else dict(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True))
+    group = dict(targets=["Linear"], weights=dict(num_bits=8, type="float", strategy=strategy, dynamic=False,
+                                                  symmetric=True), input_activations=acts, output_activations=None)
+    return dict(quant_method="compressed-tensors", format="float-quantized", quantization_status="compressed",
+                config_groups={"group_0": group}, ignore=["lm_head"])
+
+
+def _quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (fp8 weight, its checkpoint scale, the dequantized float32 weight)."""
+    out, inp = w.shape
+    if fmt == "fp8-block":
+        bo, bi = BLOCK
+        rows, cols = -(-out // bo), -(-inp // bi)
+        padded = torch.zeros(rows * bo, cols * bi)
+        padded[:out, :inp] = w
+        amax = padded.abs().reshape(rows, bo, cols, bi).amax(dim=(1, 3))
+        scale = amax / FP8_MAX
+        full = scale.repeat_interleave(bo, 0)[:out].repeat_interleave(bi, 1)[:, :inp]
+    elif fmt == "ct-channel":
+        scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        full = scale
+    else:
+        scale = w.abs().amax() / FP8_MAX
+        full = scale
+    q = (w / full).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * full
+
+
+def quantized_pair(tmp_path, arch: str, fmt: str, seed: int = 3, **overrides) -> tuple[str, str]:
+    """(an FP8 checkpoint of a tiny `arch` model in `fmt`, a float32 checkpoint of its dequantized weights)."""
+    src = save_tiny_checkpoint(str(tmp_path / "src"), arch, seed=seed, tie_word_embeddings=False, **overrides)
+    fp8_dir, deq_dir = str(tmp_path / f"{arch}-{fmt}"), str(tmp_path / f"{arch}-{fmt}-deq")
+    fp8_tensors, deq_tensors = {}, {}
+    for name, t in load_file(os.path.join(src, "model.safetensors")).items():
+        module = name.removesuffix(".weight")
+        if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in LINEARS:
+            fp8_tensors[name] = deq_tensors[name] = t
+            continue
+        q, scale, deq = _quantize(t.float(), fmt)
+        fp8_tensors[name], deq_tensors[name] = q, deq
+        fp8_tensors[f"{module}.{'weight_scale_inv' if fmt == 'fp8-block' else 'weight_scale'}"] = scale
+        if fmt == "ct-tensor":  # static activation scales, used by the FP8 GEMM path only
+            fp8_tensors[f"{module}.input_scale"] = torch.tensor(0.02)
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    for folder, tensors, quant in ((fp8_dir, fp8_tensors, _config(fmt)), (deq_dir, deq_tensors, None)):
+        os.makedirs(folder)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**config, **({"quantization_config": quant} if quant else {})}, f)
+    shutil.rmtree(src)
+    return fp8_dir, deq_dir
+
+
+def _run(path: str, **args) -> tuple[Engine, list[list[int]], list[np.ndarray]]:
+    engine = Engine(EngineArgs(model=path, **{**ARGS, **args}))
+    tokens = engine.generate(PROMPTS, GREEDY)
+    return engine, tokens, [full_logits(engine, p) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("arch,fmt,tp", [("llama", "fp8-block", 1), ("qwen3", "ct-channel", 1),
+                                         ("llama", "ct-tensor", 1), ("qwen3", "fp8-block", 2)])
+def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, arch, fmt, tp):
+    """Greedy tokens equal and float32 prompt logits within 1e-5 (relative): on a CPU the weights are
+    dequantized exactly as the reference checkpoint's were, so only the order of float32 sums may differ."""
+    fp8_dir, deq_dir = quantized_pair(tmp_path, arch, fmt)
+    engine, tokens, logits = _run(fp8_dir, tp=tp)
+    _, want_tokens, want_logits = _run(deq_dir, tp=tp)
+    params = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(engine.runner.param_state())}
+    assert params["layers.0.attn.q_proj"].dtype == FP8_DTYPE and params["layers.0.mlp.down"].dtype == FP8_DTYPE
+    assert params["embed"].dtype == jnp.float32 and params["lm_head"].dtype == jnp.float32
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    engine.check_kv_invariant()
+
+
+@pytest.mark.parametrize("strategy,static", [("channel", False), ("tensor", True)])
+def test_fp8_gemm_path_close_to_dequantized_matmul(strategy, static):
+    """Activations quantized per token (or by a static scale) and an FP8 x FP8 einsum: relative error
+    under 8% against the dequantized weights' float32 matmul (e4m3 keeps 3 mantissa bits: ~6% per
+    element at worst, averaging down over the 256 products of a sum), and XLA:CPU runs the FP8 dot."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 256)), jnp.float32)
+    w32 = rng.normal(size=(256, 2, 48)) * 0.05
+    scale = (np.abs(w32).max(axis=0, keepdims=True) if strategy == "channel" else np.abs(w32).max()[None, None, None])
+    scale = jnp.asarray(scale / FP8_MAX, jnp.float32)
+    w = jnp.asarray(w32 / scale, FP8_DTYPE)
+    input_scale = jnp.asarray(float(jnp.abs(x).max()) / FP8_MAX) if static else None
+    got = fp8_einsum("th,hcn->tcn", x, w, scale, input_scale)
+    want = jnp.einsum("th,hcn->tcn", x, dequantize(w, scale, jnp.float32))
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert 0 < err < 0.08, err
+    quant = QuantConfig("compressed-tensors", strategy, None, static, fp8_gemm=True)
+    forced = linear("th,hcn->tcn", x, w, scale, input_scale, quant)
+    assert np.array_equal(np.asarray(forced), np.asarray(got))  # the flag picks the FP8 GEMM path
+    plain = linear("th,hcn->tcn", x, w, scale, input_scale, QuantConfig("compressed-tensors", strategy, None, static))
+    assert np.array_equal(np.asarray(plain), np.asarray(want))
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" and float(getattr(d, "compute_capability", "0")) >= 8.9
+                            for d in jax.devices()), reason="needs a GPU with FP8 (compute capability >= 8.9)")
+def test_fp8_gemm_on_gpu_close_to_dequantized_matmul():
+    """On the GPU (cuBLASLt FP8 GEMM): a Llama-8B-shaped down projection in bf16, relative error under 5%
+    against the float32 matmul of the dequantized weights."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 14336)), jnp.bfloat16)
+    w32 = rng.normal(size=(14336, 4096)) * 0.02
+    scale = jnp.asarray(np.abs(w32).max(axis=0, keepdims=True) / FP8_MAX, jnp.float32)
+    w = jnp.asarray(w32 / scale, FP8_DTYPE)
+    got = jax.jit(fp8_einsum, static_argnums=0)("ti,ih->th", x, w, scale, None).astype(jnp.float32)
+    want = jnp.einsum("ti,ih->th", x.astype(jnp.float32), dequantize(w, scale, jnp.float32))
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
