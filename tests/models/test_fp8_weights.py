@@ -146,3 +146,97 @@ def test_fp8_gemm_on_gpu_close_to_dequantized_matmul():
     got = jax.jit(fp8_einsum, static_argnums=0)("ti,ih->th", x, w, scale, None).astype(jnp.float32)
     want = jnp.einsum("ti,ih->th", x.astype(jnp.float32), dequantize(w, scale, jnp.float32))
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+
+
+@pytest.fixture(scope="module")
+def llama_block(tmp_path_factory) -> str:
+    return quantized_pair(tmp_path_factory.mktemp("llama-block"), "llama", "fp8-block")[0]
+
+
+def _edited(src: str, dst: str, drop: str | None = None, replace: dict | None = None, config: dict | None = None) -> str:
+    """A copy of checkpoint `src` without tensor `drop`, with tensors `replace`d and config.json's keys updated."""
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors.pop(drop, None)
+    tensors.update(replace or {})
+    os.makedirs(dst)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump({**cfg, **(config or {})}, f)
+    return dst
+
+
+def test_bad_fp8_checkpoints_are_refused_naming_the_tensor_or_field(tmp_path, llama_block):
+    scale = "model.layers.1.mlp.down_proj.weight_scale_inv"
+    cases = [
+        (dict(config={"quantization_config": {"quant_method": "awq"}}), r"quant_method 'awq'.*'compressed-tensors'"),
+        (dict(config={"quantization_config": {**_config("ct-channel"), "config_groups": {"g": {
+            "targets": ["Linear"], "weights": dict(num_bits=8, type="float", strategy="group")}}}}),
+         r"config_groups\.g\.weights\.strategy 'group'"),
+        (dict(replace={scale: torch.ones(3, 3)}), rf"{scale}.*shape \[3, 3\].*must be \[2, 4\]"),
+        (dict(drop=scale), rf"down_proj.weight has no scale tensor '{scale}'"),
+        (dict(config={"quantization_config": {**_config("fp8-block"), "weight_block_size": [32, 48]}}),
+         r"model.layers.0.self_attn.q_proj: FP8 block of 48 inputs does not tile"),
+        (dict(replace={"model.layers.0.mlp.up_proj.weight": torch.zeros(128, 64)}),
+         r"layers.0.mlp.gate_up: the checkpoint's tensor is float32, the model expects float8_e4m3fn"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            Engine(EngineArgs(model=_edited(llama_block, str(tmp_path / str(i)), **edit), **ARGS))
+    with pytest.raises(ValueError, match=r"o_proj_scale: axis 0 of size 2 does not split over 4 devices.*FP8 block"):
+        Engine(EngineArgs(model=llama_block, tp=4, **ARGS))
+
+
+def test_fp8_requests_that_cannot_run_are_refused(tmp_path):
+    plain = save_tiny_checkpoint(str(tmp_path / "plain"), "llama")
+    with pytest.raises(ValueError, match="no quantization_config"):
+        Engine(EngineArgs(model=plain, quantization="fp8", **ARGS))
+    moe = save_tiny_checkpoint(str(tmp_path / "moe"), "qwen3_moe")
+    with pytest.raises(ValueError, match="mixture-of-experts models .* not supported yet"):
+        Engine(EngineArgs(model=moe, load_format="dummy", quantization="fp8", **ARGS))
+    with pytest.raises(ValueError, match=r"quantization must be None or one of \('fp8',\)"):
+        EngineArgs(model=plain, quantization="int4").validate()
+
+    class Ampere:
+        platform, compute_capability, device_kind = "gpu", "8.0", "NVIDIA A100-SXM4-80GB"
+
+    with pytest.raises(ValueError, match="compute capability >= 8.9.*A100-SXM4-80GB has 8.0"):
+        QuantConfig.dummy().for_devices([Ampere()])
+    Ampere.compute_capability = "9.0"
+    assert QuantConfig.dummy().for_devices([Ampere()]).fp8_gemm
+
+
+def test_dummy_fp8_weights_build_and_generate(tmp_path):
+    """--load-format dummy --quantization fp8: block-wise 128 x 128 FP8 linears (1 byte a weight, one
+    float32 scale per output channel and block of 128 inputs), the rest float32; it generates."""
+    path = save_tiny_checkpoint(str(tmp_path / "llama"), "llama", tie_word_embeddings=False)
+    engine = Engine(EngineArgs(model=path, load_format="dummy", quantization="fp8", **ARGS))
+    cfg = engine.model_config
+    assert cfg.quantization.strategy == "block" and cfg.quantization.block == (128, 128)
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    q, kv = cfg.num_q_heads * cfg.head_dim, 2 * cfg.num_kv_heads * cfg.head_dim
+    linear = h * (2 * q + kv) + 3 * h * i  # q, k, v, o; gate, up, down
+    scales = (q + kv + h + 2 * i + h) * 4  # per output channel: every input (64 or 128) is one block
+    plain = (2 * cfg.vocab_size * h + (2 * layers + 1) * h) * 4
+    assert engine.weights_bytes == layers * (linear + scales) + plain
+    outputs = engine.generate(PROMPTS, GREEDY)
+    assert [len(o) for o in outputs] == [12, 12] and all(0 <= t < cfg.vocab_size for o in outputs for t in o)
+    engine.check_kv_invariant()
+
+
+@pytest.mark.parametrize("name", [n for n in bundled_model_names() if "A3B" not in n and "A22B" not in n
+                                  and "Mixtral" not in n])
+def test_bundled_configs_take_dummy_fp8_blocks(name):
+    """Every dense bundled model's linears tile into 128 x 128 blocks: scales of input / 128 rows."""
+    from flax import nnx as _nnx
+
+    from minisgl_jax.models.transformer import CausalLM
+
+    path = bundled_config_path(f"org/{name}")
+    cfg = ModelConfig.from_hf_dict(read_hf_config(os.path.dirname(path), os.path.basename(path)))
+    cfg = cfg.__class__(**{**cfg.__dict__, "quantization": QuantConfig.dummy()})
+    layer = _nnx.eval_shape(lambda: CausalLM(cfg, jnp.bfloat16)).layers[0]
+    assert layer.mlp.down.dtype == FP8_DTYPE
+    assert layer.mlp.down_scale.shape == (cfg.intermediate_size // 128, cfg.hidden_size)
+    assert layer.attn.o_proj_scale.shape == (cfg.num_q_heads, 1, cfg.hidden_size)
