@@ -13,6 +13,7 @@ from minisgl_jax.config import (
     CACHE_KINDS,
     DTYPES,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     EngineArgs,
 )
 from minisgl_jax.server.limits import RequestLimits
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format,
                        help="auto reads the weights; dummy makes random ones (benchmarks)")
     model.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="weights, activations and KV cache")
+    model.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                       help="FP8 linear weights: a checkpoint's format comes from its config.json (then this must be "
+                            "fp8 or absent); with --load-format dummy, random block-wise FP8 weights")
     model.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     model.add_argument("--chat-template", default=None,
                        help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
@@ -177,8 +181,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
     except ValueError:
         parser.error(f"--decode-buckets must be comma-separated integers, got {a.decode_buckets!r}")
     engine = EngineArgs(
-        model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, load_format=a.load_format, page_size=a.page_size,
-        num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
+        model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, load_format=a.load_format, quantization=a.quantization,
+        page_size=a.page_size, num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
         max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
         attention_backend=a.attention_backend, tp=a.tp, all_reduce=a.all_reduce, overlap=not a.no_overlap,
         decode_steps=a.decode_steps,
