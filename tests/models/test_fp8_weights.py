@@ -1,5 +1,6 @@
 """FP8 weights: tiny checkpoints quantized here into both formats run as their dequantized weights do."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
 from minisgl_jax.models.quantization import FP8_DTYPE, FP8_MAX, QuantConfig, dequantize, fp8_einsum, linear
+from minisgl_jax.models.transformer import CausalLM
 from tiny_models import full_logits, save_tiny_checkpoint
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], list(range(30, 71))]
@@ -61,10 +63,23 @@ def _quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, to
     return q, scale, q.float() * full
 
 
-def quantized_pair(tmp_path, arch: str, fmt: str, seed: int = 3, **overrides) -> tuple[str, str]:
-    """(an FP8 checkpoint of a tiny `arch` model in `fmt`, a float32 checkpoint of its dequantized weights)."""
-    src = save_tiny_checkpoint(str(tmp_path / "src"), arch, seed=seed, tie_word_embeddings=False, **overrides)
-    fp8_dir, deq_dir = str(tmp_path / f"{arch}-{fmt}"), str(tmp_path / f"{arch}-{fmt}-deq")
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """arch -> a tiny random float32 checkpoint of it (untied embeddings), made once for the module."""
+    made: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in made:
+            made[arch] = save_tiny_checkpoint(str(tmp_path_factory.mktemp(arch)), arch, seed=3,
+                                              tie_word_embeddings=False)
+        return made[arch]
+
+    return get
+
+
+def quantized_pair(src: str, out: str, fmt: str) -> tuple[str, str]:
+    """(checkpoint `src` quantized into `fmt` under `out`, a float32 checkpoint of its dequantized weights)."""
+    fp8_dir, deq_dir = os.path.join(out, fmt), os.path.join(out, f"{fmt}-deq")
     fp8_tensors, deq_tensors = {}, {}
     for name, t in load_file(os.path.join(src, "model.safetensors")).items():
         module = name.removesuffix(".weight")
@@ -83,30 +98,29 @@ def quantized_pair(tmp_path, arch: str, fmt: str, seed: int = 3, **overrides) ->
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump({**config, **({"quantization_config": quant} if quant else {})}, f)
-    shutil.rmtree(src)
     return fp8_dir, deq_dir
 
 
-def _run(path: str, **args) -> tuple[Engine, list[list[int]], list[np.ndarray]]:
+def _run(path: str, jit: bool, **args) -> tuple[Engine, list[list[int]], np.ndarray]:
+    """The engine, its greedy tokens of PROMPTS, and its prompt logits of the longer one (`jit`: as
+    one program, faster than eager ops for FP8 weights, slower for plain ones)."""
     engine = Engine(EngineArgs(model=path, **{**ARGS, **args}))
-    tokens = engine.generate(PROMPTS, GREEDY)
-    return engine, tokens, [full_logits(engine, p) for p in PROMPTS]
+    return engine, engine.generate(PROMPTS, GREEDY), full_logits(engine, PROMPTS[1], jit=jit)
 
 
-@pytest.mark.parametrize("arch,fmt,tp", [("llama", "fp8-block", 1), ("qwen3", "ct-channel", 1),
+@pytest.mark.parametrize("arch,fmt,tp", [("llama", "fp8-block", 1), ("llama", "ct-channel", 1),
                                          ("llama", "ct-tensor", 1), ("qwen3", "fp8-block", 2)])
-def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, arch, fmt, tp):
+def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, tiny, arch, fmt, tp):
     """Greedy tokens equal and float32 prompt logits within 1e-5 (relative): on a CPU the weights are
     dequantized exactly as the reference checkpoint's were, so only the order of float32 sums may differ."""
-    fp8_dir, deq_dir = quantized_pair(tmp_path, arch, fmt)
-    engine, tokens, logits = _run(fp8_dir, tp=tp)
-    _, want_tokens, want_logits = _run(deq_dir, tp=tp)
+    fp8_dir, deq_dir = quantized_pair(tiny(arch), str(tmp_path), fmt)
+    engine, tokens, logits = _run(fp8_dir, True, tp=tp)
+    _, want_tokens, want_logits = _run(deq_dir, False, tp=tp)
     params = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(engine.runner.param_state())}
     assert params["layers.0.attn.q_proj"].dtype == FP8_DTYPE and params["layers.0.mlp.down"].dtype == FP8_DTYPE
     assert params["embed"].dtype == jnp.float32 and params["lm_head"].dtype == jnp.float32
     assert tokens == want_tokens
-    for got, want in zip(logits, want_logits):
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    assert np.linalg.norm(logits - want_logits) / np.linalg.norm(want_logits) < 1e-5
     engine.check_kv_invariant()
 
 
@@ -149,8 +163,8 @@ def test_fp8_gemm_on_gpu_close_to_dequantized_matmul():
 
 
 @pytest.fixture(scope="module")
-def llama_block(tmp_path_factory) -> str:
-    return quantized_pair(tmp_path_factory.mktemp("llama-block"), "llama", "fp8-block")[0]
+def llama_block(tmp_path_factory, tiny) -> str:
+    return quantized_pair(tiny("llama"), str(tmp_path_factory.mktemp("llama-block")), "fp8-block")[0]
 
 
 def _edited(src: str, dst: str, drop: str | None = None, replace: dict | None = None, config: dict | None = None) -> str:
@@ -188,8 +202,8 @@ def test_bad_fp8_checkpoints_are_refused_naming_the_tensor_or_field(tmp_path, ll
         Engine(EngineArgs(model=llama_block, tp=4, **ARGS))
 
 
-def test_fp8_requests_that_cannot_run_are_refused(tmp_path):
-    plain = save_tiny_checkpoint(str(tmp_path / "plain"), "llama")
+def test_fp8_requests_that_cannot_run_are_refused(tmp_path, tiny):
+    plain = tiny("llama")
     with pytest.raises(ValueError, match="no quantization_config"):
         Engine(EngineArgs(model=plain, quantization="fp8", **ARGS))
     moe = save_tiny_checkpoint(str(tmp_path / "moe"), "qwen3_moe")
@@ -207,10 +221,11 @@ def test_fp8_requests_that_cannot_run_are_refused(tmp_path):
     assert QuantConfig.dummy().for_devices([Ampere()]).fp8_gemm
 
 
-def test_dummy_fp8_weights_build_and_generate(tmp_path):
+def test_dummy_fp8_weights_build_and_generate(tmp_path, tiny):
     """--load-format dummy --quantization fp8: block-wise 128 x 128 FP8 linears (1 byte a weight, one
     float32 scale per output channel and block of 128 inputs), the rest float32; it generates."""
-    path = save_tiny_checkpoint(str(tmp_path / "llama"), "llama", tie_word_embeddings=False)
+    path = str(tmp_path)  # the config alone
+    shutil.copy(os.path.join(tiny("llama"), "config.json"), path)
     engine = Engine(EngineArgs(model=path, load_format="dummy", quantization="fp8", **ARGS))
     cfg = engine.model_config
     assert cfg.quantization.strategy == "block" and cfg.quantization.block == (128, 128)
@@ -229,14 +244,19 @@ def test_dummy_fp8_weights_build_and_generate(tmp_path):
                                   and "Mixtral" not in n])
 def test_bundled_configs_take_dummy_fp8_blocks(name):
     """Every dense bundled model's linears tile into 128 x 128 blocks: scales of input / 128 rows."""
-    from flax import nnx as _nnx
-
-    from minisgl_jax.models.transformer import CausalLM
-
     path = bundled_config_path(f"org/{name}")
     cfg = ModelConfig.from_hf_dict(read_hf_config(os.path.dirname(path), os.path.basename(path)))
-    cfg = cfg.__class__(**{**cfg.__dict__, "quantization": QuantConfig.dummy()})
-    layer = _nnx.eval_shape(lambda: CausalLM(cfg, jnp.bfloat16)).layers[0]
+    cfg = dataclasses.replace(cfg, quantization=QuantConfig.dummy())
+    layer = nnx.eval_shape(lambda: CausalLM(cfg, jnp.bfloat16)).layers[0]
     assert layer.mlp.down.dtype == FP8_DTYPE
     assert layer.mlp.down_scale.shape == (cfg.intermediate_size // 128, cfg.hidden_size)
     assert layer.attn.o_proj_scale.shape == (cfg.num_q_heads, 1, cfg.hidden_size)
+
+
+def test_quantization_flag_reaches_the_engine_args():
+    from minisgl_jax.server.cli import parse_args
+
+    assert parse_args(["--model", "m", "--load-format", "dummy", "--quantization", "fp8"])[0].quantization == "fp8"
+    assert parse_args(["--model", "m"])[0].quantization is None
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--quantization", "int4"])
