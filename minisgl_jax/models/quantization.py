@@ -17,7 +17,8 @@ scale per channel at load (exact). `dequantize` multiplies each axis's groups by
 function serves all three, and a scale shards with its weight's PartitionSpec.
 
 Paths (`QuantConfig.fp8_gemm`, set per device at start-up, a test may force it on a CPU):
-  dequantize  einsum(x, dequantize(w, scale)): CPUs, and block-wise weights everywhere. On a GPU XLA
+  dequantize  einsum(x, dequantize(w, scale)), activations unquantized (a static input_scale is not
+              used): CPUs, and block-wise weights everywhere. On a GPU XLA
               may fuse the convert into its GEMM's operand (its Triton GEMM fusions take FP8 operands)
               or materialize the dequantized weight each step; which one, and whether a Pallas
               block-scaled GEMM is needed, is a GPU measurement (benchmarks/RESULTS.md, pending runs).
@@ -52,7 +53,9 @@ class QuantConfig:
     method: str  # one of METHODS
     strategy: str  # weight scales: one of STRATEGIES
     block: tuple[int, int] | None  # (out, in) of a block, strategy "block" only
-    static_activations: bool  # an `input_scale` per tensor; else quantized per token at run time
+    # "dynamic" (quantized per token at run time), "static" (the checkpoint's input_scale per tensor)
+    # or "none" (weight-only: activations stay in the model dtype, so the dequantize path runs)
+    activations: str
     ignore: tuple[str, ...] = ()  # modules left unquantized: names, parents, or "re:" patterns
     fp8_gemm: bool = False  # run the FP8 GEMM path where the weight scales allow it
 
@@ -80,7 +83,7 @@ class QuantConfig:
                 raise ValueError("quantization_config: block-wise weights take dynamic activations only, "
                                  f"got activation_scheme {scheme!r}")
         ignore = tuple(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ())
-        return cls("fp8", "tensor" if block is None else "block", block, scheme == "static", ignore)
+        return cls("fp8", "tensor" if block is None else "block", block, scheme, ignore)
 
     @classmethod
     def _from_compressed_tensors(cls, qc: dict[str, Any]) -> "QuantConfig":
@@ -100,22 +103,22 @@ class QuantConfig:
             raise ValueError(f"{where}.weights.strategy {strategy!r} is not supported; supported: {STRATEGIES}")
         block = _block(weights.get("block_structure"), f"{where}.weights.block_structure") if strategy == "block" else None
         acts = group.get("input_activations")
-        static = False
+        activations = "none"
         if acts is not None:
             if acts.get("type") != "float" or acts.get("num_bits") != 8:
                 raise ValueError(f"{where}.input_activations must be 8-bit float, got type {acts.get('type')!r}")
-            static = not acts.get("dynamic", False)
-            if static and acts.get("strategy") != "tensor":
+            activations = "dynamic" if acts.get("dynamic", False) else "static"
+            if activations == "static" and acts.get("strategy") != "tensor":
                 raise ValueError(f"{where}.input_activations: static scales must be per tensor, "
                                  f"got strategy {acts.get('strategy')!r}")
         if group.get("output_activations") is not None:
             raise ValueError(f"{where}.output_activations (quantized outputs) is not supported")
-        return cls("compressed-tensors", strategy, block, static, tuple(qc.get("ignore") or ()))
+        return cls("compressed-tensors", strategy, block, activations, tuple(qc.get("ignore") or ()))
 
     @classmethod
     def dummy(cls) -> "QuantConfig":
         """Random weights' format (`--load-format dummy --quantization fp8`): block-wise 128 x 128, as Qwen3-*-FP8."""
-        return cls("fp8", "block", (128, 128), static_activations=False)
+        return cls("fp8", "block", (128, 128), "dynamic")
 
     @property
     def scale_name(self) -> str:
@@ -124,8 +127,9 @@ class QuantConfig:
 
     @property
     def uses_fp8_gemm(self) -> bool:
-        """Whether the linear layers quantize their activations and run FP8 GEMMs (block scales never do)."""
-        return self.fp8_gemm and self.strategy != "block"
+        """Whether the linear layers quantize their activations and run FP8 GEMMs (block scales and
+        weight-only checkpoints never do)."""
+        return self.fp8_gemm and self.strategy != "block" and self.activations != "none"
 
     def quantizes(self, module: str) -> bool:
         """Whether the checkpoint module (e.g. 'model.layers.0.self_attn.q_proj') holds FP8 weights."""

@@ -51,9 +51,7 @@ def linear_layouts(cfg: ModelConfig) -> dict[str, LinearLayout]:
 
 
 def _linear_params(module: nnx.Module, name: str, cfg: ModelConfig, layer: int, dtype: jnp.dtype, spec: P) -> None:
-    """Set module.<name> to the linear weight `name` of `layer`: plain, or FP8 with its scale parameters.
-
-    A scale shards like its weight, except along the axes where it has one entry (broadcast)."""
+    """Set module.<name> to the linear weight `name` of `layer`: plain, or FP8 with its scale parameters."""
     layout = linear_layouts(cfg)[name]
     quant = cfg.quantization
     hf = [f"model.layers.{layer}.{m}" for m in layout.modules]
@@ -67,10 +65,15 @@ def _linear_params(module: nnx.Module, name: str, cfg: ModelConfig, layer: int, 
             shape = layout.scale_shape(quant)
         except ValueError as err:
             raise ValueError(f"{hf[0]}: {err}") from None
-        scale = _param(shape, jnp.float32, P(*(a if n > 1 else None for a, n in zip(spec, shape))))
-        input_scale = _param((), jnp.float32, P()) if quant.static_activations else None
+        scale = _param(shape, jnp.float32, _scale_spec(spec, shape))
+        input_scale = _param((), jnp.float32, P()) if quant.activations == "static" else None
     setattr(module, f"{name}_scale", scale)
     setattr(module, f"{name}_input_scale", input_scale)
+
+
+def _scale_spec(weight_spec: P, shape: tuple[int, ...]) -> P:
+    """A scale shards like its weight, except along the axes where it has one entry (broadcast)."""
+    return P(*(axis if n > 1 else None for axis, n in zip(weight_spec, shape)))
 
 
 def _weights(module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -87,8 +90,7 @@ def _row_parallel(module: nnx.Module, name: str, equation: str, x: jax.Array, x_
     w, scale, input_scale = _weights(module, name)
     if scale is None:
         return collectives.matmul(equation, x, w, x_spec, w_spec)
-    quant = module.quant
-    scale_spec = P(*(a if n > 1 else None for a, n in zip(w_spec, scale.shape)))
+    quant, scale_spec = module.quant, _scale_spec(w_spec, scale.shape)
     if input_scale is None:
         return collectives.sum_local(lambda x, w, s: linear(equation, x, w, s, None, quant),
                                      (x, w, scale), (x_spec, w_spec, scale_spec))

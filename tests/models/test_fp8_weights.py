@@ -30,7 +30,8 @@ BLOCK = (48, 32)  # [out, in]: 48 leaves a partial last block on 64 outputs, 32 
 
 
 def _config(fmt: str) -> dict:
-    """quantization_config of `fmt`: fp8-block (Qwen3-*-FP8's), ct-channel (FP8_DYNAMIC), ct-tensor (FP8)."""
+    """quantization_config of `fmt`: fp8-block (Qwen3-*-FP8's), ct-channel (FP8_DYNAMIC, layer 1's MLP
+    left unquantized by the ignore list), ct-tensor (FP8)."""
     if fmt == "fp8-block":
         return dict(quant_method="fp8", activation_scheme="dynamic", fmt="e4m3", weight_block_size=list(BLOCK))
     strategy = fmt.removeprefix("ct-")
@@ -39,7 +40,8 @@ def _config(fmt: str) -> dict:
     group = dict(targets=["Linear"], weights=dict(num_bits=8, type="float", strategy=strategy, dynamic=False,
                                                   symmetric=True), input_activations=acts, output_activations=None)
     return dict(quant_method="compressed-tensors", format="float-quantized", quantization_status="compressed",
-                config_groups={"group_0": group}, ignore=["lm_head"])
+                config_groups={"group_0": group},
+                ignore=["lm_head", *(["re:.*layers\\.1\\.mlp\\..*"] if strategy == "channel" else [])])
 
 
 def _quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,9 +83,10 @@ def quantized_pair(src: str, out: str, fmt: str) -> tuple[str, str]:
     """(checkpoint `src` quantized into `fmt` under `out`, a float32 checkpoint of its dequantized weights)."""
     fp8_dir, deq_dir = os.path.join(out, fmt), os.path.join(out, f"{fmt}-deq")
     fp8_tensors, deq_tensors = {}, {}
+    quant = QuantConfig.from_hf(_config(fmt))
     for name, t in load_file(os.path.join(src, "model.safetensors")).items():
         module = name.removesuffix(".weight")
-        if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in LINEARS:
+        if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in LINEARS or not quant.quantizes(module):
             fp8_tensors[name] = deq_tensors[name] = t
             continue
         q, scale, deq = _quantize(t.float(), fmt)
@@ -119,6 +122,7 @@ def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, tiny, arch, fm
     params = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(engine.runner.param_state())}
     assert params["layers.0.attn.q_proj"].dtype == FP8_DTYPE and params["layers.0.mlp.down"].dtype == FP8_DTYPE
     assert params["embed"].dtype == jnp.float32 and params["lm_head"].dtype == jnp.float32
+    assert params["layers.1.mlp.down"].dtype == (jnp.float32 if fmt == "ct-channel" else FP8_DTYPE)
     assert tokens == want_tokens
     assert np.linalg.norm(logits - want_logits) / np.linalg.norm(want_logits) < 1e-5
     engine.check_kv_invariant()
@@ -140,11 +144,11 @@ def test_fp8_gemm_path_close_to_dequantized_matmul(strategy, static):
     want = jnp.einsum("th,hcn->tcn", x, dequantize(w, scale, jnp.float32))
     err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert 0 < err < 0.08, err
-    quant = QuantConfig("compressed-tensors", strategy, None, static, fp8_gemm=True)
+    quant = QuantConfig("compressed-tensors", strategy, None, "static" if static else "dynamic", fp8_gemm=True)
     forced = linear("th,hcn->tcn", x, w, scale, input_scale, quant)
     assert np.array_equal(np.asarray(forced), np.asarray(got))  # the flag picks the FP8 GEMM path
-    plain = linear("th,hcn->tcn", x, w, scale, input_scale, QuantConfig("compressed-tensors", strategy, None, static))
-    assert np.array_equal(np.asarray(plain), np.asarray(want))
+    for off in (dataclasses.replace(quant, fp8_gemm=False), dataclasses.replace(quant, activations="none")):
+        assert np.array_equal(np.asarray(linear("th,hcn->tcn", x, w, scale, input_scale, off)), np.asarray(want))
 
 
 @pytest.mark.skipif(not any(d.platform == "gpu" and float(getattr(d, "compute_capability", "0")) >= 8.9
@@ -260,3 +264,18 @@ def test_quantization_flag_reaches_the_engine_args():
     assert parse_args(["--model", "m"])[0].quantization is None
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--quantization", "int4"])
+
+
+def test_quantization_configs_parse_into_their_scheme():
+    parse = QuantConfig.from_hf
+    assert parse(_config("fp8-block")) == QuantConfig("fp8", "block", BLOCK, "dynamic")
+    assert parse(_config("ct-channel")) == QuantConfig("compressed-tensors", "channel", None, "dynamic",
+                                                       ("lm_head", "re:.*layers\\.1\\.mlp\\..*"))
+    assert parse(_config("ct-tensor")).activations == "static"
+    assert parse(dict(quant_method="fp8", activation_scheme="static")) == QuantConfig("fp8", "tensor", None, "static")
+    weight_only = _config("ct-channel")
+    weight_only["config_groups"]["group_0"]["input_activations"] = None
+    assert parse(weight_only).activations == "none"
+    ignoring = dataclasses.replace(parse(_config("ct-channel")), ignore=("re:.*layers\\.1\\.mlp.*", "model.layers.0.self_attn"))
+    assert [ignoring.quantizes(m) for m in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                                            "model.layers.1.self_attn.o_proj")] == [False, False, True]
