@@ -128,6 +128,19 @@ def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, tiny, arch, fm
     engine.check_kv_invariant()
 
 
+def test_fp8_gemm_path_through_the_model_stays_close(tmp_path, tiny, monkeypatch):
+    """The FP8 GEMM path (forced on the CPU: XLA:CPU runs FP8 dots) through a whole per-channel model:
+    prompt logits within 5% (relative) of the dequantized weights'; it generates."""
+    fp8_dir, deq_dir = quantized_pair(tiny("llama"), str(tmp_path), "ct-channel")
+    want = full_logits(Engine(EngineArgs(model=deq_dir, **ARGS)), PROMPTS[1])
+    monkeypatch.setattr(QuantConfig, "for_devices", lambda self, devices: dataclasses.replace(self, fp8_gemm=True))
+    engine = Engine(EngineArgs(model=fp8_dir, **ARGS))
+    assert engine.model_config.quantization.uses_fp8_gemm
+    err = np.linalg.norm(full_logits(engine, PROMPTS[1], jit=True) - want) / np.linalg.norm(want)
+    assert 0 < err < 0.05, err
+    assert [len(o) for o in engine.generate(PROMPTS, GREEDY)] == [12, 12]
+
+
 @pytest.mark.parametrize("strategy,static", [("channel", False), ("tensor", True)])
 def test_fp8_gemm_path_close_to_dequantized_matmul(strategy, static):
     """Activations quantized per token (or by a static scale) and an FP8 x FP8 einsum: relative error
