@@ -111,6 +111,7 @@ def _run(path: str, jit: bool, **args) -> tuple[Engine, list[list[int]], np.ndar
     return engine, engine.generate(PROMPTS, GREEDY), full_logits(engine, PROMPTS[1], jit=jit)
 
 
+@pytest.mark.slow  # engines of its own
 @pytest.mark.parametrize("arch,fmt,tp", [("llama", "fp8-block", 1), ("llama", "ct-channel", 1),
                                          ("llama", "ct-tensor", 1), ("qwen3", "fp8-block", 2)])
 def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, tiny, arch, fmt, tp):
@@ -128,6 +129,7 @@ def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, tiny, arch, fm
     engine.check_kv_invariant()
 
 
+@pytest.mark.slow  # engines of its own
 def test_fp8_gemm_path_through_the_model_stays_close(tmp_path, tiny, monkeypatch):
     """The FP8 GEMM path (forced on the CPU: XLA:CPU runs FP8 dots) through a whole per-channel model:
     prompt logits within 5% (relative) of the dequantized weights'; it generates."""
@@ -238,6 +240,7 @@ def test_fp8_requests_that_cannot_run_are_refused(tmp_path, tiny):
     assert QuantConfig.dummy().for_devices([Ampere()]).fp8_gemm
 
 
+@pytest.mark.slow  # engines of its own
 def test_dummy_fp8_weights_build_and_generate(tmp_path, tiny):
     """--load-format dummy --quantization fp8: block-wise 128 x 128 FP8 linears (1 byte a weight, one
     float32 scale per output channel and block of 128 inputs), the rest float32; it generates."""
