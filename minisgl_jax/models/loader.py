@@ -115,12 +115,12 @@ def _linear_source(layout: LinearLayout, pre: str, part: str,
     """A linear weight (part ''), its scale ('_scale') or its static input scale ('_input_scale') in our layout."""
     n_in = len(layout.in_shape)
 
-    def place(per_module: list[np.ndarray], in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+    def place(per_module: list[np.ndarray], in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+              replicate: bool) -> np.ndarray:
         """[out, in] tensors -> transposed, split into our axes, stacked, the first output axis replicated."""
         parts = [t.T.reshape(in_shape + out_shape) for t in per_module]
         stacked = np.stack(parts, axis=n_in) if len(parts) > 1 else parts[0]
-        axis = n_in + len(layout.stack)
-        return np.repeat(stacked, layout.replicas, axis=axis) if stacked.shape[axis] > 1 else stacked
+        return np.repeat(stacked, layout.replicas, axis=n_in + len(layout.stack)) if replicate else stacked
 
     def weight(ck: SafetensorsCheckpoint) -> np.ndarray:
         tensors = []
@@ -131,12 +131,14 @@ def _linear_source(layout: LinearLayout, pre: str, part: str,
             if t.shape != expected:
                 raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(expected)}")
             tensors.append(t)
-        return place(tensors, layout.in_shape, layout.out_shape)
+        return place(tensors, layout.in_shape, layout.out_shape, replicate=True)
 
     def scale(ck: SafetensorsCheckpoint) -> np.ndarray:
         shape = layout.scale_shape(quant)
-        out = layout.out_shape if quant.strategy != "tensor" else (1,) * len(layout.out_shape)
-        return place([_scale_2d(ck, f"{pre}{m}", quant, layout) for m in layout.modules], shape[:n_in], out)
+        per_tensor = quant.strategy == "tensor"  # one scale for all outputs: nothing to replicate
+        out = (1,) * len(layout.out_shape) if per_tensor else layout.out_shape
+        return place([_scale_2d(ck, f"{pre}{m}", quant, layout) for m in layout.modules], shape[:n_in], out,
+                     replicate=not per_tensor)
 
     def input_scale(ck: SafetensorsCheckpoint) -> np.ndarray:
         # One input, several modules (k and v, gate and up): the largest scale clips none of them.

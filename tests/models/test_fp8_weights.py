@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors.torch import load_file, save_file
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
+from minisgl_jax.models.loader import load_model
 from minisgl_jax.models.quantization import FP8_DTYPE, FP8_MAX, QuantConfig, dequantize, fp8_einsum, linear
 from minisgl_jax.models.transformer import CausalLM
 from tiny_models import full_logits, save_tiny_checkpoint
@@ -141,6 +143,29 @@ def test_fp8_gemm_path_through_the_model_stays_close(tmp_path, tiny, monkeypatch
     err = np.linalg.norm(full_logits(engine, PROMPTS[1], jit=True) - want) / np.linalg.norm(want)
     assert 0 < err < 0.05, err
     assert [len(o) for o in engine.generate(PROMPTS, GREEDY)] == [12, 12]
+
+
+@pytest.mark.parametrize("arch,fmt", [("qwen3", "fp8-block"), ("llama", "ct-channel"), ("llama", "ct-tensor")])
+def test_loaded_fp8_weights_dequantize_to_the_reference_at_tp4(tmp_path, tiny, arch, fmt):
+    """Loaded over 4 devices (each of the 2 KV heads on 2), every FP8 linear times its scale equals the
+    dequantized checkpoint's weight exactly, shard by shard."""
+    fp8_dir, deq_dir = quantized_pair(tiny(arch), str(tmp_path), fmt)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
+    models = [load_model(ModelConfig.from_hf_dict(read_hf_config(d)).for_tp(4), d, jnp.float32, mesh)
+              for d in (fp8_dir, deq_dir)]
+    fp8, deq = (dict(nnx.to_flat_state(nnx.state(m))) for m in models)
+    assert models[0].config.kv_head_replicas == 2
+    checked = 0
+    for path, variable in fp8.items():
+        w = variable.get_value()
+        if w.dtype != FP8_DTYPE:
+            continue
+        scale = fp8[path[:-1] + (f"{path[-1]}_scale",)].get_value()
+        got = jax.jit(dequantize, static_argnums=2)(w, scale, jnp.float32)
+        assert got.sharding.is_equivalent_to(w.sharding, w.ndim)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(deq[path].get_value()))
+        checked += 1
+    assert checked == (10 if fmt != "ct-channel" else 8)  # q, kv, o, gate_up, down of 2 layers; 1 MLP ignored
 
 
 @pytest.mark.parametrize("strategy,static", [("channel", False), ("tensor", True)])
