@@ -129,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Qwen/Qwen3-0.6B")
     parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--quantization", default=None, help="fp8: FP8 weights (random block-wise ones with dummy)")
     parser.add_argument("--attention-backend", default="pallas")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--batches", default="1,8,64,256")
@@ -148,8 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(
-        args.model, load_format=args.load_format, attention_backend=args.attention_backend, cache="naive",
-        kv_cache_dtype=args.kv_cache_dtype,
+        args.model, load_format=args.load_format, quantization=args.quantization,
+        attention_backend=args.attention_backend, cache="naive", kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
         decode_steps=args.decode_steps, tp=args.tp, num_pages=args.num_pages, all_reduce=args.all_reduce,
         max_prefill_tokens=args.max_prefill_tokens, background_compile=False,  # plain sampling only

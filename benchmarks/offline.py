@@ -39,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Qwen/Qwen3-0.6B")
     parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--quantization", default=None, help="fp8: FP8 weights (random block-wise ones with dummy)")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
@@ -70,7 +71,7 @@ def main() -> None:
     copy_bw = measure_copy_bandwidth() if os.environ.get("JAX_PLATFORMS") != "cpu" else 0.0
     started = time.perf_counter()
     llm = LLM(
-        args.model, load_format=args.load_format, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
+        args.model, load_format=args.load_format, quantization=args.quantization, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
         overlap=not args.no_overlap, decode_steps=args.decode_steps, burst_max_rows=args.burst_max_rows,
@@ -96,7 +97,7 @@ def main() -> None:
     roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens, kv_bytes_per_token, engine.weights_bytes)
     roof_seconds = roof_bytes / copy_bw if copy_bw else float("nan")
     report = dict(
-        model=args.model, device=str(engine.mesh.devices.flat[0].device_kind), requests=args.num_requests,
+        model=args.model, quantization=args.quantization, weights_bytes=engine.weights_bytes, device=str(engine.mesh.devices.flat[0].device_kind), requests=args.num_requests,
         prompt_tokens=sum(len(p) for p in prompts), output_tokens=out_tokens, seconds=seconds,
         output_tokens_per_s=out_tokens / seconds, copy_bandwidth_gbs=copy_bw / 1e9, roofline_seconds=roof_seconds,
         fraction_of_roofline=roof_seconds / seconds, startup_seconds=startup, load_seconds=engine.load_seconds,

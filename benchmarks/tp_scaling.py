@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from offline import BACKGROUND_COMPILE_HELP, workload  # noqa: E402
+from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
 
 from minisgl_jax import SamplingParams  # noqa: E402
 from minisgl_jax.config import EngineArgs  # noqa: E402
@@ -57,8 +58,8 @@ def run(args: argparse.Namespace, spec: str) -> dict:
         tp, _, all_reduce = spec.partition(":")
         tp = int(tp)
         engine = Engine(EngineArgs(
-            model=model, load_format="dummy", tp=tp, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-            cache="naive", max_model_len=args.max_model_len,
+            model=model, load_format="dummy", quantization=args.quantization, tp=tp, dtype=args.dtype,
+            kv_cache_dtype=args.kv_cache_dtype, cache="naive", max_model_len=args.max_model_len,
             compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
             decode_steps=args.decode_steps, all_reduce=all_reduce or "auto", burst_max_rows=args.burst_max_rows,
             background_compile=args.background_compile,
@@ -77,9 +78,14 @@ def run(args: argparse.Namespace, spec: str) -> dict:
     timing = {k: engine.timing[k] - v for k, v in timing_before.items()}
     tokens = sum(len(o) for o in outputs)
     engine.check_kv_invariant()
+    # One device's floor: its shard of the weights and of every live sequence's KV, once a decode step.
+    roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens,
+                                       engine.model_config.kv_bytes_per_token // tp, engine.weights_bytes // tp)
+    roof_seconds = roof_bytes / args.copy_bandwidth if args.copy_bandwidth else float("nan")
     result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode,
                   seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds, startup_s=startup,
-                  kv_pages=engine.allocator.num_usable, greedy=greedy, timing=timing)
+                  kv_pages=engine.allocator.num_usable, greedy=greedy, timing=timing,
+                  weights_bytes=engine.weights_bytes, fraction_of_roofline=roof_seconds / seconds)
     del engine
     gc.collect()
     return result
@@ -97,6 +103,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=0, help="cut prompts to this length: a decode-heavy run")
     parser.add_argument("--dtype", default="bfloat16", help="float32 separates kernel bugs from bf16 near-ties")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
+    parser.add_argument("--quantization", default=None, help="fp8: random block-wise FP8 weights")
     parser.add_argument("--decode-steps", type=int, default=4, help="1: no decode bursts")
     parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have")
     parser.add_argument("--background-compile", action="store_true", help=BACKGROUND_COMPILE_HELP)
@@ -105,17 +112,20 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     enable_compile_cache(args.compile_cache_dir)
+    args.copy_bandwidth = measure_copy_bandwidth() if os.environ.get("JAX_PLATFORMS") != "cpu" else 0.0
     results = [run(args, spec) for spec in args.tps.split(",")]
-    print(f"\ndtype {args.dtype}, KV {args.kv_cache_dtype}, decode_steps {args.decode_steps}, burst_max_rows {args.burst_max_rows}, "
+    print(f"\ndtype {args.dtype}, quantization {args.quantization}, KV {args.kv_cache_dtype}, "
+          f"decode_steps {args.decode_steps}, burst_max_rows {args.burst_max_rows}, "
           f"background compile {args.background_compile}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     base = results[0]
     print(f"\n{args.model}, {args.num_requests} requests\n| tp | all-reduce | seconds | output tok/s | speed-up | "
-          f"start-up s | KV pages | greedy = {base['run']} |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"of roofline | start-up s | KV pages | greedy = {base['run']} |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         same = "-" if r["shard"] or base["shard"] else f"{sum(a == b for a, b in zip(r['greedy'], base['greedy']))}/8"
         speedup = r["tokens_per_s"] / base["tokens_per_s"]
         print(f"| {r['run']} | {r['all_reduce']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f}x "
-              f"| {r['startup_s']:.0f} | {r['kv_pages']} | {same} |")
+              f"| {r['fraction_of_roofline']:.2f} | {r['startup_s']:.0f} | {r['kv_pages']} | {same} |")
     print("\n| tp | all-reduce | engine step s | of it waiting for the device s | launching s |"
           "\n| --- | --- | --- | --- | --- |")
     for r in results:

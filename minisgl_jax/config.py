@@ -10,6 +10,7 @@ CACHE_KINDS = ("radix", "naive")
 DTYPES = ("bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # auto: the model's dtype
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATIONS = ("fp8",)
 
 
 @dataclass
@@ -28,6 +29,9 @@ class EngineArgs:
     dtype: str = "bfloat16"
     kv_cache_dtype: str = "auto"
     load_format: str = "auto"
+    # FP8 weights: a checkpoint's format comes from its config.json (this must then agree); with
+    # load_format dummy, "fp8" makes random block-wise FP8 weights (models/quantization.py).
+    quantization: str | None = None
     page_size: int = 16
     num_pages: int | None = None
     mem_fraction: float = 0.85
@@ -70,6 +74,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.cache not in CACHE_KINDS:
             raise ValueError(f"cache must be one of {CACHE_KINDS}, got {self.cache!r}")
         for name in self.attention_backends:

@@ -82,9 +82,10 @@ def tiny_engine(path: str, **args):
     return Engine(EngineArgs(**{**base, **args}))
 
 
-def full_logits(engine, token_ids: list[int]):
+def full_logits(engine, token_ids: list[int], jit: bool = False):
     """Logits at every position of `token_ids` ([len, vocab] numpy), through the engine's model
-    with the reference attention, outside any step: what a step's logits must be."""
+    with the reference attention, outside any step: what a step's logits must be. `jit` compiles
+    the forward pass as one program (always under tp > 1), faster than eager ops for FP8 weights."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -113,5 +114,5 @@ def full_logits(engine, token_ids: list[int]):
         return model.logits(hidden)
 
     # Under tp > 1 one program: eager ops on sharded parameters each compile their own (seconds a call).
-    run = jax.jit(forward) if engine.runner.mesh.size > 1 else forward
+    run = jax.jit(forward) if jit or engine.runner.mesh.size > 1 else forward
     return np.asarray(run(model, ids, pool, meta, engine.runner.state.all_reduce_seq))

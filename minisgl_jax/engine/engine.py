@@ -95,9 +95,9 @@ class Engine:
     def _build(self, args: EngineArgs) -> int:
         """Load the model, size the KV pool and build the runner, cache and scheduler; returns the KV pages."""
         hf_config, weights_dir = setup.resolve_model(args)
-        self.model_config = cfg = hf_config.for_tp(args.tp)
-        self.model_name = args.model
         self.mesh = setup.make_mesh(args.tp)
+        self.model_config = cfg = setup.resolve_quantization(args, hf_config, self.mesh).for_tp(args.tp)
+        self.model_name = args.model
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)
         self.weights_bytes = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -13,6 +14,7 @@ from jax.sharding import Mesh
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.engine import multihost
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
+from minisgl_jax.models.quantization import QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,25 @@ def resolve_model_from_hub(args: EngineArgs) -> tuple[ModelConfig, str]:
         ) from err
     args.tokenizer = args.tokenizer or folder
     return ModelConfig.from_hf_dict(read_hf_config(folder)), folder
+
+
+def resolve_quantization(args: EngineArgs, cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
+    """The config with its FP8 format (config.json's, or block-wise for `--load-format dummy
+    --quantization fp8`) and the path the mesh's devices run; None stays None."""
+    quant = cfg.quantization
+    if quant is None and args.quantization == "fp8":
+        if args.load_format != "dummy":
+            raise ValueError(
+                f"--quantization fp8: {args.model} has no quantization_config in its config.json; FP8 checkpoints "
+                f"only (quantizing a checkpoint at load is not supported), or --load-format dummy for random weights"
+            )
+        quant = QuantConfig.dummy()
+    if quant is None:
+        return cfg
+    quant = quant.for_devices(list(mesh.devices.flat))
+    logger.info("FP8 weights: %s, %s scales, %s", quant.method, quant.strategy,
+                "FP8 GEMMs" if quant.uses_fp8_gemm else "dequantized into the model dtype for the matmuls")
+    return dataclasses.replace(cfg, quantization=quant)
 
 
 def make_mesh(tp: int) -> Mesh:

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from minisgl_jax.models.quantization import QuantConfig
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -45,6 +47,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each expert's
     norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the expert block; the rest are dense
+    quantization: QuantConfig | None = None  # FP8 linear weights (config.json's quantization_config)
 
     def for_tp(self, tp: int) -> "ModelConfig":
         """The config as sharded over `tp` devices: KV heads repeated when there are fewer than tp."""
@@ -97,6 +100,7 @@ class ModelConfig:
         if moe_layers and not 1 <= cfg.get("num_experts_per_tok", 0) <= num_experts:
             raise ValueError(f"num_experts_per_tok must be in 1..{num_experts} (the experts), "
                              f"got {cfg.get('num_experts_per_tok')}")
+        quant = cfg.get("quantization_config")
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -122,6 +126,7 @@ class ModelConfig:
             moe_intermediate_size=moe_intermediate if moe_layers else 0,
             norm_topk_prob=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)),
             moe_layers=moe_layers,
+            quantization=None if quant is None else QuantConfig.from_hf(quant),
         )
 
 

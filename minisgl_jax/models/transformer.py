@@ -8,6 +8,11 @@ embedding and lm_head. Layouts put the head axes first-class so sharding is by h
 
   embed [vocab, hidden]          q_proj [hidden, q_heads, head_dim]   kv_proj [hidden, 2, kv_heads, head_dim]
   o_proj [q_heads, head_dim, hidden]   gate_up [hidden, 2, intermediate]   down [intermediate, hidden]
+
+With an FP8 checkpoint (`cfg.quantization`) each of those five linear weights is a float8_e4m3fn
+parameter `<name>` beside its float32 `<name>_scale` (and `<name>_input_scale` for static activation
+scales); models/quantization.py has the layouts and the matmul paths. Embedding, lm_head and norms
+stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.layers.context import ForwardContext
 from minisgl_jax.models.config import ModelConfig
 from minisgl_jax.models.moe import MoE
+from minisgl_jax.models.quantization import FP8_DTYPE, LinearLayout, linear
 from minisgl_jax.models.rope import apply_rope, rope_inv_freq
 
 KVPool = list[tuple[jax.Array, jax.Array]]  # per layer (k_pages, v_pages)
@@ -30,6 +36,67 @@ KVPool = list[tuple[jax.Array, jax.Array]]  # per layer (k_pages, v_pages)
 def _param(shape: tuple[int, ...], dtype: jnp.dtype, spec: P) -> nnx.Param:
     """A parameter placeholder; the loader fills in the real (or dummy) values."""
     return nnx.Param(jnp.zeros(shape, dtype), spec=spec)
+
+
+def linear_layouts(cfg: ModelConfig) -> dict[str, LinearLayout]:
+    """How each linear weight is built from the checkpoint's tensors (the loader's and the scales' shapes)."""
+    h, nq, d, i = cfg.hidden_size, cfg.num_q_heads, cfg.head_dim, cfg.intermediate_size
+    nkv = cfg.num_kv_heads // cfg.kv_head_replicas  # as stored in the checkpoint
+    return {
+        "q_proj": LinearLayout(("self_attn.q_proj",), (h,), (nq, d)),
+        "kv_proj": LinearLayout(("self_attn.k_proj", "self_attn.v_proj"), (h,), (nkv, d), cfg.kv_head_replicas),
+        "o_proj": LinearLayout(("self_attn.o_proj",), (nq, d), (h,)),
+        "gate_up": LinearLayout(("mlp.gate_proj", "mlp.up_proj"), (h,), (i,)),
+        "down": LinearLayout(("mlp.down_proj",), (i,), (h,)),
+    }
+
+
+def _linear_params(module: nnx.Module, name: str, cfg: ModelConfig, layer: int, dtype: jnp.dtype, spec: P) -> None:
+    """Set module.<name> to the linear weight `name` of `layer`: plain, or FP8 with its scale parameters."""
+    layout = linear_layouts(cfg)[name]
+    quant = cfg.quantization
+    hf = [f"model.layers.{layer}.{m}" for m in layout.modules]
+    fp8 = quant is not None and quant.quantizes(hf[0])
+    if quant is not None and any(quant.quantizes(m) != fp8 for m in hf[1:]):
+        raise ValueError(f"{' and '.join(hf)} share one weight ({name}) but the ignore list quantizes only some")
+    setattr(module, name, _param(layout.shape, FP8_DTYPE if fp8 else dtype, spec))
+    scale = input_scale = None
+    if fp8:
+        try:
+            shape = layout.scale_shape(quant)
+        except ValueError as err:
+            raise ValueError(f"{hf[0]}: {err}") from None
+        scale = _param(shape, jnp.float32, _scale_spec(spec, shape))
+        input_scale = _param((), jnp.float32, P()) if quant.activations == "static" else None
+    setattr(module, f"{name}_scale", scale)
+    setattr(module, f"{name}_input_scale", input_scale)
+
+
+def _scale_spec(weight_spec: P, shape: tuple[int, ...]) -> P:
+    """A scale shards like its weight, except along the axes where it has one entry (broadcast)."""
+    return P(*(axis if n > 1 else None for axis, n in zip(weight_spec, shape)))
+
+
+def _weights(module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(weight, scale or None, input_scale or None) of the linear `name`."""
+    scale, input_scale = getattr(module, f"{name}_scale"), getattr(module, f"{name}_input_scale")
+    return (getattr(module, name)[...], None if scale is None else scale[...],
+            None if input_scale is None else input_scale[...])
+
+
+def _row_parallel(module: nnx.Module, name: str, equation: str, x: jax.Array, x_spec: P, w_spec: P,
+                  collectives: Collectives) -> jax.Array:
+    """A row-parallel linear through the step's collectives; an FP8 one runs per shard (dequantized or
+    quantized locally: its scales are sharded with it) and its partial sums are added."""
+    w, scale, input_scale = _weights(module, name)
+    if scale is None:
+        return collectives.matmul(equation, x, w, x_spec, w_spec)
+    quant, scale_spec = module.quant, _scale_spec(w_spec, scale.shape)
+    if input_scale is None:
+        return collectives.sum_local(lambda x, w, s: linear(equation, x, w, s, None, quant),
+                                     (x, w, scale), (x_spec, w_spec, scale_spec))
+    return collectives.sum_local(lambda x, w, s, i: linear(equation, x, w, s, i, quant),
+                                 (x, w, scale, input_scale), (x_spec, w_spec, scale_spec, P()))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -48,11 +115,12 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, layer: int) -> None:
         h, nq, nkv, d = cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = _param((h, nq, d), dtype, P(None, "tp", None))
-        self.kv_proj = _param((h, 2, nkv, d), dtype, P(None, None, "tp", None))
-        self.o_proj = _param((nq, d, h), dtype, P("tp", None, None))
+        self.quant = cfg.quantization
+        _linear_params(self, "q_proj", cfg, layer, dtype, P(None, "tp", None))
+        _linear_params(self, "kv_proj", cfg, layer, dtype, P(None, None, "tp", None))
+        _linear_params(self, "o_proj", cfg, layer, dtype, P("tp", None, None))
         self.q_bias = _param((nq, d), dtype, P("tp", None)) if cfg.qkv_bias else None
         self.kv_bias = _param((2, nkv, d), dtype, P(None, "tp", None)) if cfg.qkv_bias else None
         self.o_bias = _param((h,), dtype, P(None)) if cfg.o_bias else None
@@ -64,8 +132,8 @@ class Attention(nnx.Module):
         self, x: jax.Array, kv: tuple[jax.Array, jax.Array], inv_freq: jax.Array, ctx: ForwardContext
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: [tokens, hidden] -> ([tokens, hidden], this layer's updated (k_pages, v_pages))."""
-        q = jnp.einsum("th,hnd->tnd", x, self.q_proj[...])
-        kv_new = jnp.einsum("th,hcnd->tcnd", x, self.kv_proj[...])
+        q = linear("th,hnd->tnd", x, *_weights(self, "q_proj"), self.quant)
+        kv_new = linear("th,hcnd->tcnd", x, *_weights(self, "kv_proj"), self.quant)
         if self.q_bias is not None:
             q = q + self.q_bias[...]
             kv_new = kv_new + self.kv_bias[...]
@@ -76,29 +144,31 @@ class Attention(nnx.Module):
         k = apply_rope(k, ctx.positions, inv_freq)
         k_pages, v_pages = ctx.backend.write_kv(kv[0], kv[1], k, v, ctx.attention, self.kv_scales)
         out = ctx.backend.attend(q, k_pages, v_pages, ctx.attention, is_decode=ctx.is_decode, scales=self.kv_scales)
-        out = ctx.collectives.matmul("tnd,ndh->th", out, self.o_proj[...], P(None, "tp", None), P("tp", None, None))
+        out = _row_parallel(self, "o_proj", "tnd,ndh->th", out, P(None, "tp", None), P("tp", None, None),
+                            ctx.collectives)
         if self.o_bias is not None:
             out = out + self.o_bias[...]
         return out, (k_pages, v_pages)
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
-        self.gate_up = _param((cfg.hidden_size, 2, cfg.intermediate_size), dtype, P(None, None, "tp"))
-        self.down = _param((cfg.intermediate_size, cfg.hidden_size), dtype, P("tp", None))
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, layer: int) -> None:
+        self.quant = cfg.quantization
+        _linear_params(self, "gate_up", cfg, layer, dtype, P(None, None, "tp"))
+        _linear_params(self, "down", cfg, layer, dtype, P("tp", None))
 
     def __call__(self, x: jax.Array, collectives: Collectives) -> jax.Array:
-        gate_up = jnp.einsum("th,hci->tci", x, self.gate_up[...])
+        gate_up = linear("th,hci->tci", x, *_weights(self, "gate_up"), self.quant)
         act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
-        return collectives.matmul("ti,ih->th", act, self.down[...], P(None, "tp"), P("tp", None))
+        return _row_parallel(self, "down", "ti,ih->th", act, P(None, "tp"), P("tp", None), collectives)
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, index: int) -> None:
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, dtype)
+        self.attn = Attention(cfg, dtype, index)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MoE(cfg, dtype) if index in cfg.moe_layers else MLP(cfg, dtype)
+        self.mlp = MoE(cfg, dtype) if index in cfg.moe_layers else MLP(cfg, dtype, index)
 
 
 class CausalLM(nnx.Module):

@@ -14,6 +14,7 @@ from minisgl_jax.config import (
     DTYPES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     EngineArgs,
 )
 from minisgl_jax.server.limits import RequestLimits
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
                        help="auto: --dtype; fp8_e4m3: twice the tokens in the same memory, K/V divided by the "
                             "checkpoint's per-layer k_scale/v_scale (1.0 where it has none); needs sm_89+")
+    model.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                       help="FP8 linear weights: a checkpoint's format comes from its config.json (then this must be "
+                            "fp8 or absent); with --load-format dummy, random block-wise FP8 weights")
     model.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     model.add_argument("--chat-template", default=None,
                        help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
@@ -182,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         parser.error(f"--decode-buckets must be comma-separated integers, got {a.decode_buckets!r}")
     engine = EngineArgs(
         model=a.model, tokenizer=a.tokenizer, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype,
-        load_format=a.load_format, page_size=a.page_size,
+        load_format=a.load_format, quantization=a.quantization, page_size=a.page_size,
         num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
         max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
         attention_backend=a.attention_backend, tp=a.tp, all_reduce=a.all_reduce, overlap=not a.no_overlap,
