@@ -18,9 +18,9 @@ function serves all three, and a scale shards with its weight's PartitionSpec.
 
 Paths (`QuantConfig.fp8_gemm`, set per device at start-up, a test may force it on a CPU):
   dequantize  einsum(x, dequantize(w, scale)), activations unquantized (a static input_scale is not
-              used): CPUs, and block-wise weights everywhere. On a GPU XLA
-              may fuse the convert into its GEMM's operand (its Triton GEMM fusions take FP8 operands)
-              or materialize the dequantized weight each step; which one, and whether a Pallas
+              used): CPUs, block-wise weights everywhere, weight-only checkpoints. On a GPU XLA may
+              fuse the convert into its GEMM's operand (its Triton GEMM fusions take FP8 operands) or
+              materialize the dequantized weight each step; which one, and whether a Pallas
               block-scaled GEMM is needed, is a GPU measurement (benchmarks/RESULTS.md, pending runs).
   fp8 GEMM    per-channel or per-tensor weight scales on GPUs of compute capability >= 8.9: the
               activations quantized (dynamic: per token, amax / 448; static: the checkpoint's
