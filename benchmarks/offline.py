@@ -92,8 +92,7 @@ def main() -> None:
     out_tokens = sum(len(r.token_ids) for r in results)
     assert out_tokens == sum(output_lens), (out_tokens, sum(output_lens))
     engine.check_kv_invariant()
-    # kv_bytes_per_token counts 2 bytes an element: an FP8 pool reads half of that per token.
-    kv_bytes_per_token = engine.model_config.kv_bytes_per_token * engine.runner.kv_dtype.itemsize // 2
+    kv_bytes_per_token = engine.model_config.kv_bytes_per_token(engine.runner.kv_dtype.itemsize)
     roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens, kv_bytes_per_token, engine.weights_bytes)
     roof_seconds = roof_bytes / copy_bw if copy_bw else float("nan")
     report = dict(

@@ -79,8 +79,9 @@ def run(args: argparse.Namespace, spec: str) -> dict:
     tokens = sum(len(o) for o in outputs)
     engine.check_kv_invariant()
     # One device's floor: its shard of the weights and of every live sequence's KV, once a decode step.
-    roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens,
-                                       engine.model_config.kv_bytes_per_token // tp, engine.weights_bytes // tp)
+    kv_bytes_per_token = engine.model_config.kv_bytes_per_token(engine.runner.kv_dtype.itemsize) // tp
+    roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens, kv_bytes_per_token,
+                                       engine.weights_bytes // tp)
     roof_seconds = roof_bytes / args.copy_bandwidth if args.copy_bandwidth else float("nan")
     result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode,
                   seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds, startup_s=startup,

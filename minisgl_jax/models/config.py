@@ -64,10 +64,9 @@ class ModelConfig:
         replicas = tp // self.num_kv_heads
         return dataclasses.replace(self, num_kv_heads=tp, kv_head_replicas=replicas)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Per token, over all layers, K and V, at 2 bytes (bf16)."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 2
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Per token, over all layers, K and V, at `itemsize` bytes an element (the pool's dtype)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
