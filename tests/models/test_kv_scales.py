@@ -57,3 +57,10 @@ def test_bad_kv_cache_dtype_names_the_field(value):
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8_e4m3'\)"):
         EngineArgs(model="m", kv_cache_dtype=value).validate()
     EngineArgs(model="m", kv_cache_dtype="fp8_e4m3").validate()
+
+
+def test_the_cli_flag_reaches_engine_args():
+    from minisgl_jax.server.cli import parse_args
+
+    assert parse_args(["--model", "m", "--kv-cache-dtype", "fp8_e4m3"])[0].kv_cache_dtype == "fp8_e4m3"
+    assert parse_args(["--model", "m"])[0].kv_cache_dtype == "auto"
