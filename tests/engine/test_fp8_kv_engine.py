@@ -62,6 +62,7 @@ def test_radix_reuse_gives_the_tokens_of_no_reuse(checkpoint, naive):
     assert [radix.generate([p], GREEDY)[0] for p in prompts] == want  # chunked prefill (32) over cached pages
     assert radix.generate(prompts, GREEDY) == want
     assert radix.stats()["cache_hit_tokens"] > 0
+    assert radix.stats()["burst_steps"] > 0  # decode bursts over the FP8 pool too
     radix.check_kv_invariant()
 
 
