@@ -160,7 +160,8 @@ def paged_decode_attention(
     num_stages: int = 4,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Attention of the q_len == 1 rows; layouts as in `reference.py`. Returns [tokens, q_heads, d].
+    """Attention of the q_len == 1 rows; layouts as in `reference.py` (pages in q's dtype or FP8,
+    converted to q's dtype after each load). Returns [tokens, q_heads, d].
 
     rows_are_seqs=True: a decode bucket, row i is sequence i (tokens == seqs); every row is written
     (padding rows as zeros) and long sequences may be split. False: a mixed batch; only rows of

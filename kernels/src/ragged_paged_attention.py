@@ -133,7 +133,8 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Attention of ragged new tokens over paged K/V (layouts and semantics: `reference.py`).
 
-    q: [tokens, q_heads, head_dim]; k_pages, v_pages: [kv_heads, pages, page_size, head_dim];
+    q: [tokens, q_heads, head_dim]; k_pages, v_pages: [kv_heads, pages, page_size, head_dim] in q's
+    dtype or float8_e4m3fn (converted to q's dtype after each load; scales are the caller's);
     kv_lens: [seqs] int32; page_table: [seqs, pages_per_seq] int32; cu_q_lens: [seqs + 1] int32.
     Returns [tokens, q_heads, head_dim] in q.dtype; padding rows come out as zeros.
     Any page size works (page ids are looked up per key); any q_heads / kv_heads ratio.

@@ -7,10 +7,12 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import Engine, setup
+from minisgl_jax.layers.attention import KVScales
 from tiny_models import save_tiny_checkpoint, tiny_engine
 
 pytestmark = pytest.mark.slow  # engines of its own
@@ -60,14 +62,15 @@ def test_radix_reuse_gives_the_tokens_of_no_reuse(checkpoint, naive):
     assert [radix.generate([p], GREEDY)[0] for p in prompts] == want  # chunked prefill (32) over cached pages
     assert radix.generate(prompts, GREEDY) == want
     assert radix.stats()["cache_hit_tokens"] > 0
+    assert radix.stats()["burst_steps"] > 0  # decode bursts over the FP8 pool too
     radix.check_kv_invariant()
 
 
 def test_retraction_and_abort_leave_no_pages_behind(checkpoint, naive):
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(3, 90, size=6)]
+    prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(3, 90, size=4)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    engine = fp8_engine(checkpoint, num_pages=12, max_prefill_tokens=64)
+    engine = fp8_engine(checkpoint, num_pages=9, max_prefill_tokens=64)
     assert engine.generate(prompts, params) == naive.generate(prompts, params)
     assert engine.stats()["num_retractions"] > 0
     engine.check_kv_invariant()
@@ -111,22 +114,30 @@ def test_tp2_equals_tp1(checkpoint, naive):
     np.testing.assert_allclose(prompt2, prompt1, rtol=1e-4, atol=1e-4)
 
 
-def test_checkpoint_scales_divide_what_the_pool_stores(checkpoint, tmp_path):
+def test_checkpoint_scales_reach_the_layers_and_divide_what_the_pool_stores(checkpoint, tmp_path):
     prompt = list(range(40, 90))
-    one = fp8_engine(checkpoint, max_prefill_tokens=64)
+    one = fp8_engine(checkpoint)
     one.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
-    path = shutil.copytree(checkpoint, tmp_path / "scaled")
-    save_file({f"model.layers.{i}.self_attn.{x}_scale": np.array(s, np.float32)
-               for i in range(2) for x, s in (("k", 4.0), ("v", 0.5))}, os.path.join(path, "kv_scales.safetensors"))
-    scaled = fp8_engine(str(path), max_prefill_tokens=64)
+    path = str(shutil.copytree(checkpoint, tmp_path / "scaled"))
+    scale_file = os.path.join(path, "kv_scales.safetensors")  # the loader reads every safetensors file
+    save_file({"model.layers.0.self_attn.k_scale": np.array(4.0, np.float32),
+               "model.layers.0.self_attn.v_scale": np.array([0.5], np.float32),
+               "model.layers.1.self_attn.k_proj.k_scale": np.array(0.25, np.float32)}, scale_file)
+    scaled = fp8_engine(path)
+    model = nnx.merge(scaled.runner.graphdef, scaled.runner.param_state())
+    assert [layer.attn.kv_scales for layer in model.layers] == [KVScales(4.0, 0.5), KVScales(0.25, 1.0)]
     scaled.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
     (k1, v1), (k4, v05) = (np.asarray(pool[0], np.float32) for pool in (one.runner.kv_pool, scaled.runner.kv_pool))
     live = np.abs(k1) > 2.0**-5  # away from e4m3's subnormals, where / 4 rounds coarser
     assert live.sum() > 100
-    # stored k / 4 and v / 0.5: within e4m3's rounding of the unit-scale pool's values
+    # layer 0 stores k / 4 and v / 0.5: within e4m3's rounding of the unit-scale pool's values
     np.testing.assert_allclose(k4[live], k1[live] / 4.0, rtol=2**-3)
     np.testing.assert_allclose(v05, v1 * 2.0, rtol=2**-3, atol=2**-8)
     assert not np.allclose(k4, k1)
+
+    save_file({"model.layers.1.self_attn.v_scale": np.array(-2.0, np.float32)}, scale_file)
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.v_scale' must be finite and > 0"):
+        fp8_engine(path)
 
 
 def test_greedy_agreement_with_a_float32_pool(checkpoint, naive):

@@ -1,20 +1,13 @@
-"""FP8 KV-cache scales come from the checkpoint under the exporters' names, reach each layer, and a
-malformed one is an error naming its tensor; a bad kv_cache_dtype is an error naming the field."""
+"""FP8 KV-cache scales come from the checkpoint under the exporters' names, and a malformed one is an
+error naming its tensor (at load: tests/engine/test_fp8_kv_engine.py); a bad kv_cache_dtype is an error
+naming the field."""
 
-import os
-
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from minisgl_jax.config import EngineArgs
-from minisgl_jax.engine.setup import make_mesh
 from minisgl_jax.layers.attention import KVScales
-from minisgl_jax.models.config import ModelConfig, read_hf_config
 from minisgl_jax.models.kv_scales import read_kv_scales
-from minisgl_jax.models.loader import load_model
-from tiny_models import save_tiny_checkpoint
 
 
 class DictCheckpoint(dict):
@@ -59,26 +52,15 @@ def test_a_malformed_scale_is_an_error_naming_the_tensor(value, match):
         read_kv_scales(checkpoint, 2)
 
 
-def write_scales(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """The scales as one more safetensors file of the checkpoint (the loader reads every file)."""
-    save_file(tensors, os.path.join(path, "kv_scales.safetensors"))
-
-
-def test_checkpoint_scales_reach_the_layers_at_load(tmp_path):
-    path = save_tiny_checkpoint(str(tmp_path / "llama"), "llama")
-    write_scales(path, {attn(0, "k_scale"): np.array(0.5, np.float32), attn(0, "v_scale"): np.array(2.0, np.float32),
-                        attn(1, "k_proj.k_scale"): np.array([0.125], np.float32)})
-    cfg = ModelConfig.from_hf_dict(read_hf_config(path))
-    model = load_model(cfg, path, jnp.float32, make_mesh(1))
-    assert [layer.attn.kv_scales for layer in model.layers] == [KVScales(0.5, 2.0), KVScales(0.125, 1.0)]
-
-    write_scales(path, {attn(1, "v_scale"): np.array(-2.0, np.float32)})
-    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.v_scale' must be finite and > 0"):
-        load_model(cfg, path, jnp.float32, make_mesh(1))
-
-
 @pytest.mark.parametrize("value", ["fp8", "float8_e4m3fn", "fp8_e5m2", ""])
 def test_bad_kv_cache_dtype_names_the_field(value):
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'fp8_e4m3'\)"):
         EngineArgs(model="m", kv_cache_dtype=value).validate()
     EngineArgs(model="m", kv_cache_dtype="fp8_e4m3").validate()
+
+
+def test_the_cli_flag_reaches_engine_args():
+    from minisgl_jax.server.cli import parse_args
+
+    assert parse_args(["--model", "m", "--kv-cache-dtype", "fp8_e4m3"])[0].kv_cache_dtype == "fp8_e4m3"
+    assert parse_args(["--model", "m"])[0].kv_cache_dtype == "auto"
