@@ -91,26 +91,27 @@ _ticket_p = Primitive("peer_allreduce_ticket")
 
 
 @_ticket_p.def_abstract_eval
-def _ticket_abstract_eval(lo, hi, index):
+def _ticket_abstract_eval(lo, hi, *, index: int):
     del lo, hi, index
     return jax.core.ShapedArray((), jnp.int32)
 
 
 @triton_lowering.register_lowering(_ticket_p)
-def _ticket_lowering(ctx, lo, hi, index):
-    """One atomic add on a scalar address: Triton runs it in one thread and broadcasts the result."""
+def _ticket_lowering(ctx, lo, hi, *, index: int):
+    """One atomic add on a scalar address: Triton runs it in one thread and broadcasts the result.
+    The word index is static: a literal operand would reach this rule as an array, not an IR value."""
     del ctx
     i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
     base = arith.ori(arith.shli(arith.extui(i64, hi), arith.constant(i64, 32)), arith.extui(i64, lo))
-    address = arith.addi(base, arith.muli(arith.extui(i64, index), arith.constant(i64, 4)))
+    address = arith.addi(base, arith.constant(i64, 4 * index))
     pointer = tt_dialect.int_to_ptr(tt_dialect.PointerType.get(i32, 1), address)
-    return [tt_dialect.atomic_rmw(i32, tt_dialect.RMWOp.ADD, pointer, arith.constant(i32, 1),
-                                  sem=tt_dialect.MemSemantic.RELAXED, scope=tt_dialect.MemSyncScope.GPU)]
+    return tt_dialect.atomic_rmw(i32, tt_dialect.RMWOp.ADD, pointer, arith.constant(i32, 1),
+                                 sem=tt_dialect.MemSemantic.RELAXED, scope=tt_dialect.MemSyncScope.GPU)
 
 
 def _take_ticket(lo: jax.Array, hi: jax.Array, index: int) -> jax.Array:
     """This program's number: the counter at word `index` of (lo, hi), then one more."""
-    return _ticket_p.bind(lo, hi, jnp.int32(index))
+    return _ticket_p.bind(lo, hi, index=index)
 
 
 def _asm(asm: str, constraints: str, *args: jax.Array, outputs: int = 1) -> list[jax.Array]:
