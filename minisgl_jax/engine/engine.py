@@ -21,33 +21,34 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minisgl_jax.config import EngineArgs
-from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from minisgl_jax.core import FinishReason, RequestOutput, SamplingParams
 from minisgl_jax.engine import cascade as cascade_groups
-from minisgl_jax.engine import constraints
-from minisgl_jax.engine import setup, warmup
-from minisgl_jax.layers.attention import AttentionBackend
+from minisgl_jax.engine import constraints, setup, warmup
 from minisgl_jax.engine.batch import BatchConstants, ScheduledBatch, StepOutput, build_step_batch
 from minisgl_jax.engine.buckets import Buckets
+from minisgl_jax.engine.grammar_queue import GrammarQueue
 from minisgl_jax.engine.logits_processing import ProcessingState
-from minisgl_jax.layers.collectives import CollectiveBackend
-from minisgl_jax.engine.multihost import ABORT, ADD, GRAMMAR, STOP, CommandChannel
 from minisgl_jax.engine.model_runner import ModelRunner, RunnerConfig
-from minisgl_jax.engine.outputs import collect_prompt_logprobs, request_output
+from minisgl_jax.engine.multihost import ABORT, ADD, GRAMMAR, STOP, CommandChannel
+from minisgl_jax.engine.outputs import append_tokens, collect_prompt_logprobs, request_output
 from minisgl_jax.engine.request import Phase, Req
 from minisgl_jax.engine.request_checks import RequestLimits
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
+from minisgl_jax.engine.status_log import StatusLog
 from minisgl_jax.engine.step_failures import FailedSteps
-from minisgl_jax.engine.grammar_queue import GrammarQueue
 from minisgl_jax.grammar import GrammarVocab, grammar_spec
 from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
 from minisgl_jax.kvcache.radix import RadixCache
+from minisgl_jax.layers.attention import AttentionBackend
+from minisgl_jax.layers.collectives import CollectiveBackend
 from minisgl_jax.models.loader import load_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
 
 def make_prefix_cache(kind: str, allocator: PageAllocator, page_size: int) -> PrefixCache:
     return NaiveCache(allocator, page_size) if kind == "naive" else RadixCache(allocator, page_size)
@@ -74,8 +75,7 @@ class Engine:
         # step: the rest is the engine's own host work. All of it but the wait must hide behind the
         # device's work for the previous step.
         self.timing = dict(step_s=0.0, wait_s=0.0, launch_s=0.0)
-        self._last_status = time.perf_counter()
-        self._status_tokens = 0
+        self.status_log = StatusLog(args.status_interval_s)
         self.load_seconds = time.perf_counter() - started
         kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_pool)
         fp8_note = ": twice the tokens a bf16 pool holds in this memory" if self.runner.kv_dtype.itemsize == 1 else ""
@@ -293,7 +293,7 @@ class Engine:
         for out in outputs:
             if out.finished:
                 self.requests.pop(out.request_id, None)
-        self._maybe_log_status()
+        self.status_log.maybe_log(self.scheduler.has_work(), self.stats)
         return outputs
 
     def _dispatch(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> StepOutput:
@@ -364,38 +364,11 @@ class Engine:
         self.timing["wait_s"] += time.perf_counter() - waited
         if batch.key.prompt_logprobs:
             collect_prompt_logprobs(batch, out)
-        outputs = []
-        for i, row in enumerate(batch.rows):
-            req = row.req
-            req.in_flight -= 1
-            if not row.samples or req.finished:
-                continue
-            for k in range(row.steps):  # a burst's tokens past a stop are dropped
-                token = int(ids[k, i])
-                req.output_ids.append(token)
-                self._counters["generation_tokens"] += 1
-                self._status_tokens += 1
-                if req.params.logprobs is not None:
-                    n = req.params.logprobs
-                    top = [(int(t), float(lp)) for t, lp in zip(top_ids[k, i, :n], top_lps[k, i, :n])]
-                    req.output_logprobs.append(TokenLogprob(token, float(logprob[k, i]), top))
-                reason = self._finish_reason(req, token)
-                if reason is None and req.grammar is not None:
-                    reason = constraints.advance_grammar(req, token)
-                if reason is not None:
-                    self.scheduler.finish(req, reason)
-                    break
-            outputs.append(request_output(req))
+        outputs, taken = append_tokens(batch, ids, logprob, top_ids, top_lps, self.eos_token_ids,
+                                       self.scheduler.finish)
+        self._counters["generation_tokens"] += taken
+        self.status_log.tokens += taken
         return outputs
-
-    def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
-        if token in self.eos_token_ids and not req.params.ignore_eos:
-            return FinishReason.STOP
-        if token in req.params.stop_token_ids:
-            return FinishReason.STOP
-        if len(req.output_ids) >= req.max_new_tokens:
-            return FinishReason.LENGTH
-        return None
 
     # ---- batch API ---------------------------------------------------------------------------
 
@@ -451,22 +424,6 @@ class Engine:
             max_running_requests=self.args.max_running_requests,
             max_model_len=self.max_model_len,
         )
-
-    def _maybe_log_status(self) -> None:
-        now = time.perf_counter()
-        elapsed = now - self._last_status
-        if elapsed < self.args.status_interval_s or not self.scheduler.has_work():
-            return
-        s = self.stats()
-        used = 1 - s["kv_pages_free"] / max(1, s["kv_pages_total"])
-        hit = s["cache_hit_tokens"] / max(1, s["prompt_tokens"])
-        logger.info(
-            "running %d, queued %d, KV %.0f%% used (%d cached pages), %.0f tok/s, cache hit %.0f%%, "
-            "evicted pages %d, retractions %d",
-            s["num_running"], s["num_waiting"], 100 * used, s["kv_pages_cached"],
-            self._status_tokens / elapsed, 100 * hit, s["num_evicted_pages"], s["num_retractions"],
-        )
-        self._last_status, self._status_tokens = now, 0
 
     def warmup(self) -> float:
         """Compile every step program now ("capture"), so serving never waits on a compile; then

@@ -11,6 +11,7 @@ import pytest
 
 from minisgl_jax.core import FinishReason, SamplingParams
 from minisgl_jax.engine import engine as engine_module
+from minisgl_jax.engine import outputs as outputs_module
 from minisgl_jax.engine.step_failures import MAX_FAILED_STEPS, EngineBroken, is_device_error
 from minisgl_jax.engine.batch import StepKey, StepOutput
 from minisgl_jax.engine.programs import CompileError, ProgramKey, StepPrograms
@@ -63,14 +64,14 @@ def fail_building(monkeypatch, when) -> None:
 
 def fail_bookkeeping(monkeypatch, engine, request_id: str) -> None:
     """The host's bookkeeping of a step's tokens raises on the tokens of `request_id` (the step ran)."""
-    finish_reason = engine._finish_reason
+    finish_reason = outputs_module.finish_reason
 
-    def failing(req, token):
+    def failing(req, token, eos_token_ids):
         if req.request_id == request_id:
             raise ValueError("injected fault")
-        return finish_reason(req, token)
+        return finish_reason(req, token, eos_token_ids)
 
-    monkeypatch.setattr(engine, "_finish_reason", failing)
+    monkeypatch.setattr(outputs_module, "finish_reason", failing)
 
 
 def has(request_id: str):
