@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--compile-cache-dir", default="~/.cache/minisgl_jax/xla")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--all-reduce", default="auto", help="auto, xla, psum, peer (tp > 1)")
+    parser.add_argument("--moe-parallel", default="tp", help="tp or ep: a mixture of experts' experts at tp > 1")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--decode-steps", type=int, default=4, help="decode steps per launch of small batches")
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
@@ -152,7 +153,8 @@ def main() -> None:
         args.model, load_format=args.load_format, quantization=args.quantization,
         attention_backend=args.attention_backend, cache="naive", kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
-        decode_steps=args.decode_steps, tp=args.tp, num_pages=args.num_pages, all_reduce=args.all_reduce,
+        decode_steps=args.decode_steps, tp=args.tp, moe_parallel=args.moe_parallel, num_pages=args.num_pages,
+        all_reduce=args.all_reduce,
         max_prefill_tokens=args.max_prefill_tokens, background_compile=False,  # plain sampling only
         decode_buckets=[int(b) for b in args.decode_buckets.split(",")] if args.decode_buckets else [],
     )
@@ -171,7 +173,8 @@ def main() -> None:
         print(f"| {p['prompt_len']} | {p['ttft_ms']:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(decode=decode, prefill=prefill, overlap=not args.no_overlap), f, indent=2)
+            json.dump(dict(decode=decode, prefill=prefill, overlap=not args.no_overlap, tp=args.tp,
+                           moe_parallel=args.moe_parallel), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace, spec: str) -> dict:
         tp, _, all_reduce = spec.partition(":")
         tp = int(tp)
         engine = Engine(EngineArgs(
-            model=model, load_format="dummy", quantization=args.quantization, tp=tp, dtype=args.dtype,
+            model=model, load_format="dummy", quantization=args.quantization, tp=tp, moe_parallel=args.moe_parallel,
+            dtype=args.dtype,
             kv_cache_dtype=args.kv_cache_dtype, cache="naive", max_model_len=args.max_model_len,
             compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
             decode_steps=args.decode_steps, all_reduce=all_reduce or "auto", burst_max_rows=args.burst_max_rows,
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace, spec: str) -> dict:
                                        engine.weights_bytes // tp)
     roof_seconds = roof_bytes / args.copy_bandwidth if args.copy_bandwidth else float("nan")
     result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode,
+                  moe_parallel=engine.model_config.moe_parallel,
                   seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds, startup_s=startup,
                   kv_pages=engine.allocator.num_usable, greedy=greedy, timing=timing,
                   weights_bytes=engine.weights_bytes, fraction_of_roofline=roof_seconds / seconds)
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="float32 separates kernel bugs from bf16 near-ties")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--quantization", default=None, help="fp8: random block-wise FP8 weights")
+    parser.add_argument("--moe-parallel", default="tp", help="tp or ep: a mixture of experts' experts at tp > 1")
     parser.add_argument("--decode-steps", type=int, default=4, help="1: no decode bursts")
     parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have")
     parser.add_argument("--background-compile", action="store_true", help=BACKGROUND_COMPILE_HELP)
@@ -116,6 +119,7 @@ def main() -> None:
     args.copy_bandwidth = measure_copy_bandwidth() if os.environ.get("JAX_PLATFORMS") != "cpu" else 0.0
     results = [run(args, spec) for spec in args.tps.split(",")]
     print(f"\ndtype {args.dtype}, quantization {args.quantization}, KV {args.kv_cache_dtype}, "
+          f"moe_parallel {args.moe_parallel}, "
           f"decode_steps {args.decode_steps}, burst_max_rows {args.burst_max_rows}, "
           f"background compile {args.background_compile}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     base = results[0]

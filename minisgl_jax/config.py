@@ -10,6 +10,7 @@ CACHE_KINDS = ("radix", "naive")
 DTYPES = ("bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # auto: the model's dtype
 LOAD_FORMATS = ("auto", "dummy")
+MOE_PARALLEL_MODES = ("tp", "ep")  # models/moe.py's docstring weighs the two
 QUANTIZATIONS = ("fp8",)
 
 
@@ -41,6 +42,9 @@ class EngineArgs:
     cache: str = "radix"
     attention_backend: str = "pallas"
     tp: int = 1
+    # Mixtures of experts under tp > 1: "tp" slices every expert over the devices, "ep" places whole
+    # experts (experts / tp per device); tp until the GPU runs say which is faster (models/moe.py).
+    moe_parallel: str = "tp"
     all_reduce: str = "auto"  # auto: the peer-memory kernel in decode steps on the GPUs of one process, else xla
     overlap: bool = True
     decode_steps: int = 4  # decode steps per launch of a burst: a batch of burst_max_rows or fewer, nobody waiting
@@ -103,6 +107,8 @@ class EngineArgs:
             raise ValueError(f"grammar_timeout_s must be in (0, 3600], got {self.grammar_timeout_s}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.moe_parallel not in MOE_PARALLEL_MODES:
+            raise ValueError(f"moe_parallel must be one of {MOE_PARALLEL_MODES}, got {self.moe_parallel!r}")
         if self.all_reduce not in ALL_REDUCE_MODES:
             raise ValueError(f"all_reduce must be one of {ALL_REDUCE_MODES}, got {self.all_reduce!r}")
         if self.burst_max_rows is not None and self.burst_max_rows < 0:

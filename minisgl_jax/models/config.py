@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from minisgl_jax.config import MOE_PARALLEL_MODES
 from minisgl_jax.models.quantization import QuantConfig
 
 SUPPORTED_ARCHITECTURES = {
@@ -48,21 +49,34 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the expert block; the rest are dense
     quantization: QuantConfig | None = None  # FP8 linear weights (config.json's quantization_config)
+    moe_parallel: str = "tp"  # the experts over the tp devices: sliced ("tp") or whole ("ep"); set by for_tp
 
-    def for_tp(self, tp: int) -> "ModelConfig":
-        """The config as sharded over `tp` devices: KV heads repeated when there are fewer than tp."""
-        for name, count in (("attention heads", self.num_q_heads), ("intermediate size", self.intermediate_size),
-                            ("vocab size", self.vocab_size), ("expert intermediate size", self.moe_intermediate_size)):
+    def for_tp(self, tp: int, moe_parallel: str = "tp") -> "ModelConfig":
+        """The config as sharded over `tp` devices: KV heads repeated when there are fewer than tp; a
+        mixture of experts' experts sliced over the devices (`moe_parallel` "tp") or placed whole ("ep")."""
+        if moe_parallel not in MOE_PARALLEL_MODES:
+            raise ValueError(f"moe_parallel must be one of {MOE_PARALLEL_MODES}, got {moe_parallel!r}")
+        sizes = [("attention heads", self.num_q_heads), ("intermediate size", self.intermediate_size),
+                 ("vocab size", self.vocab_size)]
+        if moe_parallel == "tp":
+            sizes.append(("expert intermediate size", self.moe_intermediate_size))
+        for name, count in sizes:
             if count % tp:
                 raise ValueError(f"--tp {tp} must divide the model's {name} ({count})")
+        if moe_parallel == "ep" and self.num_experts % tp:
+            raise ValueError(
+                f"--moe-parallel ep places whole experts on each device: --tp {tp} must divide the model's "
+                f"{self.num_experts} experts per layer; use --moe-parallel tp (experts sliced over the devices)"
+            )
+        cfg = dataclasses.replace(self, moe_parallel=moe_parallel)
         if self.num_kv_heads % tp == 0:
-            return self
+            return cfg
         if tp % self.num_kv_heads:
             raise ValueError(
                 f"--tp {tp} must divide the model's key/value heads ({self.num_kv_heads}) or be a multiple of them"
             )
         replicas = tp // self.num_kv_heads
-        return dataclasses.replace(self, num_kv_heads=tp, kv_head_replicas=replicas)
+        return dataclasses.replace(cfg, num_kv_heads=tp, kv_head_replicas=replicas)
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """Per token, over all layers, K and V, at `itemsize` bytes an element (the pool's dtype)."""

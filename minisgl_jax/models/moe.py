@@ -19,14 +19,23 @@ cuDNN) XLA hands the bf16 ragged dot to a cuDNN grouped-GEMM fusion that compute
 rows; whether a decode step then reads only the experts hit is what the pending GPU run in
 benchmarks/RESULTS.md measures.
 
-Parallelism: each expert is tensor-parallel like the dense MLP (gate/up column-parallel, down
-row-parallel over the expert's intermediate dim, one all-reduce of [T, hidden] per layer through
-the step's `Collectives`), and attention stays as it is. So every device holds a slice of every
-expert: any top-k works on any tp that divides the expert's intermediate size ("fewer experts per
-device than top-k" cannot arise; it is a case of expert parallelism), the load is balanced whatever
-the routing, and no all-to-all is needed. The price: each expert's matrices get thin at large tp
-(Qwen3-30B-A3B's 768 columns / tp). Expert parallelism (whole experts per device, tokens exchanged
-all-to-all) is not built; which of the two is faster is for the GPU runs to say.
+Parallelism (`--moe-parallel`; attention stays as it is either way). Tokens are replicated on every
+device at the block's input (attention's output is all-reduced), so neither choice exchanges tokens:
+each device computes a partial [T, hidden] sum and one all-reduce per layer adds them up through the
+step's `Collectives.sum_local`, as the dense MLP's down projection does. No all-to-all.
+  tp  every expert tensor-parallel like the dense MLP (gate/up column-parallel, down row-parallel over
+      the expert's intermediate dim): each device holds a slice of every expert and computes every
+      routed pair, so the load is balanced whatever the routing. The price: each expert's matrices
+      get thin at large tp (Qwen3-30B-A3B's 768 columns / tp), and every device reads a slice of
+      every expert hit.
+  ep  whole experts per device (experts / tp of them; the expert count must divide by tp): a device
+      computes only the pairs routed to its own experts, on full-width matrices, and the other pairs
+      add zero. The price: a device's work follows the routing, so the step waits for the device
+      whose experts got the most pairs. Its grouped GEMMs keep all T*k rows (static shapes), the
+      other devices' pairs sorted past the group sizes' sum and masked: the generic lowering computes
+      them against each local expert ([experts / tp, T*k, hidden]), and whether the cuDNN fusion
+      skips them is for the GPU to show. Fewer experts per device than top-k is fine.
+`tp` is the default until the GPU runs (benchmarks/RESULTS.md) say which is faster.
 
 Weights: router [hidden, experts]; gate_up [experts, hidden, 2, inter]; down [experts, inter, hidden].
 """
@@ -54,22 +63,30 @@ def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple
 
 
 def experts_forward(
-    x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array
+    x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
+    first_expert: jax.Array | int = 0,
 ) -> jax.Array:
     """The weighted sum of each token's experts: x [T, hidden], ids/weights [T, k] -> [T, hidden] in x's dtype.
 
-    gate_up [experts, hidden, 2, inter] and down [experts, inter, hidden] may be one shard of the
-    intermediate dim: the result is then that shard's partial sum."""
+    gate_up [local, hidden, 2, inter] and down [local, inter, hidden] hold experts first_expert ..
+    first_expert + local - 1 (all of them, or one device's under expert parallelism), and may be one
+    shard of the intermediate dim (tensor parallelism): the result is then this shard's partial sum,
+    the pairs routed to other experts adding zero."""
     tokens, k = ids.shape
-    experts, hidden, _, inter = gate_up.shape
-    flat_ids = ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)  # pair positions (token * k + slot) in expert order
-    group_sizes = jnp.bincount(flat_ids, length=experts).astype(jnp.int32)
-    h = jax.lax.ragged_dot(x[order // k], gate_up.reshape(experts, hidden, 2 * inter), group_sizes)
+    local, hidden, _, inter = gate_up.shape
+    flat_ids = ids.reshape(-1) - first_expert
+    mine = (flat_ids >= 0) & (flat_ids < local)
+    # Other devices' pairs sort last, as group `local`, which has no weights: they lie beyond the
+    # group sizes' sum, where ragged_dot's rows are not ours to trust (zeros on CPU) and are masked.
+    groups = jnp.where(mine, flat_ids, local)
+    order = jnp.argsort(groups, stable=True)  # pair positions (token * k + slot) in expert order
+    group_sizes = jnp.bincount(groups, length=local + 1)[:local].astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[order // k], gate_up.reshape(local, hidden, 2 * inter), group_sizes)
     h = h.reshape(-1, 2, inter)
     act = jax.nn.silu(h[:, 0]) * h[:, 1]
     out = jax.lax.ragged_dot(act, down, group_sizes)  # [T*k, hidden], expert order
     out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    out = jnp.where(mine[order][:, None], out, 0.0)
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     return jnp.sum(unsorted.reshape(tokens, k, hidden), axis=1).astype(x.dtype)
 
@@ -84,18 +101,36 @@ def moe_reference(x: jax.Array, router: jax.Array, gate_up: jax.Array, down: jax
     return jnp.sum(out * weights[..., None], axis=1).astype(x.dtype)
 
 
+# (gate_up, down) of each `--moe-parallel`: tp slices every expert's intermediate dim over the devices
+# (gate/up column-parallel, down row-parallel); ep shards the expert axis, whole experts per device.
+EXPERT_SPECS = {
+    "tp": (P(None, None, None, "tp"), P(None, "tp", None)),
+    "ep": (P("tp", None, None, None), P("tp", None, None)),
+}
+
+
 class MoE(nnx.Module):
-    """The sparse block in place of a decoder layer's MLP: same call, same single all-reduce."""
+    """The sparse block in place of a decoder layer's MLP: same call, same single all-reduce; its
+    experts placed by `cfg.moe_parallel` (EXPERT_SPECS)."""
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
         h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-        self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.top_k, self.normalize, self.num_experts = cfg.num_experts_per_tok, cfg.norm_topk_prob, e
+        self.parallel = cfg.moe_parallel
+        gate_up_spec, down_spec = EXPERT_SPECS[self.parallel]
         self.router = nnx.Param(jnp.zeros((h, e), dtype), spec=P(None, None))
-        self.gate_up = nnx.Param(jnp.zeros((e, h, 2, i), dtype), spec=P(None, None, None, "tp"))
-        self.down = nnx.Param(jnp.zeros((e, i, h), dtype), spec=P(None, "tp", None))
+        self.gate_up = nnx.Param(jnp.zeros((e, h, 2, i), dtype), spec=gate_up_spec)
+        self.down = nnx.Param(jnp.zeros((e, i, h), dtype), spec=down_spec)
 
     def __call__(self, x: jax.Array, collectives: Collectives) -> jax.Array:
         """x: [tokens, hidden] -> [tokens, hidden]."""
         ids, weights = route(x, self.router[...], self.top_k, self.normalize)
-        specs = (P(), P(), P(), P(None, None, None, "tp"), P(None, "tp", None))
-        return collectives.sum_local(experts_forward, (x, ids, weights, self.gate_up[...], self.down[...]), specs)
+        return collectives.sum_local(self._local_experts, (x, ids, weights, self.gate_up[...], self.down[...]),
+                                     (P(), P(), P(), *EXPERT_SPECS[self.parallel]))
+
+    def _local_experts(self, x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array,
+                       down: jax.Array) -> jax.Array:
+        """One device's partial sum; under expert parallelism its experts start at its index times their count."""
+        local = gate_up.shape[0]
+        first = 0 if local == self.num_experts else jax.lax.axis_index("tp") * local
+        return experts_forward(x, ids, weights, gate_up, down, first)

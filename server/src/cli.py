@@ -14,6 +14,7 @@ from minisgl_jax.config import (
     DTYPES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
+    MOE_PARALLEL_MODES,
     QUANTIZATIONS,
     EngineArgs,
 )
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel GPUs (a jax.sharding mesh axis)")
+    engine.add_argument("--moe-parallel", choices=MOE_PARALLEL_MODES, default=d.moe_parallel,
+                        help="mixture-of-experts models at tp > 1: tp slices every expert over the GPUs (load "
+                             "balanced whatever the routing), ep places whole experts (experts / tp per GPU; "
+                             "a GPU's work follows the routing)")
     engine.add_argument("--all-reduce", choices=ALL_REDUCE_MODES, default=d.all_reduce,
                         help="how tp > 1 sums partial results: auto (peer on the GPUs of one host, else xla), "
                              "xla (placed by XLA), psum (explicit, per shard), peer (our NVLink kernel, decode steps)")
@@ -189,7 +194,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         load_format=a.load_format, quantization=a.quantization, page_size=a.page_size,
         num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
         max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
-        attention_backend=a.attention_backend, tp=a.tp, all_reduce=a.all_reduce, overlap=not a.no_overlap,
+        attention_backend=a.attention_backend, tp=a.tp, moe_parallel=a.moe_parallel, all_reduce=a.all_reduce,
+        overlap=not a.no_overlap,
         decode_steps=a.decode_steps,
         burst_max_rows=a.burst_max_rows,
         cascade_attention=not a.no_cascade_attention, seed=a.seed,

@@ -1,5 +1,5 @@
-"""Mixture-of-experts models through the whole engine: transformers' tokens and logits at tp=2 and 4
-(tp=1: test_parity.py's CASES); a batch (radix cache, chunked prefill, overlap, bursts, seeded
+"""Mixture-of-experts models through the whole engine: transformers' tokens and logits at tp=2 and 4,
+experts tensor- or expert-parallel (tp=1: test_parity.py's CASES); a batch (radix cache, chunked prefill, overlap, bursts, seeded
 sampling with and without top-p) equals each prompt alone."""
 
 import numpy as np
@@ -14,16 +14,20 @@ pytestmark = pytest.mark.slow  # engines of its own
 
 HF_CLASSES = {"qwen3_moe": transformers.Qwen3MoeForCausalLM, "mixtral": transformers.MixtralForCausalLM}
 PROMPT = list(range(30, 71))
-TP_CASES = [("qwen3_moe", 2, "auto"), ("mixtral", 4, "psum")]
+TP_CASES = [("qwen3_moe", 2, "auto", "tp"), ("mixtral", 4, "psum", "tp"), ("qwen3_moe", 2, "psum", "ep"),
+            ("mixtral", 4, "auto", "ep")]
 
 
-@pytest.mark.parametrize("arch,tp,all_reduce", TP_CASES, ids=[f"{a}-tp{t}-{r}" for a, t, r in TP_CASES])
-def test_tensor_parallel_moe_matches_transformers(tmp_path, arch, tp, all_reduce):
-    """Every expert sharded over tp along its intermediate dim; `psum` runs the experts' partial
-    sums per shard (the path of the GPUs' peer all-reduce), `auto` leaves them to XLA on CPU."""
+@pytest.mark.parametrize("arch,tp,all_reduce,moe_parallel", TP_CASES,
+                         ids=[f"{a}-tp{t}-{r}-{m}" for a, t, r, m in TP_CASES])
+def test_parallel_moe_matches_transformers(tmp_path, arch, tp, all_reduce, moe_parallel):
+    """`tp`: every expert sharded over the devices along its intermediate dim; `ep`: whole experts per
+    device (Mixtral's 4 at tp=4: one each, fewer than top-2, and each batch-1 decode step leaves at
+    least two devices without a pair). `psum` runs the experts' partial sums per shard (the path of
+    the GPUs' peer all-reduce), `auto` leaves them to XLA on CPU."""
     path = save_tiny_checkpoint(str(tmp_path / arch), arch, seed=4)
     engine = tiny_engine(path, cache="naive", num_pages=64, page_size=16, max_running_requests=4,
-                         max_prefill_tokens=64, tp=tp, all_reduce=all_reduce)
+                         max_prefill_tokens=64, tp=tp, all_reduce=all_reduce, moe_parallel=moe_parallel)
     hf_model = HF_CLASSES[arch].from_pretrained(path, torch_dtype=torch.float32).eval()
     [got] = engine.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     with torch.no_grad():

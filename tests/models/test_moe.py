@@ -1,5 +1,6 @@
 """The mixture-of-experts block: grouped GEMM equals a per-token reference (idle experts included),
-routing ties go to the lower expert, tensor-parallel experts equal one device, configs read right."""
+routing ties go to the lower expert, tensor- and expert-parallel experts equal one device, configs
+read right."""
 
 import functools
 import os
@@ -10,26 +11,31 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, read_hf_config
-from minisgl_jax.models.moe import experts_forward, moe_reference, route
+from minisgl_jax.models.loader import SafetensorsCheckpoint, load_model
+from minisgl_jax.models.moe import MoE, experts_forward, moe_reference, route
 from minisgl_jax.models.transformer import CausalLM
+from tiny_models import save_tiny_checkpoint
 
 HIDDEN, EXPERTS, INTER = 16, 6, 8
+QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=16, intermediate_size=32,
+                 moe_intermediate_size=6, num_hidden_layers=6, num_attention_heads=4, num_experts=4,
+                 num_experts_per_tok=2)
 
 
-def weights(seed: int, idle: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Positive inputs x [13, hidden] and router, gate_up, down; expert `idle`'s router column is
-    negative, so with positive inputs it never wins a token."""
+def weights(seed: int, idle: tuple[int, ...] = (), experts: int = EXPERTS
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Positive inputs x [13, hidden] and router, gate_up, down; the `idle` experts' router columns
+    are negative, so with positive inputs they never win a token."""
     rng = np.random.default_rng(seed)
     x = np.abs(rng.normal(size=(13, HIDDEN))).astype(np.float32)
-    router = rng.normal(size=(HIDDEN, EXPERTS)).astype(np.float32)
-    if idle is not None:
-        router[:, idle] = -np.abs(router[:, idle]) - 1.0
-    gate_up = (0.3 * rng.normal(size=(EXPERTS, HIDDEN, 2, INTER))).astype(np.float32)
-    down = (0.3 * rng.normal(size=(EXPERTS, INTER, HIDDEN))).astype(np.float32)
+    router = rng.normal(size=(HIDDEN, experts)).astype(np.float32)
+    for e in idle:
+        router[:, e] = -np.abs(router[:, e]) - 1.0
+    gate_up = (0.3 * rng.normal(size=(experts, HIDDEN, 2, INTER))).astype(np.float32)
+    down = (0.3 * rng.normal(size=(experts, INTER, HIDDEN))).astype(np.float32)
     return x, router, gate_up, down
 
 
@@ -42,7 +48,7 @@ def grouped_and_reference(x, router, gate_up, down, top_k: int, normalize: bool)
 
 @pytest.mark.parametrize("top_k,normalize", [(1, False), (2, True)])
 def test_grouped_gemm_equals_per_token_reference_with_idle_experts(top_k, normalize):
-    x, router, gate_up, down = weights(top_k, idle=EXPERTS - 1)
+    x, router, gate_up, down = weights(top_k, idle=(EXPERTS - 1,))
     ids, got, want = grouped_and_reference(x, router, gate_up, down, top_k, normalize)
     counts = np.bincount(np.asarray(ids).ravel(), minlength=EXPERTS)
     assert counts[EXPERTS - 1] == 0 and counts.sum() == 13 * top_k
@@ -50,6 +56,28 @@ def test_grouped_gemm_equals_per_token_reference_with_idle_experts(top_k, normal
     # One token, as a batch-1 decode step: most experts get nothing.
     _, one, _ = grouped_and_reference(x[:1], router, gate_up, down, top_k, normalize)
     np.testing.assert_allclose(one, want[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_expert_shards_add_up_whatever_ragged_dot_leaves_past_the_groups(monkeypatch):
+    """Each shard of whole experts (its first expert given) computes only its pairs; the others sort
+    past the group sizes' sum, rows a lowering may leave undefined (NaN here): they are masked, and
+    the shards' sums equal the block. 4 experts in 4 shards: one each, fewer than top-k."""
+    ragged_dot = jax.lax.ragged_dot
+
+    def undefined_past_the_groups(lhs, rhs, group_sizes, **kwargs):
+        out = ragged_dot(lhs, rhs, group_sizes, **kwargs)
+        return jnp.where(jnp.arange(lhs.shape[0])[:, None] < jnp.sum(group_sizes), out, jnp.nan)
+
+    monkeypatch.setattr(jax.lax, "ragged_dot", undefined_past_the_groups)
+    x, router, gate_up, down = weights(3, experts=4)
+    ids, w = route(x, router, 2, True)
+    want = moe_reference(x, router, gate_up, down, 2, True)
+    forward = jax.jit(experts_forward)
+    for shards in (2, 4):
+        n = 4 // shards
+        got = sum(forward(x, ids, w, gate_up[s * n:(s + 1) * n], down[s * n:(s + 1) * n], s * n)
+                  for s in range(shards))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_routing_ties_go_to_the_lower_expert():
@@ -68,20 +96,62 @@ def per_shard_sum(partial: jax.Array, index: int) -> jax.Array:
     return jax.lax.psum(partial, "tp")
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("per_shard", [False, True], ids=["xla", "per-shard"])
-def test_tensor_parallel_experts_equal_one_device(tp, per_shard):
-    """Each expert's intermediate dim sharded over tp (every device holds a slice of every expert):
-    the summed partials equal the unsharded block, under XLA's sums and under the per-shard path."""
-    x, router, gate_up, down = weights(7, idle=0)
-    ids, want, _ = grouped_and_reference(x, router, gate_up, down, 2, True)
-    w = jax.jit(route, static_argnums=(2, 3))(x, router, 2, True)[1]
+def sharded_block(mode: str, tp: int, experts: int, per_shard: bool) -> tuple[MoE, Collectives]:
+    """The MoE module of a 2-of-`experts` model as `--moe-parallel mode --tp tp` builds it, and the step's
+    collectives: XLA's sums, or the per-shard path of the GPUs' psum and peer all-reduce."""
+    hf = {**QWEN3_MOE, "hidden_size": HIDDEN, "num_experts": experts, "moe_intermediate_size": INTER,
+          "norm_topk_prob": True}
+    cfg = ModelConfig.from_hf_dict(hf).for_tp(tp, mode)
     mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
-    specs = (P(), P(), P(), P(None, None, None, "tp"), P(None, "tp", None))
-    args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((x, ids, w, gate_up, down), specs)]
-    collectives = Collectives(mesh, per_shard_sum if per_shard else None)
-    got = jax.jit(lambda *a: collectives.sum_local(experts_forward, a, specs))(*args)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    return MoE(cfg, jnp.float32), Collectives(mesh, per_shard_sum if per_shard else None)
+
+
+PARALLEL_CASES = [("tp", 2, 6), ("tp", 4, 6), ("ep", 2, 6), ("ep", 4, 8), ("ep", 4, 4)]
+
+
+@pytest.mark.parametrize("mode,tp,experts", PARALLEL_CASES, ids=[f"{m}{t}-{e}experts" for m, t, e in PARALLEL_CASES])
+@pytest.mark.parametrize("per_shard", [False, True], ids=["xla", "per-shard"])
+def test_parallel_experts_equal_one_device(mode, tp, experts, per_shard):
+    """tp: each expert's intermediate dim sharded (every device holds a slice of every expert); ep:
+    whole experts per device, each device computing only its experts' pairs (4 experts at tp=4: one
+    expert a device, fewer than top-k). The summed partials equal the unsharded block. The last
+    device's experts are never routed (under ep a device with no pair), and one token leaves most
+    devices without a pair."""
+    block, collectives = sharded_block(mode, tp, experts, per_shard)
+    idle = range(experts - experts // tp, experts) if mode == "ep" else (0,)
+    x, router, gate_up, down = weights(7, idle=tuple(idle), experts=experts)
+    ids, want, _ = grouped_and_reference(x, router, gate_up, down, 2, True)
+    assert not set(np.asarray(ids).ravel().tolist()) & set(idle)
+    for name, value in (("router", router), ("gate_up", gate_up), ("down", down)):
+        param = getattr(block, name)
+        param.set_value(jax.device_put(value, NamedSharding(collectives.mesh, param.spec)))
+    whole = 1 if mode == "tp" else tp
+    assert block.gate_up.get_value().addressable_shards[0].data.shape[0] == experts // whole
+    graphdef, state = nnx.split(block)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, collectives))
+    np.testing.assert_allclose(run(state, x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(state, x[:1]), want[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_loader_places_whole_experts_per_device_under_ep(tmp_path):
+    """Mixtral's 4 experts at tp=4 ep: device d holds expert d's checkpoint tensors whole (w1/w3 as
+    gate/up, w2 as down), and dummy weights shard the same way."""
+    path = save_tiny_checkpoint(str(tmp_path / "mixtral"), "mixtral", seed=1)
+    cfg = ModelConfig.from_hf_dict(read_hf_config(path)).for_tp(4, "ep")
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
+    checkpoint = SafetensorsCheckpoint(path)
+    for model_dir in (path, None):
+        block = load_model(cfg, model_dir, jnp.float32, mesh, dummy_seed=0).layers[1].mlp
+        gate_up, down = block.gate_up.get_value(), block.down.get_value()
+        for d, (gate_up_shard, down_shard) in enumerate(zip(gate_up.addressable_shards, down.addressable_shards)):
+            assert gate_up_shard.index[0] == down_shard.index[0] == slice(d, d + 1)
+            assert gate_up_shard.data.shape == (1, 64, 2, 64) and down_shard.data.shape == (1, 64, 64)
+            if model_dir is None:
+                continue
+            expert = f"model.layers.1.block_sparse_moe.experts.{d}."
+            np.testing.assert_array_equal(gate_up_shard.data[0, :, 0], checkpoint.get(expert + "w1.weight").T)
+            np.testing.assert_array_equal(gate_up_shard.data[0, :, 1], checkpoint.get(expert + "w3.weight").T)
+            np.testing.assert_array_equal(down_shard.data[0], checkpoint.get(expert + "w2.weight").T)
 
 
 def bundled(name: str) -> ModelConfig:
@@ -103,11 +173,6 @@ def test_bundled_moe_configs_have_the_model_cards_parameter_counts(name, total, 
     assert abs(count - experts + experts * cfg.num_experts_per_tok / cfg.num_experts - active) / active < 0.03
 
 
-QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=64, hidden_size=16, intermediate_size=32,
-                 moe_intermediate_size=6, num_hidden_layers=6, num_attention_heads=4, num_experts=4,
-                 num_experts_per_tok=2)
-
-
 def test_sparse_layers_follow_mlp_only_layers_and_the_sparse_step():
     assert ModelConfig.from_hf_dict(QWEN3_MOE).moe_layers == (0, 1, 2, 3, 4, 5)
     assert ModelConfig.from_hf_dict({**QWEN3_MOE, "decoder_sparse_step": 2}).moe_layers == (1, 3, 5)
@@ -118,4 +183,13 @@ def test_sparse_layers_follow_mlp_only_layers_and_the_sparse_step():
         ModelConfig.from_hf_dict({**QWEN3_MOE, "num_experts_per_tok": 5})
     with pytest.raises(ValueError, match="expert intermediate size"):
         ModelConfig.from_hf_dict(QWEN3_MOE).for_tp(4)
+
+
+def test_expert_parallelism_needs_the_experts_to_divide_by_tp():
+    """Whole experts per device: the expert count must split evenly (the expert's own size need not)."""
+    assert ModelConfig.from_hf_dict(QWEN3_MOE).for_tp(4, "ep").moe_parallel == "ep"
+    with pytest.raises(ValueError, match=r"--tp 4 must divide the model's 6 experts per layer; use --moe-parallel tp"):
+        ModelConfig.from_hf_dict({**QWEN3_MOE, "num_experts": 6}).for_tp(4, "ep")
+    with pytest.raises(ValueError, match="moe_parallel must be one of"):
+        ModelConfig.from_hf_dict(QWEN3_MOE).for_tp(2, "dp")
 
