@@ -96,12 +96,10 @@ class Engine:
         """Load the model, size the KV pool and build the runner, cache and scheduler; returns the KV pages."""
         hf_config, weights_dir = setup.resolve_model(args)
         self.mesh = setup.make_mesh(args.tp)
-        self.model_config = cfg = setup.resolve_quantization(args, hf_config, self.mesh).for_tp(args.tp, args.moe_parallel)
+        cfg = setup.resolve_quantization(args, hf_config, self.mesh).for_tp(args.tp, args.moe_parallel)
+        self.model_config = cfg
+        setup.log_expert_placement(args, cfg)
         self.model_name = args.model
-        if cfg.moe_layers and args.tp > 1:
-            logger.info("experts: %s over %d devices (%s)", args.moe_parallel, args.tp,
-                        f"{cfg.num_experts // args.tp} whole experts each" if args.moe_parallel == "ep"
-                        else f"{cfg.moe_intermediate_size // args.tp} of each expert's columns each")
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)
         self.weights_bytes = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model)))

@@ -56,13 +56,15 @@ class ModelConfig:
         mixture of experts' experts sliced over the devices (`moe_parallel` "tp") or placed whole ("ep")."""
         if moe_parallel not in MOE_PARALLEL_MODES:
             raise ValueError(f"moe_parallel must be one of {MOE_PARALLEL_MODES}, got {moe_parallel!r}")
-        sizes = [("attention heads", self.num_q_heads), ("intermediate size", self.intermediate_size),
-                 ("vocab size", self.vocab_size)]
-        if moe_parallel == "tp":
-            sizes.append(("expert intermediate size", self.moe_intermediate_size))
-        for name, count in sizes:
+        for name, count in (("attention heads", self.num_q_heads), ("intermediate size", self.intermediate_size),
+                            ("vocab size", self.vocab_size)):
             if count % tp:
                 raise ValueError(f"--tp {tp} must divide the model's {name} ({count})")
+        if moe_parallel == "tp" and self.moe_intermediate_size % tp:
+            raise ValueError(
+                f"--moe-parallel tp slices every expert over the devices: --tp {tp} must divide the model's "
+                f"expert intermediate size ({self.moe_intermediate_size}); --moe-parallel ep keeps experts whole"
+            )
         if moe_parallel == "ep" and self.num_experts % tp:
             raise ValueError(
                 f"--moe-parallel ep places whole experts on each device: --tp {tp} must divide the model's "

@@ -12,11 +12,13 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from minisgl_jax.config import EngineArgs
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, read_hf_config
 from minisgl_jax.models.loader import SafetensorsCheckpoint, load_model
 from minisgl_jax.models.moe import MoE, experts_forward, moe_reference, route
 from minisgl_jax.models.transformer import CausalLM
+from minisgl_jax.server.cli import parse_args
 from tiny_models import save_tiny_checkpoint
 
 HIDDEN, EXPERTS, INTER = 16, 6, 8
@@ -192,4 +194,11 @@ def test_expert_parallelism_needs_the_experts_to_divide_by_tp():
         ModelConfig.from_hf_dict({**QWEN3_MOE, "num_experts": 6}).for_tp(4, "ep")
     with pytest.raises(ValueError, match="moe_parallel must be one of"):
         ModelConfig.from_hf_dict(QWEN3_MOE).for_tp(2, "dp")
+
+
+def test_the_choice_travels_from_the_command_line():
+    assert parse_args(["--model", "m", "--moe-parallel", "ep"])[0].moe_parallel == "ep"
+    assert parse_args(["--model", "m"])[0].moe_parallel == EngineArgs(model="m").moe_parallel == "tp"
+    with pytest.raises(ValueError, match=r"moe_parallel must be one of \('tp', 'ep'\), got 'dp'"):
+        EngineArgs(model="m", moe_parallel="dp").validate()
 
