@@ -7,8 +7,8 @@ index (`jax.lax.top_k`'s order); transformers' `torch.topk` leaves tie order uns
 The expert computation is one grouped GEMM per projection (`jax.lax.ragged_dot`) over the token-expert
 pairs sorted by expert: the T*k pairs (T the bucket's tokens, padding rows included) are gathered
 into expert order, multiplied by their expert's gate/up and down weights, weighted, and summed back
-per token. Every shape is static per bucket ([T*k, ...], group sizes [experts]); only the group
-sizes change with the routing, so no routing pattern recompiles.
+per token. Every shape is static per bucket ([T*k, ...], group sizes [the device's experts]); only
+the group sizes change with the routing, so no routing pattern recompiles.
 
 What a step reads and computes depends on XLA's lowering of the ragged dot. The generic one (CPU;
 NVIDIA GPUs by default: XLA's RaggedDotRewriter) is a dense product over an [experts, T*k, hidden]
@@ -76,8 +76,8 @@ def experts_forward(
     local, hidden, _, inter = gate_up.shape
     flat_ids = ids.reshape(-1) - first_expert
     mine = (flat_ids >= 0) & (flat_ids < local)
-    # Other devices' pairs sort last, as group `local`, which has no weights: they lie beyond the
-    # group sizes' sum, where ragged_dot's rows are not ours to trust (zeros on CPU) and are masked.
+    # Other devices' pairs sort last, as group `local` (no such expert here): they lie past the group
+    # sizes' sum, where ragged_dot's rows are not ours to trust (zeros on CPU), and are masked.
     groups = jnp.where(mine, flat_ids, local)
     order = jnp.argsort(groups, stable=True)  # pair positions (token * k + slot) in expert order
     group_sizes = jnp.bincount(groups, length=local + 1)[:local].astype(jnp.int32)
