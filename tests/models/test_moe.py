@@ -127,8 +127,8 @@ def test_parallel_experts_equal_one_device(mode, tp, experts, per_shard):
     for name, value in (("router", router), ("gate_up", gate_up), ("down", down)):
         param = getattr(block, name)
         param.set_value(jax.device_put(value, NamedSharding(collectives.mesh, param.spec)))
-    whole = 1 if mode == "tp" else tp
-    assert block.gate_up.get_value().addressable_shards[0].data.shape[0] == experts // whole
+    held = experts // tp if mode == "ep" else experts
+    assert all(s.data.shape[0] == held for s in block.gate_up.get_value().addressable_shards)
     graphdef, state = nnx.split(block)
     run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, collectives))
     np.testing.assert_allclose(run(state, x), want, rtol=1e-5, atol=1e-6)
