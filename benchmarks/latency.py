@@ -173,8 +173,7 @@ def main() -> None:
         print(f"| {p['prompt_len']} | {p['ttft_ms']:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(decode=decode, prefill=prefill, overlap=not args.no_overlap, tp=args.tp,
-                           moe_parallel=args.moe_parallel), f, indent=2)
+            json.dump(dict(decode=decode, prefill=prefill, overlap=not args.no_overlap), f, indent=2)
 
 
 if __name__ == "__main__":

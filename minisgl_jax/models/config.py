@@ -42,6 +42,7 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k
     eos_token_ids: list[int] = field(default_factory=list)
     kv_head_replicas: int = 1  # >1 when tensor parallelism has more devices than KV heads
+    moe_parallel: str = "tp"  # the experts over the tp devices: sliced ("tp") or whole ("ep"); set by for_tp
     # Mixture of experts (models/moe.py); num_experts 0 for dense models.
     num_experts: int = 0
     num_experts_per_tok: int = 0  # top-k
@@ -49,7 +50,6 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the expert block; the rest are dense
     quantization: QuantConfig | None = None  # FP8 linear weights (config.json's quantization_config)
-    moe_parallel: str = "tp"  # the experts over the tp devices: sliced ("tp") or whole ("ep"); set by for_tp
 
     def for_tp(self, tp: int, moe_parallel: str = "tp") -> "ModelConfig":
         """The config as sharded over `tp` devices: KV heads repeated when there are fewer than tp; a

@@ -7,8 +7,8 @@ index (`jax.lax.top_k`'s order); transformers' `torch.topk` leaves tie order uns
 The expert computation is one grouped GEMM per projection (`jax.lax.ragged_dot`) over the token-expert
 pairs sorted by expert: the T*k pairs (T the bucket's tokens, padding rows included) are gathered
 into expert order, multiplied by their expert's gate/up and down weights, weighted, and summed back
-per token. Every shape is static per bucket ([T*k, ...], group sizes [the device's experts]); only
-the group sizes change with the routing, so no routing pattern recompiles.
+per token. Every shape is static per bucket ([T*k, ...], group sizes [experts]); only the group
+sizes change with the routing, so no routing pattern recompiles.
 
 What a step reads and computes depends on XLA's lowering of the ragged dot. The generic one (CPU;
 NVIDIA GPUs by default: XLA's RaggedDotRewriter) is a dense product over an [experts, T*k, hidden]
@@ -115,12 +115,11 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
         h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-        self.top_k, self.normalize, self.num_experts = cfg.num_experts_per_tok, cfg.norm_topk_prob, e
-        self.parallel = cfg.moe_parallel
-        gate_up_spec, down_spec = EXPERT_SPECS[self.parallel]
+        self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.router = nnx.Param(jnp.zeros((h, e), dtype), spec=P(None, None))
-        self.gate_up = nnx.Param(jnp.zeros((e, h, 2, i), dtype), spec=gate_up_spec)
-        self.down = nnx.Param(jnp.zeros((e, i, h), dtype), spec=down_spec)
+        self.gate_up = nnx.Param(jnp.zeros((e, h, 2, i), dtype), spec=EXPERT_SPECS[cfg.moe_parallel][0])
+        self.down = nnx.Param(jnp.zeros((e, i, h), dtype), spec=EXPERT_SPECS[cfg.moe_parallel][1])
+        self.parallel, self.num_experts = cfg.moe_parallel, e
 
     def __call__(self, x: jax.Array, collectives: Collectives) -> jax.Array:
         """x: [tokens, hidden] -> [tokens, hidden]."""
