@@ -96,9 +96,7 @@ class Engine:
         """Load the model, size the KV pool and build the runner, cache and scheduler; returns the KV pages."""
         hf_config, weights_dir = setup.resolve_model(args)
         self.mesh = setup.make_mesh(args.tp)
-        cfg = setup.resolve_quantization(args, hf_config, self.mesh).for_tp(args.tp, args.moe_parallel)
-        self.model_config = cfg
-        setup.log_expert_placement(args, cfg)
+        self.model_config = cfg = setup.shard_config(args, setup.resolve_quantization(args, hf_config, self.mesh))
         self.model_name = args.model
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)

@@ -97,15 +97,17 @@ def resolve_quantization(args: EngineArgs, cfg: ModelConfig, mesh: Mesh) -> Mode
     return dataclasses.replace(cfg, quantization=quant)
 
 
-def log_expert_placement(args: EngineArgs, cfg: ModelConfig) -> None:
-    """Say how a mixture of experts' experts lie over the devices (`moe_parallel`), and that the flag
-    does nothing for a dense model."""
+def shard_config(args: EngineArgs, cfg: ModelConfig) -> ModelConfig:
+    """The config as sharded over --tp devices, a mixture of experts' experts placed by --moe-parallel;
+    one line says how they lie (or that the flag does nothing for a dense model)."""
+    cfg = cfg.for_tp(args.tp, args.moe_parallel)
     if cfg.moe_layers and args.tp > 1:
         share = (f"{cfg.num_experts // args.tp} of the {cfg.num_experts} experts whole" if cfg.moe_parallel == "ep"
                  else f"{cfg.moe_intermediate_size // args.tp} of each expert's {cfg.moe_intermediate_size} columns")
         logger.info("experts: moe_parallel %s, %s on each of %d devices", cfg.moe_parallel, share, args.tp)
     elif not cfg.moe_layers and args.moe_parallel != "tp":
         logger.warning("moe_parallel %r changes nothing: %s has no experts", args.moe_parallel, args.model)
+    return cfg
 
 
 def make_mesh(tp: int) -> Mesh:
