@@ -96,7 +96,8 @@ class Engine:
         """Load the model, size the KV pool and build the runner, cache and scheduler; returns the KV pages."""
         hf_config, weights_dir = setup.resolve_model(args)
         self.mesh = setup.make_mesh(args.tp)
-        self.model_config = cfg = setup.resolve_quantization(args, hf_config, self.mesh).for_tp(args.tp)
+        cfg = setup.resolve_moe_backend(args, setup.resolve_quantization(args, hf_config, self.mesh), self.mesh)
+        self.model_config = cfg = cfg.for_tp(args.tp)
         self.model_name = args.model
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)

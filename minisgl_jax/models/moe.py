@@ -4,20 +4,27 @@ Routing: softmax (float32) over the router logits, the top-k experts per token, 
 renormalized to sum to 1 when `norm_topk_prob` (always for Mixtral). Ties go to the lower expert
 index (`jax.lax.top_k`'s order); transformers' `torch.topk` leaves tie order unspecified.
 
-The expert computation is one grouped GEMM per projection (`jax.lax.ragged_dot`) over the token-expert
-pairs sorted by expert: the T*k pairs (T the bucket's tokens, padding rows included) are gathered
-into expert order, multiplied by their expert's gate/up and down weights, weighted, and summed back
-per token. Every shape is static per bucket ([T*k, ...], group sizes [experts]); only the group
-sizes change with the routing, so no routing pattern recompiles.
+The expert computation is one grouped GEMM per projection over the token-expert pairs grouped by
+expert: the T*k pairs (T the bucket's tokens, padding rows included) in expert order, multiplied by
+their expert's gate/up and down weights, weighted, and summed back per token. Every shape is static
+per bucket; only the grouping changes with the routing, so no routing pattern recompiles. Two
+backends (`EXPERT_BACKENDS`, chosen by --moe-backend; auto: pallas on GPUs, ragged_dot elsewhere):
 
-What a step reads and computes depends on XLA's lowering of the ragged dot. The generic one (CPU;
-NVIDIA GPUs by default: XLA's RaggedDotRewriter) is a dense product over an [experts, T*k, hidden]
-masked copy of the pairs: every expert's weights are read once per projection, hit or not, and the
-FLOPs are `experts` times the routed pairs' (128x for Qwen3-MoE: fine for tiny tests, too slow to
-serve). With XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true (Ampere/Hopper, recent
-cuDNN) XLA hands the bf16 ragged dot to a cuDNN grouped-GEMM fusion that computes only the routed
-rows; whether a decode step then reads only the experts hit is what the pending GPU run in
-benchmarks/RESULTS.md measures.
+- `ragged_dot` (`experts_forward`): `jax.lax.ragged_dot` over the [T*k] sorted pairs. What it reads
+  is XLA's lowering: the generic one (CPU; NVIDIA GPUs by default: XLA's RaggedDotRewriter) is a
+  dense product over an [experts, T*k, hidden] masked copy of the pairs, so every expert's weights
+  are read once per projection, hit or not, and the FLOPs are `experts` times the routed pairs'
+  (128x for Qwen3-MoE: fine for tiny tests, too slow to serve). With
+  XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true (Ampere/Hopper, recent cuDNN) XLA
+  hands the bf16 ragged dot to a cuDNN grouped-GEMM fusion that computes only the routed rows.
+- `pallas` (`grouped_gemm_experts`): our Triton-lowered kernel (kernels/src/grouped_gemm.py) over
+  the pairs padded to whole row tiles per expert. It reads only the weights of the experts that some
+  pair is routed to (at most T*k of them: a batch-1 decode step of Qwen3-30B-A3B reads 8 of 128),
+  each once per row tile, and computes the routed rows plus under one tile of padding per expert.
+  On CPU it runs in Pallas interpret mode: correct, slow.
+
+Whether a decode step then moves only the hit experts' bytes, and how the two compare, is what the
+pending GPU runs in benchmarks/RESULTS.md measure (benchmarks/kernel_bench.py --only moe).
 
 Parallelism: each expert is tensor-parallel like the dense MLP (gate/up column-parallel, down
 row-parallel over the expert's intermediate dim, one all-reduce of [T, hidden] per layer through
@@ -38,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.kernels.grouped_gemm import align_to_tiles, default_block_m, grouped_gemm
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.models.config import ModelConfig
 
@@ -74,6 +82,28 @@ def experts_forward(
     return jnp.sum(unsorted.reshape(tokens, k, hidden), axis=1).astype(x.dtype)
 
 
+def grouped_gemm_experts(
+    x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array
+) -> jax.Array:
+    """`experts_forward` through the Pallas grouped GEMM (kernels/src/grouped_gemm.py): the same
+    inputs and result, reading only the experts that some token is routed to.
+
+    The pairs go to the kernel's padded, expert-grouped order once; gate/up gathers x's rows there
+    inside the kernel, down takes the activations in that order, and each pair's row is read back."""
+    tokens, k = ids.shape
+    experts, hidden, _, inter = gate_up.shape
+    layout = align_to_tiles(ids.reshape(-1), experts, default_block_m(tokens * k, experts))
+    h = grouped_gemm(x, gate_up.reshape(experts, hidden, 2 * inter), layout.tile_experts, layout.pair_of_row // k)
+    h = h.reshape(-1, 2, inter)
+    out = grouped_gemm(jax.nn.silu(h[:, 0]) * h[:, 1], down, layout.tile_experts)  # [padded, hidden]
+    out = out[layout.row_of_pair].astype(jnp.float32) * weights.reshape(-1)[:, None]
+    return jnp.sum(out.reshape(tokens, k, hidden), axis=1).astype(x.dtype)
+
+
+# --moe-backend's names (EngineArgs.moe_backend; "auto" is resolved at engine set-up).
+EXPERT_BACKENDS = {"ragged_dot": experts_forward, "pallas": grouped_gemm_experts}
+
+
 def moe_reference(x: jax.Array, router: jax.Array, gate_up: jax.Array, down: jax.Array, top_k: int,
                   normalize: bool) -> jax.Array:
     """The same block token by token with dense per-expert products: the test oracle."""
@@ -90,6 +120,9 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
         h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        if cfg.moe_backend not in EXPERT_BACKENDS:
+            raise ValueError(f"moe_backend must be one of {tuple(EXPERT_BACKENDS)}, got {cfg.moe_backend!r}")
+        self.backend = cfg.moe_backend
         self.router = nnx.Param(jnp.zeros((h, e), dtype), spec=P(None, None))
         self.gate_up = nnx.Param(jnp.zeros((e, h, 2, i), dtype), spec=P(None, None, None, "tp"))
         self.down = nnx.Param(jnp.zeros((e, i, h), dtype), spec=P(None, "tp", None))
@@ -98,4 +131,5 @@ class MoE(nnx.Module):
         """x: [tokens, hidden] -> [tokens, hidden]."""
         ids, weights = route(x, self.router[...], self.top_k, self.normalize)
         specs = (P(), P(), P(), P(None, None, None, "tp"), P(None, "tp", None))
-        return collectives.sum_local(experts_forward, (x, ids, weights, self.gate_up[...], self.down[...]), specs)
+        experts = EXPERT_BACKENDS[self.backend]
+        return collectives.sum_local(experts, (x, ids, weights, self.gate_up[...], self.down[...]), specs)

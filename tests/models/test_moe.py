@@ -1,6 +1,8 @@
 """The mixture-of-experts block: grouped GEMM equals a per-token reference (idle experts included),
-routing ties go to the lower expert, tensor-parallel experts equal one device, configs read right."""
+routing ties go to the lower expert, tensor-parallel experts equal one device, configs read right,
+the Pallas experts equal ragged_dot's."""
 
+import dataclasses
 import functools
 import os
 
@@ -12,9 +14,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.config import EngineArgs
+from minisgl_jax.engine import setup
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, read_hf_config
-from minisgl_jax.models.moe import experts_forward, moe_reference, route
+from minisgl_jax.models.moe import EXPERT_BACKENDS, MoE, experts_forward, moe_reference, route
 from minisgl_jax.models.transformer import CausalLM
 
 HIDDEN, EXPERTS, INTER = 16, 6, 8
@@ -119,3 +123,53 @@ def test_sparse_layers_follow_mlp_only_layers_and_the_sparse_step():
     with pytest.raises(ValueError, match="expert intermediate size"):
         ModelConfig.from_hf_dict(QWEN3_MOE).for_tp(4)
 
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def both_backends(x, router, gate_up, down, top_k: int):
+    ids, w = route(x, router, top_k, True)
+    return tuple(EXPERT_BACKENDS[name](x, ids, w, gate_up, down) for name in ("ragged_dot", "pallas"))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_pallas_experts_equal_ragged_dot_with_idle_experts(top_k):
+    """The Pallas grouped GEMM (interpret mode) computes what ragged_dot does: 13 tokens with an idle
+    expert, and one token (a batch-1 decode step, most experts unread)."""
+    x, router, gate_up, down = weights(top_k + 10, idle=2)
+    for rows in (13, 1):
+        ragged, pallas = both_backends(x[:rows], router, gate_up, down, top_k)
+        np.testing.assert_allclose(pallas, ragged, rtol=1e-5, atol=1e-6)
+
+
+def test_pallas_experts_sharded_over_tp_equal_one_device():
+    """Each device's kernel on its slice of every expert, the partials summed per shard."""
+    x, router, gate_up, down = weights(7, idle=0)
+    ids, want, _ = grouped_and_reference(x, router, gate_up, down, 2, True)
+    w = jax.jit(route, static_argnums=(2, 3))(x, router, 2, True)[1]
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    specs = (P(), P(), P(), P(None, None, None, "tp"), P(None, "tp", None))
+    args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((x, ids, w, gate_up, down), specs)]
+    collectives = Collectives(mesh, per_shard_sum)
+    got = jax.jit(lambda *a: collectives.sum_local(EXPERT_BACKENDS["pallas"], a, specs))(*args)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_layer_runs_the_configured_backend():
+    cfg = dataclasses.replace(ModelConfig.from_hf_dict({**QWEN3_MOE, "hidden_size": HIDDEN, "num_experts": EXPERTS,
+                                                        "moe_intermediate_size": INTER}), moe_backend="pallas")
+    x, router, gate_up, down = weights(9)
+    layer = MoE(cfg, jnp.float32)
+    for name, value in (("router", router), ("gate_up", gate_up), ("down", down)):
+        getattr(layer, name).set_value(jnp.asarray(value))
+    collectives = Collectives(Mesh(np.array(jax.devices()[:1]), ("tp",)), None)
+    want = grouped_and_reference(x, router, gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)[2]
+    np.testing.assert_allclose(layer(jnp.asarray(x), collectives), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"moe_backend must be one of \('ragged_dot', 'pallas'\)"):
+        MoE(dataclasses.replace(cfg, moe_backend="auto"), jnp.float32)
+
+
+def test_moe_backend_flag_auto_means_ragged_dot_off_the_gpu():
+    cfg, mesh = ModelConfig.from_hf_dict(QWEN3_MOE), Mesh(np.array(jax.devices()[:1]), ("tp",))
+    assert setup.resolve_moe_backend(EngineArgs(model="m"), cfg, mesh).moe_backend == "ragged_dot"
+    assert setup.resolve_moe_backend(EngineArgs(model="m", moe_backend="pallas"), cfg, mesh).moe_backend == "pallas"
+    with pytest.raises(ValueError, match=r"moe_backend must be one of \('auto', 'ragged_dot', 'pallas'\)"):
+        EngineArgs(model="m", moe_backend="cudnn").validate()
