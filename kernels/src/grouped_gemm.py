@@ -204,9 +204,9 @@ def grouped_gemm(
     _, k, n = w.shape
     block_n, block_k = fit_block(n, block_n), fit_block(k, block_k)
     interpret = resolve_interpret(interpret)
-    if not interpret and (block_m < MIN_TILE or grouped_gemm_unsupported(k, n)):
-        raise ValueError(f"grouped_gemm on the GPU: block_m is {block_m} (at least {MIN_TILE}); "
-                         f"{grouped_gemm_unsupported(k, n)}")
+    if not interpret and min(block_m, block_n, block_k) < MIN_TILE:
+        raise ValueError(f"grouped_gemm on the GPU needs tiles of at least {MIN_TILE} (Triton's dots), got "
+                         f"block_m {block_m}, block_n {block_n} (N={n}), block_k {block_k} (K={k})")
     kernel = functools.partial(_gemm_kernel, block_m=block_m, block_n=block_n, block_k=block_k, group_m=group_m,
                                gather=rows is not None, scaled=scale is not None)
     operands = [tile_experts, *([] if rows is None else [rows]), x, w, *([] if scale is None else [scale])]

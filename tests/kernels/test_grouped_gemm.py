@@ -102,3 +102,5 @@ def test_inputs_are_checked_by_name():
         grouped_gemm(x, w.astype(jnp.float32), tiles, rows)
     with pytest.raises(ValueError, match="multiple of the 3 tiles"):
         grouped_gemm(x, w.astype(jnp.bfloat16), jnp.zeros((3,), jnp.int32), rows)
+    with pytest.raises(ValueError, match=r"tiles of at least 16 .* block_k 8 \(K=8\)"):
+        grouped_gemm(x[:, :8], w[:, :8].astype(jnp.bfloat16), tiles, rows, interpret=False)
