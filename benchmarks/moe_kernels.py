@@ -28,9 +28,16 @@ from minisgl_jax.models.moe import EXPERT_BACKENDS
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8  # Qwen3-30B-A3B
 TOKEN_COUNTS = (1, 8, 64, 256, 4096)
 # (block_m or None for the default, block_n, block_k, num_warps, num_stages) of the gate/up kernel alone;
-# the first is the default tiling.
-KERNEL_VARIANTS = [(None, 64, 64, 4, 3), (None, 128, 64, 4, 3), (None, 64, 128, 4, 3), (None, 128, 128, 8, 3),
-                   (None, 64, 64, 4, 4), (32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
+# the first is the default tiling. The ones marked are vLLM's tuned H100 choices for these shapes
+# (fused_moe configs E=128,N=768) at the token counts named, for a kernel of the same structure.
+KERNEL_VARIANTS = [
+    (None, 64, 64, 4, 3), (None, 128, 64, 4, 3), (None, 64, 128, 4, 3), (None, 128, 128, 8, 3),
+    (None, 32, 64, 4, 4),  # vLLM, 1 token
+    (None, 256, 128, 8, 3),  # vLLM, 64-128 tokens
+    (32, 256, 128, 8, 3),  # vLLM, 256 tokens
+    (64, 128, 64, 4, 3),  # vLLM, 512 tokens
+    (128, 256, 64, 8, 4),  # vLLM, >= 1536 tokens
+]
 
 
 def ragged_dot_label() -> str:
