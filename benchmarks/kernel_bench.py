@@ -1,4 +1,4 @@
-"""GPU benchmark of the paged-attention kernels against the measured floors and the baselines.
+"""GPU benchmark of the paged-attention and MoE kernels against the measured floors and the baselines.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernel_bench.py [--out DIR] [--kv-dtype fp8]
 
@@ -8,6 +8,7 @@ KV read; prefill vs cuDNN in TFLOP/s; a mixed batch vs its two halves; the KV sc
 Prints the table last and writes every number to DIR/kernels.json. `--kv-dtype fp8` makes every
 pool float8_e4m3fn (an FP8 KV cache: the kernels convert each loaded page to bf16), so decode's
 GB/s count one byte an element; the Mosaic kernel and jax's bundled one take no FP8 pages.
+`--only moe`: the experts' grouped GEMM, Pallas against ragged_dot (moe_kernels.py says how).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from moe_kernels import bench_moe, print_moe
 from roofline import measure_copy_bandwidth
 
 from minisgl_jax.kernels import (
@@ -377,7 +379,8 @@ def print_table(r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for kernels.json")
-    parser.add_argument("--only", default="correctness,decode,prefill,mixed,kv_write,cascade", help="comma-separated parts")
+    parser.add_argument("--only", default="correctness,decode,prefill,mixed,kv_write,cascade,moe",
+                        help="comma-separated parts")
     parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16",
                         help="the pools' dtype: fp8 times the kernels over FP8 pages (correctness,decode,cascade)")
     args = parser.parse_args()
@@ -390,7 +393,8 @@ def main() -> None:
     results["copy_bw"] = measure_copy_bandwidth()
     print(f"copy ceiling {results['copy_bw'] / 1e9:.0f} GB/s")
     steps = {"correctness": check_correctness, "decode": lambda r: bench_decode(r, r["copy_bw"]),
-             "prefill": bench_prefill, "mixed": bench_mixed, "kv_write": bench_kv_write, "cascade": bench_cascade}
+             "prefill": bench_prefill, "mixed": bench_mixed, "kv_write": bench_kv_write, "cascade": bench_cascade,
+             "moe": lambda r: bench_moe(r, timed)}
     for part in parts:
         try:
             steps[part](results)
@@ -399,6 +403,8 @@ def main() -> None:
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
     print_table(results)
+    if "moe" in results:
+        print_moe(results, results["copy_bw"])
 
 
 if __name__ == "__main__":

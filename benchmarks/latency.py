@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--quantization", default=None, help="fp8: FP8 weights (random block-wise ones with dummy)")
     parser.add_argument("--attention-backend", default="pallas")
+    parser.add_argument("--moe-backend", default="auto", help="experts' grouped GEMM: auto, ragged_dot, pallas")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--context", type=int, default=1024)
@@ -151,7 +152,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(
         args.model, load_format=args.load_format, quantization=args.quantization,
-        attention_backend=args.attention_backend, cache="naive", kv_cache_dtype=args.kv_cache_dtype,
+        attention_backend=args.attention_backend, moe_backend=args.moe_backend, cache="naive", kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, overlap=not args.no_overlap,
         decode_steps=args.decode_steps, tp=args.tp, moe_parallel=args.moe_parallel, num_pages=args.num_pages,
         all_reduce=args.all_reduce,
@@ -173,7 +174,8 @@ def main() -> None:
         print(f"| {p['prompt_len']} | {p['ttft_ms']:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(decode=decode, prefill=prefill, overlap=not args.no_overlap), f, indent=2)
+            json.dump(dict(decode=decode, prefill=prefill, overlap=not args.no_overlap,
+                           moe_backend=llm.engine.model_config.moe_backend), f, indent=2)
 
 
 if __name__ == "__main__":

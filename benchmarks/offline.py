@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--attention-backend", default="pallas")
+    parser.add_argument("--moe-backend", default="auto", help="experts' grouped GEMM: auto, ragged_dot, pallas")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--no-overlap", action="store_true")
@@ -73,6 +74,7 @@ def main() -> None:
     llm = LLM(
         args.model, load_format=args.load_format, quantization=args.quantization, page_size=args.page_size, max_prefill_tokens=args.max_prefill_tokens,
         max_running_requests=args.max_running_requests, attention_backend=args.attention_backend, dtype=args.dtype,
+        moe_backend=args.moe_backend,
         kv_cache_dtype=args.kv_cache_dtype,
         overlap=not args.no_overlap, decode_steps=args.decode_steps, burst_max_rows=args.burst_max_rows,
         background_compile=args.background_compile, num_pages=args.num_pages,
@@ -103,7 +105,7 @@ def main() -> None:
         warmup_seconds=engine.warmup_seconds, steps=engine.stats()["steps"], burst_steps=engine.stats()["burst_steps"],
         decode_steps=args.decode_steps, burst_max_rows=engine.buckets.burst_max_rows,
         retractions=engine.stats()["num_retractions"], overlap=not args.no_overlap,
-        attention_backend=args.attention_backend, page_size=args.page_size,
+        attention_backend=args.attention_backend, moe_backend=engine.model_config.moe_backend, page_size=args.page_size,
         max_prefill_tokens=args.max_prefill_tokens, kv_pages=engine.allocator.num_usable,
         kv_cache_dtype=args.kv_cache_dtype, kv_tokens=engine.allocator.num_usable * args.page_size,
         host_s=engine.timing["step_s"] - engine.timing["wait_s"], wait_for_device_s=engine.timing["wait_s"],

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, spec: str) -> dict:
         tp = int(tp)
         engine = Engine(EngineArgs(
             model=model, load_format="dummy", quantization=args.quantization, tp=tp, moe_parallel=args.moe_parallel,
-            dtype=args.dtype,
+            moe_backend=args.moe_backend, dtype=args.dtype,
             kv_cache_dtype=args.kv_cache_dtype, cache="naive", max_model_len=args.max_model_len,
             compile_cache_dir=args.compile_cache_dir, max_running_requests=args.max_running_requests,
             decode_steps=args.decode_steps, all_reduce=all_reduce or "auto", burst_max_rows=args.burst_max_rows,
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, spec: str) -> dict:
                                        engine.weights_bytes // tp)
     roof_seconds = roof_bytes / args.copy_bandwidth if args.copy_bandwidth else float("nan")
     result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode,
-                  moe_parallel=engine.model_config.moe_parallel,
+                  moe_parallel=engine.model_config.moe_parallel, moe_backend=engine.model_config.moe_backend,
                   seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds, startup_s=startup,
                   kv_pages=engine.allocator.num_usable, greedy=greedy, timing=timing,
                   weights_bytes=engine.weights_bytes, fraction_of_roofline=roof_seconds / seconds)
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8_e4m3")
     parser.add_argument("--quantization", default=None, help="fp8: random block-wise FP8 weights")
     parser.add_argument("--moe-parallel", default="tp", help="tp or ep: a mixture of experts' experts at tp > 1")
+    parser.add_argument("--moe-backend", default="auto", help="experts' grouped GEMM: auto, ragged_dot, pallas")
     parser.add_argument("--decode-steps", type=int, default=4, help="1: no decode bursts")
     parser.add_argument("--burst-max-rows", type=int, default=None, help="the most rows a burst may have")
     parser.add_argument("--background-compile", action="store_true", help=BACKGROUND_COMPILE_HELP)

@@ -11,6 +11,7 @@ DTYPES = ("bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # auto: the model's dtype
 LOAD_FORMATS = ("auto", "dummy")
 MOE_PARALLEL_MODES = ("tp", "ep")  # models/moe.py's docstring weighs the two
+MOE_BACKENDS = ("auto", "ragged_dot", "pallas")  # auto: pallas on GPUs, ragged_dot elsewhere (engine/setup.py)
 QUANTIZATIONS = ("fp8",)
 
 
@@ -23,6 +24,8 @@ class EngineArgs:
     num_pages None sizes the KV pool from mem_fraction of the device memory left after weights.
     kv_cache_dtype "fp8_e4m3" stores K/V as float8_e4m3fn, divided by the checkpoint's per-layer
     k/v scales (1.0 where it has none): twice the tokens of a bf16 pool in the same memory.
+    moe_backend picks the experts' grouped GEMM of mixture-of-experts models (models/moe.py says what
+    each reads).
     """
 
     model: str
@@ -41,6 +44,7 @@ class EngineArgs:
     max_model_len: int | None = None
     cache: str = "radix"
     attention_backend: str = "pallas"
+    moe_backend: str = "auto"
     tp: int = 1
     # Mixtures of experts under tp > 1: "tp" slices every expert over the devices, "ep" places whole
     # experts (experts / tp per device); tp until the GPU runs say which is faster (models/moe.py).
@@ -85,6 +89,8 @@ class EngineArgs:
         for name in self.attention_backends:
             if name not in ATTENTION_BACKENDS:
                 raise ValueError(f"attention_backend must name one of {ATTENTION_BACKENDS}, got {name!r}")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
         if self.num_pages is not None and self.num_pages < 2:

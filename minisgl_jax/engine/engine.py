@@ -96,7 +96,8 @@ class Engine:
         """Load the model, size the KV pool and build the runner, cache and scheduler; returns the KV pages."""
         hf_config, weights_dir = setup.resolve_model(args)
         self.mesh = setup.make_mesh(args.tp)
-        self.model_config = cfg = setup.shard_config(args, setup.resolve_quantization(args, hf_config, self.mesh))
+        cfg = setup.resolve_moe_backend(args, setup.resolve_quantization(args, hf_config, self.mesh), self.mesh)
+        self.model_config = cfg = setup.shard_config(args, cfg)
         self.model_name = args.model
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = load_model(cfg, weights_dir, dtype, self.mesh, dummy_seed=args.seed)

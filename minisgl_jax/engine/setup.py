@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from minisgl_jax.config import EngineArgs
 from minisgl_jax.engine import multihost
+from minisgl_jax.kernels.grouped_gemm import grouped_gemm_unsupported
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
 from minisgl_jax.models.quantization import QuantConfig
 
@@ -108,6 +109,28 @@ def shard_config(args: EngineArgs, cfg: ModelConfig) -> ModelConfig:
     elif not cfg.moe_layers and args.moe_parallel != "tp":
         logger.warning("moe_parallel %r changes nothing: %s has no experts", args.moe_parallel, args.model)
     return cfg
+
+
+def resolve_moe_backend(args: EngineArgs, cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
+    """The config with the experts' grouped GEMM: --moe-backend, auto meaning the Pallas kernel on GPUs
+    (ragged_dot's default GPU lowering reads every expert's weights; models/moe.py) and ragged_dot
+    elsewhere (the kernel would run interpreted). Dense models keep the default."""
+    if not cfg.moe_layers:
+        return cfg
+    on_gpu = mesh.devices.flat[0].platform == "gpu"
+    tp = mesh.shape["tp"]
+    # Each device's experts: gate_up [hidden, 2 * inter / tp] and down [inter / tp, hidden] under
+    # --moe-parallel tp; whole experts under ep.
+    width = cfg.moe_intermediate_size if args.moe_parallel == "ep" else cfg.moe_intermediate_size // tp
+    unsupported = grouped_gemm_unsupported(cfg.hidden_size, width)
+    backend = args.moe_backend
+    if backend == "auto":
+        backend = "pallas" if on_gpu and unsupported is None else "ragged_dot"
+        if on_gpu and unsupported:
+            logger.info("experts' grouped GEMM: ragged_dot, as the Pallas kernel cannot tile them (%s)", unsupported)
+    elif backend == "pallas" and on_gpu and unsupported:
+        raise ValueError(f"--moe-backend pallas: {unsupported} at --tp {tp}; use --moe-backend ragged_dot")
+    return dataclasses.replace(cfg, moe_backend=backend)
 
 
 def make_mesh(tp: int) -> Mesh:

@@ -50,6 +50,7 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the expert block; the rest are dense
     quantization: QuantConfig | None = None  # FP8 linear weights (config.json's quantization_config)
+    moe_backend: str = "ragged_dot"  # the experts' grouped GEMM: "ragged_dot" or "pallas" (models/moe.py)
 
     def for_tp(self, tp: int, moe_parallel: str = "tp") -> "ModelConfig":
         """The config as sharded over `tp` devices: KV heads repeated when there are fewer than tp; a

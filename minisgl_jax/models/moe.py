@@ -4,20 +4,27 @@ Routing: softmax (float32) over the router logits, the top-k experts per token, 
 renormalized to sum to 1 when `norm_topk_prob` (always for Mixtral). Ties go to the lower expert
 index (`jax.lax.top_k`'s order); transformers' `torch.topk` leaves tie order unspecified.
 
-The expert computation is one grouped GEMM per projection (`jax.lax.ragged_dot`) over the token-expert
-pairs sorted by expert: the T*k pairs (T the bucket's tokens, padding rows included) are gathered
-into expert order, multiplied by their expert's gate/up and down weights, weighted, and summed back
-per token. Every shape is static per bucket ([T*k, ...], group sizes [experts]); only the group
-sizes change with the routing, so no routing pattern recompiles.
+The expert computation is one grouped GEMM per projection over the token-expert pairs grouped by
+expert: the T*k pairs (T the bucket's tokens, padding rows included) in expert order, multiplied by
+their expert's gate/up and down weights, weighted, and summed back per token. Every shape is static
+per bucket; only the grouping changes with the routing, so no routing pattern recompiles. Two
+backends (`EXPERT_BACKENDS`, chosen by --moe-backend; auto: pallas on GPUs, ragged_dot elsewhere):
 
-What a step reads and computes depends on XLA's lowering of the ragged dot. The generic one (CPU;
-NVIDIA GPUs by default: XLA's RaggedDotRewriter) is a dense product over an [experts, T*k, hidden]
-masked copy of the pairs: every expert's weights are read once per projection, hit or not, and the
-FLOPs are `experts` times the routed pairs' (128x for Qwen3-MoE: fine for tiny tests, too slow to
-serve). With XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true (Ampere/Hopper, recent
-cuDNN) XLA hands the bf16 ragged dot to a cuDNN grouped-GEMM fusion that computes only the routed
-rows; whether a decode step then reads only the experts hit is what the pending GPU run in
-benchmarks/RESULTS.md measures.
+- `ragged_dot` (`experts_forward`): `jax.lax.ragged_dot` over the [T*k] sorted pairs. What it reads
+  is XLA's lowering: the generic one (CPU; NVIDIA GPUs by default: XLA's RaggedDotRewriter) is a
+  dense product over an [experts, T*k, hidden] masked copy of the pairs, so every expert's weights
+  are read once per projection, hit or not, and the FLOPs are `experts` times the routed pairs'
+  (128x for Qwen3-MoE: fine for tiny tests, too slow to serve). With
+  XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true (Ampere/Hopper, recent cuDNN) XLA
+  hands the bf16 ragged dot to a cuDNN grouped-GEMM fusion that computes only the routed rows.
+- `pallas` (`grouped_gemm_experts`): our Triton-lowered kernel (kernels/src/grouped_gemm.py) over
+  the pairs padded to whole row tiles per expert. It reads only the weights of the experts that some
+  pair is routed to (at most T*k of them: a batch-1 decode step of Qwen3-30B-A3B reads 8 of 128),
+  each once per row tile, and computes the routed rows plus under one tile of padding per expert.
+  On CPU it runs in Pallas interpret mode: correct, slow.
+
+Whether a decode step then moves only the hit experts' bytes, and how the two compare, is what the
+pending GPU runs in benchmarks/RESULTS.md measure (benchmarks/kernel_bench.py --only moe).
 
 Parallelism (`--moe-parallel`; attention stays as it is either way). Tokens are replicated on every
 device at the block's input (attention's output is all-reduced), so neither choice exchanges tokens:
@@ -47,6 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from minisgl_jax.kernels.grouped_gemm import align_to_tiles, default_block_m, grouped_gemm
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.models.config import ModelConfig
 
@@ -91,6 +99,35 @@ def experts_forward(
     return jnp.sum(unsorted.reshape(tokens, k, hidden), axis=1).astype(x.dtype)
 
 
+def grouped_gemm_experts(
+    x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
+    first_expert: jax.Array | int = 0,
+) -> jax.Array:
+    """`experts_forward` through the Pallas grouped GEMM (kernels/src/grouped_gemm.py): the same
+    inputs and result, reading only the experts that some token is routed to.
+
+    The pairs go to the kernel's padded, expert-grouped order once; gate/up gathers x's rows there
+    inside the kernel, down takes the activations in that order, and each pair's row is read back.
+    Pairs routed to another device's experts (expert parallelism) form one extra group whose tiles
+    are marked unused: the kernel skips them and their rows are masked to zero."""
+    tokens, k = ids.shape
+    local, hidden, _, inter = gate_up.shape
+    flat_ids = ids.reshape(-1) - first_expert
+    mine = (flat_ids >= 0) & (flat_ids < local)
+    layout = align_to_tiles(jnp.where(mine, flat_ids, local), local + 1, default_block_m(tokens * k, local))
+    tile_experts = jnp.where(layout.tile_experts == local, -1, layout.tile_experts)
+    h = grouped_gemm(x, gate_up.reshape(local, hidden, 2 * inter), tile_experts, layout.pair_of_row // k)
+    h = h.reshape(-1, 2, inter)
+    out = grouped_gemm(jax.nn.silu(h[:, 0]) * h[:, 1], down, tile_experts)  # [padded, hidden]
+    out = out[layout.row_of_pair].astype(jnp.float32) * weights.reshape(-1)[:, None]
+    out = jnp.where(mine[:, None], out, 0.0)
+    return jnp.sum(out.reshape(tokens, k, hidden), axis=1).astype(x.dtype)
+
+
+# --moe-backend's names (EngineArgs.moe_backend; "auto" is resolved at engine set-up).
+EXPERT_BACKENDS = {"ragged_dot": experts_forward, "pallas": grouped_gemm_experts}
+
+
 def moe_reference(x: jax.Array, router: jax.Array, gate_up: jax.Array, down: jax.Array, top_k: int,
                   normalize: bool) -> jax.Array:
     """The same block token by token with dense per-expert products: the test oracle."""
@@ -116,6 +153,9 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype) -> None:
         h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        if cfg.moe_backend not in EXPERT_BACKENDS:
+            raise ValueError(f"moe_backend must be one of {tuple(EXPERT_BACKENDS)}, got {cfg.moe_backend!r}")
+        self.backend = cfg.moe_backend
         self.router = nnx.Param(jnp.zeros((h, e), dtype), spec=P(None, None))
         self.gate_up = nnx.Param(jnp.zeros((e, h, 2, i), dtype), spec=EXPERT_SPECS[cfg.moe_parallel][0])
         self.down = nnx.Param(jnp.zeros((e, i, h), dtype), spec=EXPERT_SPECS[cfg.moe_parallel][1])
@@ -132,4 +172,4 @@ class MoE(nnx.Module):
         """One device's partial sum; under expert parallelism its experts start at its index times their count."""
         local = gate_up.shape[0]
         first = 0 if local == self.num_experts else jax.lax.axis_index("tp") * local
-        return experts_forward(x, ids, weights, gate_up, down, first)
+        return EXPERT_BACKENDS[self.backend](x, ids, weights, gate_up, down, first)

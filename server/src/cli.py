@@ -14,6 +14,7 @@ from minisgl_jax.config import (
     DTYPES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
+    MOE_BACKENDS,
     MOE_PARALLEL_MODES,
     QUANTIZATIONS,
     EngineArgs,
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="radix shares KV pages of common prefixes across requests; naive does not")
     engine.add_argument("--attention-backend", default=d.attention_backend,
                         help=f"one of {ATTENTION_BACKENDS}, or PREFILL,DECODE (e.g. mosaic,pallas: the Hopper prefill kernel)")
+    engine.add_argument("--moe-backend", choices=MOE_BACKENDS, default=d.moe_backend,
+                        help="the experts' grouped GEMM (mixture-of-experts models): pallas reads only the experts "
+                             "a step routes to; ragged_dot is XLA's (dense on GPUs unless its cuDNN fusion flag is "
+                             "on); auto: pallas on GPUs, ragged_dot elsewhere")
     engine.add_argument("--no-overlap", action="store_true", help="read each step's tokens before the next step")
     engine.add_argument("--decode-steps", type=int, default=d.decode_steps,
                         help="decode steps per launch for small decode batches when nothing waits (1: off)")
@@ -194,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
         load_format=a.load_format, quantization=a.quantization, page_size=a.page_size,
         num_pages=a.num_pages, mem_fraction=a.mem_fraction, max_running_requests=a.max_running_requests,
         max_prefill_tokens=a.max_prefill_tokens, max_model_len=a.max_model_len, cache=a.cache,
-        attention_backend=a.attention_backend, tp=a.tp, all_reduce=a.all_reduce, overlap=not a.no_overlap,
+        attention_backend=a.attention_backend, moe_backend=a.moe_backend, tp=a.tp, all_reduce=a.all_reduce, overlap=not a.no_overlap,
         decode_steps=a.decode_steps,
         burst_max_rows=a.burst_max_rows,
         moe_parallel=a.moe_parallel,

@@ -1,7 +1,8 @@
 """Every Triton-lowered kernel lowers for the GPU from this CPU (`lowering_platforms=("cuda",)`): the
 interpreter runs the kernels' jnp semantics but never our own lowering rules or Triton's, so a rule
 that builds bad IR (the peer all-reduce's ticket once took a literal operand) shows only here or on a
-GPU. Each pool dtype the engine can make, bfloat16 and FP8 pages included."""
+GPU. Each pool dtype the engine can make, bfloat16 and FP8 pages included; the experts' grouped GEMM
+with bfloat16 and FP8 weights."""
 
 import functools
 
@@ -12,6 +13,7 @@ from paged_inputs import make_batch
 from test_cascade_attention import make_cascade_batch
 
 from minisgl_jax.kernels import cascade_decode_attention, paged_decode_attention, ragged_paged_attention
+from minisgl_jax.kernels.grouped_gemm import align_to_tiles, grouped_gemm
 from minisgl_jax.kernels.peer_allreduce import PeerLayout, peer_all_gather, peer_all_reduce
 
 POOL_DTYPES = [jnp.bfloat16, jnp.float8_e4m3fn]
@@ -36,6 +38,20 @@ def test_attention_kernels_lower_for_the_gpu(pool_dtype):
     q, k, v = q.astype(jnp.bfloat16), k.astype(pool_dtype), v.astype(pool_dtype)
     lowers_for_gpu(functools.partial(cascade_decode_attention, sm_scale=0.3, interpret=False),
                    q, k, v, lens, table, cu, prefix_lens, rows)
+
+
+@pytest.mark.parametrize("weight_dtype", [jnp.bfloat16, jnp.float8_e4m3fn], ids=lambda d: jnp.dtype(d).name)
+def test_grouped_gemm_lowers_for_the_gpu(weight_dtype):
+    """Both projections' calls (x gathered in the kernel; x in padded order), Qwen3-30B-A3B's expert
+    shapes at tp=2 for a decode step of 4 tokens x top-8; FP8 weights with their scales."""
+    experts, hidden, inter = 128, 2048, 384
+    layout = align_to_tiles(jnp.arange(32, dtype=jnp.int32) % experts, experts, 16)
+    x = jnp.zeros((4, hidden), jnp.bfloat16)
+    act = jnp.zeros((layout.pair_of_row.shape[0], inter), jnp.bfloat16)
+    for x_in, rows, k, n in ((x, layout.pair_of_row // 8, hidden, 2 * inter), (act, None, inter, hidden)):
+        w = jnp.zeros((experts, k, n), weight_dtype)
+        scale = jnp.ones((experts, n), jnp.float32) if weight_dtype == jnp.float8_e4m3fn else None
+        lowers_for_gpu(functools.partial(grouped_gemm, interpret=False), x_in, w, layout.tile_experts, rows, scale)
 
 
 @pytest.mark.parametrize("num_devices", [1, 2])

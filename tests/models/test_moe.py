@@ -1,7 +1,8 @@
 """The mixture-of-experts block: grouped GEMM equals a per-token reference (idle experts included),
 routing ties go to the lower expert, tensor- and expert-parallel experts equal one device, configs
-read right."""
+read right, the Pallas experts equal ragged_dot's."""
 
+import dataclasses
 import functools
 import os
 
@@ -13,10 +14,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from minisgl_jax.config import EngineArgs
+from minisgl_jax.engine import setup
 from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, read_hf_config
 from minisgl_jax.models.loader import SafetensorsCheckpoint, load_model
-from minisgl_jax.models.moe import MoE, experts_forward, moe_reference, route
+from minisgl_jax.models.moe import EXPERT_BACKENDS, MoE, experts_forward, moe_reference, route
 from minisgl_jax.models.transformer import CausalLM
 from minisgl_jax.server.cli import parse_args
 from tiny_models import save_tiny_checkpoint
@@ -98,28 +100,33 @@ def per_shard_sum(partial: jax.Array, index: int) -> jax.Array:
     return jax.lax.psum(partial, "tp")
 
 
-def sharded_block(mode: str, tp: int, experts: int, per_shard: bool) -> tuple[MoE, Collectives]:
-    """The MoE module of a 2-of-`experts` model as `--moe-parallel mode --tp tp` builds it, and the step's
-    collectives: XLA's sums, or the per-shard path of the GPUs' psum and peer all-reduce."""
+def sharded_block(mode: str, tp: int, experts: int, per_shard: bool, backend: str) -> tuple[MoE, Collectives]:
+    """The MoE module of a 2-of-`experts` model as `--moe-parallel mode --tp tp --moe-backend backend`
+    builds it, and the step's collectives: XLA's sums, or the per-shard path of the GPUs' psum and peer
+    all-reduce."""
     hf = {**QWEN3_MOE, "hidden_size": HIDDEN, "num_experts": experts, "moe_intermediate_size": INTER,
           "norm_topk_prob": True}
-    cfg = ModelConfig.from_hf_dict(hf).for_tp(tp, mode)
+    cfg = dataclasses.replace(ModelConfig.from_hf_dict(hf).for_tp(tp, mode), moe_backend=backend)
     mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
     return MoE(cfg, jnp.float32), Collectives(mesh, per_shard_sum if per_shard else None)
 
 
-PARALLEL_CASES = [("tp", 2, 6), ("tp", 4, 6), ("ep", 2, 6), ("ep", 4, 8), ("ep", 4, 4)]
+PARALLEL_CASES = [  # (moe_parallel, tp, experts, moe_backend); the Pallas kernel runs interpreted here
+    ("tp", 2, 6, "ragged_dot"), ("tp", 4, 6, "ragged_dot"), ("ep", 2, 6, "ragged_dot"), ("ep", 4, 8, "ragged_dot"),
+    ("ep", 4, 4, "ragged_dot"), ("tp", 2, 6, "pallas"), ("ep", 4, 4, "pallas"),
+]
 
 
-@pytest.mark.parametrize("mode,tp,experts", PARALLEL_CASES, ids=[f"{m}{t}-{e}experts" for m, t, e in PARALLEL_CASES])
+@pytest.mark.parametrize("mode,tp,experts,backend", PARALLEL_CASES,
+                         ids=[f"{m}{t}-{e}experts-{b}" for m, t, e, b in PARALLEL_CASES])
 @pytest.mark.parametrize("per_shard", [False, True], ids=["xla", "per-shard"])
-def test_parallel_experts_equal_one_device(mode, tp, experts, per_shard):
+def test_parallel_experts_equal_one_device(mode, tp, experts, backend, per_shard):
     """tp: each expert's intermediate dim sharded (every device holds a slice of every expert); ep:
     whole experts per device, each device computing only its experts' pairs (4 experts at tp=4: one
     expert a device, fewer than top-k). The summed partials equal the unsharded block. The last
     device's experts are never routed (under ep a device with no pair), and one token leaves most
     devices without a pair."""
-    block, collectives = sharded_block(mode, tp, experts, per_shard)
+    block, collectives = sharded_block(mode, tp, experts, per_shard, backend)
     idle = range(experts - experts // tp, experts) if mode == "ep" else (0,)
     x, router, gate_up, down = weights(7, idle=tuple(idle), experts=experts)
     ids, want, _ = grouped_and_reference(x, router, gate_up, down, 2, True)
@@ -202,3 +209,40 @@ def test_the_choice_travels_from_the_command_line():
     with pytest.raises(ValueError, match=r"moe_parallel must be one of \('tp', 'ep'\), got 'dp'"):
         EngineArgs(model="m", moe_parallel="dp").validate()
 
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def both_backends(x, router, gate_up, down, top_k: int):
+    ids, w = route(x, router, top_k, True)
+    return tuple(EXPERT_BACKENDS[name](x, ids, w, gate_up, down) for name in ("ragged_dot", "pallas"))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_pallas_experts_equal_ragged_dot_with_idle_experts(top_k):
+    """The Pallas grouped GEMM (interpret mode) computes what ragged_dot does: 13 tokens with an idle
+    expert, and one token (a batch-1 decode step, most experts unread)."""
+    x, router, gate_up, down = weights(top_k + 10, idle=(2,))
+    for rows in (13, 1):
+        ragged, pallas = both_backends(x[:rows], router, gate_up, down, top_k)
+        np.testing.assert_allclose(pallas, ragged, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_layer_runs_the_configured_backend():
+    cfg = dataclasses.replace(ModelConfig.from_hf_dict({**QWEN3_MOE, "hidden_size": HIDDEN, "num_experts": EXPERTS,
+                                                        "moe_intermediate_size": INTER}), moe_backend="pallas")
+    x, router, gate_up, down = weights(9)
+    layer = MoE(cfg, jnp.float32)
+    for name, value in (("router", router), ("gate_up", gate_up), ("down", down)):
+        getattr(layer, name).set_value(jnp.asarray(value))
+    collectives = Collectives(Mesh(np.array(jax.devices()[:1]), ("tp",)), None)
+    want = grouped_and_reference(x, router, gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)[2]
+    np.testing.assert_allclose(layer(jnp.asarray(x), collectives), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"moe_backend must be one of \('ragged_dot', 'pallas'\)"):
+        MoE(dataclasses.replace(cfg, moe_backend="auto"), jnp.float32)
+
+
+def test_moe_backend_flag_auto_means_ragged_dot_off_the_gpu():
+    cfg, mesh = ModelConfig.from_hf_dict(QWEN3_MOE), Mesh(np.array(jax.devices()[:1]), ("tp",))
+    assert setup.resolve_moe_backend(EngineArgs(model="m"), cfg, mesh).moe_backend == "ragged_dot"
+    assert setup.resolve_moe_backend(EngineArgs(model="m", moe_backend="pallas"), cfg, mesh).moe_backend == "pallas"
+    with pytest.raises(ValueError, match=r"moe_backend must be one of \('auto', 'ragged_dot', 'pallas'\)"):
+        EngineArgs(model="m", moe_backend="cudnn").validate()
