@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from report import emit  # noqa: E402
-from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
+from roofline import Experts, decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
 
 from minisgl_jax import LLM, SamplingParams  # noqa: E402
 from minisgl_jax.engine import warmup  # noqa: E402
@@ -95,7 +95,9 @@ def main() -> None:
     assert out_tokens == sum(output_lens), (out_tokens, sum(output_lens))
     engine.check_kv_invariant()
     kv_bytes_per_token = engine.model_config.kv_bytes_per_token(engine.runner.kv_dtype.itemsize)
-    roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens, kv_bytes_per_token, engine.weights_bytes)
+    experts = Experts.of(engine.model_config, args.dtype)
+    roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens, kv_bytes_per_token, engine.weights_bytes,
+                                       experts)
     roof_seconds = roof_bytes / copy_bw if copy_bw else float("nan")
     report = dict(
         model=args.model, quantization=args.quantization, weights_bytes=engine.weights_bytes, device=str(engine.mesh.devices.flat[0].device_kind), requests=args.num_requests,

@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from offline import BACKGROUND_COMPILE_HELP, workload  # noqa: E402
-from roofline import decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
+from roofline import Experts, decode_roofline_bytes, measure_copy_bandwidth  # noqa: E402
 
 from minisgl_jax import SamplingParams  # noqa: E402
 from minisgl_jax.config import EngineArgs  # noqa: E402
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace, spec: str) -> dict:
     # One device's floor: its shard of the weights and of every live sequence's KV, once a decode step.
     kv_bytes_per_token = engine.model_config.kv_bytes_per_token(engine.runner.kv_dtype.itemsize) // tp
     roof_bytes = decode_roofline_bytes([len(p) for p in prompts], output_lens, kv_bytes_per_token,
-                                       engine.weights_bytes // tp)
+                                       engine.weights_bytes // tp, Experts.of(engine.model_config, args.dtype, tp))
     roof_seconds = roof_bytes / args.copy_bandwidth if args.copy_bandwidth else float("nan")
     result = dict(run=label, tp=tp, shard=model != args.model, all_reduce=engine.runner.all_reduce.mode,
                   moe_parallel=engine.model_config.moe_parallel, moe_backend=engine.model_config.moe_backend,
