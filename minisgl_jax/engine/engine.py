@@ -35,7 +35,7 @@ from minisgl_jax.engine.request import Phase, Req
 from minisgl_jax.engine.request_checks import RequestLimits
 from minisgl_jax.engine.scheduler import Scheduler, SchedulerConfig
 from minisgl_jax.engine.status_log import StatusLog
-from minisgl_jax.engine.step_failures import FailedSteps
+from minisgl_jax.engine.step_failures import FailedSteps, end_with_error
 from minisgl_jax.grammar import GrammarVocab, grammar_spec
 from minisgl_jax.kvcache.allocator import PageAllocator, pages_for
 from minisgl_jax.kvcache.prefix_cache import NaiveCache, PrefixCache
@@ -77,14 +77,7 @@ class Engine:
         self.timing = dict(step_s=0.0, wait_s=0.0, launch_s=0.0)
         self.status_log = StatusLog(args.status_interval_s)
         self.load_seconds = time.perf_counter() - started
-        kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.runner.kv_pool)
-        fp8_note = ": twice the tokens a bf16 pool holds in this memory" if self.runner.kv_dtype.itemsize == 1 else ""
-        logger.info(
-            "loaded %s in %.1fs: weights %.2f GiB, KV cache %.2f GiB of %s (%d pages of %d tokens, %d tokens%s), "
-            "max %d running requests",
-            args.model, self.load_seconds, self.weights_bytes / 2**30, kv_bytes / 2**30, self.runner.kv_dtype.name,
-            num_pages, args.page_size, (num_pages - 1) * args.page_size, fp8_note, args.max_running_requests,
-        )
+        setup.log_loaded(args, self.load_seconds, self.weights_bytes, self.runner, num_pages)
         self.warmup_seconds = self.warmup() if args.warmup else 0.0
         self.background_compiler = None
         if args.warmup and args.background_compile:
@@ -349,12 +342,7 @@ class Engine:
         """End `reqs`, the requests of a failed step, with an error and give their pages back;
         raise EngineBroken when the engine cannot go on."""
         self.failed_steps.record(error, "decode" if batch.is_decode else "prefill", len(batch.rows))
-        outputs: list[RequestOutput] = []
-        for req in reqs:
-            if not req.finished:
-                self.scheduler.finish(req, FinishReason.ERROR)
-            outputs.append(dataclasses.replace(request_output(req), error=f"{type(error).__name__}: {error}"))
-        return outputs
+        return end_with_error(reqs, error, self.scheduler.finish)
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         waited = time.perf_counter()
@@ -391,30 +379,13 @@ class Engine:
     # ---- health ------------------------------------------------------------------------------
 
     def check_kv_invariant(self) -> None:
-        """free + cached + held by requests == all usable pages, or a RuntimeError naming the numbers."""
-        free, cached = self.allocator.num_free, self.cache.num_cached_pages
-        held = self.scheduler.pages_held_by_requests()
-        if free + cached + held != self.allocator.num_usable:
-            raise RuntimeError(
-                f"KV page leak: free {free} + cached {cached} + held {held} != {self.allocator.num_usable}"
-            )
+        self.scheduler.check_kv_invariant()
 
     def flush_cache(self) -> int:
         return self.cache.flush()
 
     def stats(self) -> dict[str, float | int]:
-        return dict(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            kv_pages_total=self.allocator.num_usable,
-            kv_pages_free=self.allocator.num_free,
-            kv_pages_cached=self.cache.num_cached_pages,
-            cache_hit_tokens=self.scheduler.cache_hit_tokens,
-            prefill_tokens=self.scheduler.prefill_tokens,
-            num_retractions=self.scheduler.num_retractions,
-            num_evicted_pages=getattr(self.cache, "num_evicted_pages", 0),
-            **self._counters,
-        )
+        return {**self.scheduler.stats(), **self._counters}
 
     def memory_plan(self) -> dict[str, int]:
         return dict(

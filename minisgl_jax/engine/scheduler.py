@@ -99,6 +99,28 @@ class Scheduler:
     def pages_held_by_requests(self) -> int:
         return sum(len(r.pages) - r.num_cache_pages for r in self.running)
 
+    def check_kv_invariant(self) -> None:
+        """free + cached + held by requests == all usable pages, or a RuntimeError naming the numbers."""
+        free, cached, held = self.allocator.num_free, self.cache.num_cached_pages, self.pages_held_by_requests()
+        if free + cached + held != self.allocator.num_usable:
+            raise RuntimeError(
+                f"KV page leak: free {free} + cached {cached} + held {held} != {self.allocator.num_usable}"
+            )
+
+    def stats(self) -> dict[str, int]:
+        """The queue, the KV pages and the prefix cache's work, for the engine's stats."""
+        return dict(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_pages_total=self.allocator.num_usable,
+            kv_pages_free=self.allocator.num_free,
+            kv_pages_cached=self.cache.num_cached_pages,
+            cache_hit_tokens=self.cache_hit_tokens,
+            prefill_tokens=self.prefill_tokens,
+            num_retractions=self.num_retractions,
+            num_evicted_pages=getattr(self.cache, "num_evicted_pages", 0),
+        )
+
     # ---- finishing ---------------------------------------------------------------------------
 
     def finish(self, req: Req, reason: FinishReason) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -16,6 +17,9 @@ from minisgl_jax.engine import multihost
 from minisgl_jax.kernels.grouped_gemm import grouped_gemm_unsupported
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
 from minisgl_jax.models.quantization import QuantConfig
+
+if TYPE_CHECKING:
+    from minisgl_jax.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +193,15 @@ def plan_kv_pages(
     if pages < 2:
         raise ValueError(f"no device memory left for the KV cache (free {free / 2**30:.1f} GiB after weights)")
     return min(pages, most_useful)
+
+
+def log_loaded(args: EngineArgs, seconds: float, weights_bytes: int, runner: ModelRunner, num_pages: int) -> None:
+    """The start-up line: what was loaded, the KV cache's size and dtype, and the tokens it holds."""
+    kv_bytes = sum(k.nbytes + v.nbytes for k, v in runner.kv_pool)
+    fp8_note = ": twice the tokens a bf16 pool holds in this memory" if runner.kv_dtype.itemsize == 1 else ""
+    logger.info(
+        "loaded %s in %.1fs: weights %.2f GiB, KV cache %.2f GiB of %s (%d pages of %d tokens, %d tokens%s), "
+        "max %d running requests",
+        args.model, seconds, weights_bytes / 2**30, kv_bytes / 2**30, runner.kv_dtype.name,
+        num_pages, args.page_size, (num_pages - 1) * args.page_size, fp8_note, args.max_running_requests,
+    )

@@ -7,9 +7,15 @@ causes ends the same requests on every node, which stay in lockstep.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 
 import jax
+
+from minisgl_jax.core import FinishReason, RequestOutput
+from minisgl_jax.engine.outputs import request_output
+from minisgl_jax.engine.request import Req
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +64,13 @@ class FailedSteps:
             "(%d of %d failed steps in a row end the engine)",
             kind, type(error).__name__, error, num_requests, self.in_a_row, MAX_FAILED_STEPS, exc_info=error,
         )
+
+
+def end_with_error(reqs: list[Req], error: Exception, finish: Callable[[Req, FinishReason], None]) -> list[RequestOutput]:
+    """End a failed step's requests (`finish` gives their pages back); each output names the error."""
+    outputs = []
+    for req in reqs:
+        if not req.finished:
+            finish(req, FinishReason.ERROR)
+        outputs.append(dataclasses.replace(request_output(req), error=f"{type(error).__name__}: {error}"))
+    return outputs
