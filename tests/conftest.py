@@ -11,11 +11,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # One persistent XLA cache for the session, new each run: the many small engines the tests build
 # compile the same programs again and again (test_scheduling.py: 134 s without it, 69 s with it).
+# Under pytest-xdist each worker takes a folder of its own in it: JAX writes an entry in place, so a
+# worker could read another's half-written one.
 _SESSION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="minisgl-test-xla-")
+    os.environ["MINISGL_TEST_XLA_CACHE"] = _SESSION_CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+elif "PYTEST_XDIST_WORKER" in os.environ and os.environ.get("MINISGL_TEST_XLA_CACHE") == os.environ[
+        "JAX_COMPILATION_CACHE_DIR"]:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["MINISGL_TEST_XLA_CACHE"], os.environ["PYTEST_XDIST_WORKER"])
 
 
 def pytest_unconfigure(config) -> None:

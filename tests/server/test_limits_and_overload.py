@@ -84,23 +84,22 @@ def test_a_request_past_its_timeout_is_aborted_with_504(limited):
 def test_a_stream_past_its_timeout_ends_with_an_error_event(limited):
     """A deadline that passes mid-stream ends the stream with an error event, then [DONE].
 
-    A deadline that passes before the first token is a plain 504 instead (the test above); on a loaded
-    machine the first token can take longer than a short timeout, so the timeout grows until one does not.
-    """
-    for timeout in (0.15, 0.4, 1.0, 2.5):
+    A deadline that passes before the first token is a plain 504 instead (the test above). On a loaded
+    machine the first tokens can take longer than a short timeout, so the timeout grows until tokens
+    were streamed before it passed."""
+    for timeout in (0.15, 0.4, 1.0, 2.0):
         body = {"prompt": "slow", "max_tokens": 450, "ignore_eos": True, "temperature": 0, "timeout": timeout,
                 "stream": True}
         with httpx.stream("POST", limited.url + COMPLETIONS, json=body, timeout=60) as response:
             status = response.status_code
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
         wait_idle(limited)
-        if status != 504:
+        if status == 200 and len(lines) > 3:  # at least two token events, then the error and [DONE]
             break
-    assert status == 200 and lines, (status, lines)
+    assert status == 200 and len(lines) > 3, (status, lines)
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2][6:])["error"]
     assert error["code"] == 504 and error["param"] == "timeout"
-    assert len(lines) > 3  # tokens were streamed before the deadline
 
 
 def test_flags_out_of_range_are_refused_at_launch():

@@ -47,9 +47,13 @@ def test_a_hung_step_is_logged_with_where_the_loop_is_and_the_heartbeat_goes_on(
     with caplog.at_level(logging.ERROR, logger="minisgl_jax.server.scheduler_worker"):
         loop.start()
         deadline = time.monotonic() + 5
-        while "no progress" not in caplog.text and time.monotonic() < deadline:
+        beats = []
+        # Until the stall is logged and a beat has told of more than a second in the step (the beat
+        # and the log come from different threads, in either order).
+        while time.monotonic() < deadline and not (
+                "no progress" in caplog.text and beats and beats[-1].busy_s > 1.0):
             time.sleep(0.05)
-        beats = [m for m in ipc.receive_all(api, timeout_ms=0) if isinstance(m, messages.SchedulerStats)]
+            beats += [m for m in ipc.receive_all(api, timeout_ms=0) if isinstance(m, messages.SchedulerStats)]
         worker.stopping = True
         engine.release.set()
         loop.join(5)
