@@ -108,7 +108,7 @@ def sharded_block(mode: str, tp: int, experts: int, per_shard: bool, backend: st
           "norm_topk_prob": True}
     cfg = dataclasses.replace(ModelConfig.from_hf_dict(hf).for_tp(tp, mode), moe_backend=backend)
     mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
-    return MoE(cfg, jnp.float32), Collectives(mesh, per_shard_sum if per_shard else None)
+    return MoE(cfg, jnp.float32, 0), Collectives(mesh, per_shard_sum if per_shard else None)
 
 
 PARALLEL_CASES = [  # (moe_parallel, tp, experts, moe_backend); the Pallas kernel runs interpreted here
@@ -230,14 +230,14 @@ def test_moe_layer_runs_the_configured_backend():
     cfg = dataclasses.replace(ModelConfig.from_hf_dict({**QWEN3_MOE, "hidden_size": HIDDEN, "num_experts": EXPERTS,
                                                         "moe_intermediate_size": INTER}), moe_backend="pallas")
     x, router, gate_up, down = weights(9)
-    layer = MoE(cfg, jnp.float32)
+    layer = MoE(cfg, jnp.float32, 0)
     for name, value in (("router", router), ("gate_up", gate_up), ("down", down)):
         getattr(layer, name).set_value(jnp.asarray(value))
     collectives = Collectives(Mesh(np.array(jax.devices()[:1]), ("tp",)), None)
     want = grouped_and_reference(x, router, gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)[2]
     np.testing.assert_allclose(layer(jnp.asarray(x), collectives), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"moe_backend must be one of \('ragged_dot', 'pallas'\)"):
-        MoE(dataclasses.replace(cfg, moe_backend="auto"), jnp.float32)
+        MoE(dataclasses.replace(cfg, moe_backend="auto"), jnp.float32, 0)
 
 
 def test_moe_backend_flag_auto_means_ragged_dot_off_the_gpu():
