@@ -203,7 +203,7 @@ class MoE(nnx.Module):
         layouts = expert_layouts(cfg)
         for name, spec in zip(("gate_up", "down"), EXPERT_SPECS[cfg.moe_parallel]):
             self._expert_weight(name, layouts[name], f"model.layers.{layer}.", cfg, dtype, spec)
-        self.parallel, self.num_experts = cfg.moe_parallel, e
+        self.num_experts = e
 
     def _expert_weight(self, name: str, layout: LinearLayout, prefix: str, cfg: ModelConfig, dtype: jnp.dtype,
                        spec: P) -> None:

@@ -12,7 +12,7 @@ embedding and lm_head. Layouts put the head axes first-class so sharding is by h
 With an FP8 checkpoint (`cfg.quantization`) each of those five linear weights is a float8_e4m3fn
 parameter `<name>` beside its float32 `<name>_scale` (and `<name>_input_scale` for static activation
 scales); models/quantization.py has the layouts and the matmul paths. Embedding, lm_head and norms
-stay in the model dtype.
+stay in the model dtype. A sparse layer's experts are FP8 the same way (models/moe.py).
 """
 
 from __future__ import annotations
