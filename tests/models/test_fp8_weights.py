@@ -349,6 +349,22 @@ def test_bundled_moe_configs_take_dummy_fp8_experts(name):
     assert block.gate_up_scale.shape == (e, h // 128, 2, i) and block.down_scale.shape == (e, i // 128, h)
 
 
+def test_ignored_experts_stay_in_the_model_dtype():
+    """The ignore list reaches the experts as any linear: every expert's down ignored leaves down unquantized
+    (no scale) beside FP8 gate/up; one expert ignored alone cannot be part of one stacked weight: refused."""
+    path = bundled_config_path("org/Qwen3-30B-A3B")
+    cfg = ModelConfig.from_hf_dict(read_hf_config(os.path.dirname(path), os.path.basename(path)))
+    ignoring = dataclasses.replace(cfg, quantization=dataclasses.replace(
+        QuantConfig.dummy(), ignore=("re:.*mlp\\.experts\\.\\d+\\.down_proj",)))
+    block = nnx.eval_shape(lambda: CausalLM(ignoring, jnp.bfloat16)).layers[0].mlp
+    assert block.gate_up.dtype == FP8_DTYPE and block.down.dtype == jnp.bfloat16 and block.down_scale is None
+    one = dataclasses.replace(cfg, quantization=dataclasses.replace(
+        QuantConfig.dummy(), ignore=("model.layers.0.mlp.experts.5.up_proj",)))
+    with pytest.raises(ValueError, match=r"experts.0.gate_proj and model.layers.0.mlp.experts.5.up_proj share one "
+                                         r"weight \(gate_up\) but the ignore list quantizes only the first"):
+        nnx.eval_shape(lambda: CausalLM(one, jnp.bfloat16))
+
+
 def test_dummy_fp8_experts_are_random_fp8_of_a_trained_models_size(tiny):
     """--load-format dummy --quantization fp8 on a mixture of experts at tp=2 ep: FP8 experts (two a
     device) whose dequantized weights have a trained model's spread (std ~0.02), scales beside them."""
