@@ -63,11 +63,13 @@ def rel_err(out, ref) -> float:
 
 def kernel_variants(x, ids, gate_up, timed) -> dict:
     """Seconds of the gate/up projection alone (layout precomputed) per "dtype tiling", bf16 and FP8
-    weights (scales of 1: the bytes and the work are those of real scales)."""
+    weights with per-channel or 128-block scales (Qwen3-30B-A3B-FP8's; scales of 1: the bytes and the
+    work are those of real scales)."""
     tokens = x.shape[0]
     w = gate_up.reshape(EXPERTS, HIDDEN, 2 * INTER)
     w8 = w.astype(jnp.float8_e4m3fn)
-    scale = jnp.ones((EXPERTS, 2 * INTER), jnp.float32)
+    scale = jnp.ones((EXPERTS, 1, 2 * INTER), jnp.float32)
+    block_scale = jnp.ones((EXPERTS, HIDDEN // 128, 2 * INTER), jnp.float32)
     times = {}
     for bm, bn, bk, warps, stages in KERNEL_VARIANTS:
         bm = bm or default_block_m(tokens * TOP_K, EXPERTS)
@@ -76,7 +78,8 @@ def kernel_variants(x, ids, gate_up, timed) -> dict:
         fn = jax.jit(functools.partial(grouped_gemm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages))
         name = f"bm={bm},bn={bn},bk={bk},w={warps},st={stages}"
         for label, args in (("bf16", (x, w, layout.tile_experts, rows)),
-                            ("fp8", (x, w8, layout.tile_experts, rows, scale))):
+                            ("fp8", (x, w8, layout.tile_experts, rows, scale)),
+                            ("fp8-block", (x, w8, layout.tile_experts, rows, block_scale))):
             try:
                 times[f"{label} {name}"] = timed(fn, *args, reps=10)
             except Exception:
@@ -116,7 +119,8 @@ def bench_moe(results: dict, timed) -> None:
 
 
 def print_moe(r: dict, copy_bw: float) -> None:
-    """The table: the whole experts block per backend, then the gate/up kernel's best bf16 and FP8 tilings."""
+    """The table: the whole experts block per backend, then the gate/up kernel's best bf16 and FP8 tilings
+    (per-channel and block-wise scales)."""
     m = r["moe"]
     print(f"\n== MoE experts (hidden {HIDDEN}, inter {INTER}, {EXPERTS} experts, top-{TOP_K}, bf16): "
           f"GB/s of the hit experts' bytes; {m['ragged_dot']} ==")
@@ -126,8 +130,8 @@ def print_moe(r: dict, copy_bw: float) -> None:
             gbps = row["bytes"] / s / 1e9
             print(f"{row['tokens']:6d} {row['experts_hit']:4d} {row['bytes'] / 1e6:7.1f} {name:>30s} {s * 1e6:9.1f} "
                   f"{gbps:7.0f} {100 * gbps * 1e9 / copy_bw:5.1f}%")
-        for label, itemsize in (("bf16", 2), ("fp8", 1)):
-            variants = {k: v for k, v in row["kernel"].items() if k.startswith(label)}
+        for label, itemsize in (("bf16", 2), ("fp8", 1), ("fp8-block", 1)):
+            variants = {k: v for k, v in row["kernel"].items() if k.startswith(label + " ")}
             if variants:
                 best = min(variants, key=variants.get)
                 moved = row["gate_up_bytes"] * itemsize // 2

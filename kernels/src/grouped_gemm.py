@@ -15,9 +15,12 @@ most T*k experts' weights, where `lax.ragged_dot`'s default GPU lowering reads a
 tiles of one expert (prefill) find its weight block in L2 and the rows of a tile are gathered
 while still in L2 for the next column block.
 
-FP8 weights (float8_e4m3fn, a float32 scale per expert and output column) convert to x's dtype after
-each load, so memory moves one byte per weight; the scale multiplies the accumulator once, after
-the K loop. Triton converts e4m3 on sm_89 and later (Ada, Hopper).
+FP8 weights (float8_e4m3fn) convert to x's dtype after each load, so memory moves one byte per
+weight. Their float32 scale is [experts, k_blocks, N]: one row per block of K / k_blocks inputs. With
+one row (per-channel or per-tensor scales) it multiplies the accumulator once, after the K loop;
+with block-wise scales (128 x 128 blocks of Qwen3-*-FP8, DeepSeek) every K tile lies in one block
+and its partial product is multiplied by that block's row before it is added. Triton converts e4m3
+on sm_89 and later (Ada, Hopper).
 
 Every row index is in bounds: padding rows inside a used tile read row 0 of x and their outputs are
 garbage nobody reads; unused tiles are not written at all. Only the rows `row_of_pair` names hold
@@ -117,7 +120,7 @@ def _program_tile(num_tiles: int, num_cols: int, group_m: int) -> tuple[jax.Arra
 def _gemm_kernel(tile_experts_ref, *refs, block_m: int, block_n: int, block_k: int, group_m: int, gather: bool,
                  scaled: bool):
     """refs: rows_ref [padded] int32 if gather; x_ref [rows, K] (gather) or [padded, K]; w_ref
-    [experts, K, N]; scale_ref [experts, N] f32 if scaled; out_ref [padded, N]."""
+    [experts, K, N]; scale_ref [experts, k_blocks, N] f32 if scaled; out_ref [padded, N]."""
     rows_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
     x_ref, w_ref, *refs = refs
     scale_ref, out_ref = refs if scaled else (None, refs[0])
@@ -131,6 +134,8 @@ def _gemm_kernel(tile_experts_ref, *refs, block_m: int, block_n: int, block_k: i
         cols = pl.ds(col * block_n, block_n)
         rows = rows_ref[pl.ds(first_row, block_m)] if gather else None
         precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+        k_blocks = scale_ref.shape[1] if scaled else 1
+        tiles_per_block = x_ref.shape[1] // k_blocks // block_k
 
         def step(i, acc):
             if gather:
@@ -139,11 +144,14 @@ def _gemm_kernel(tile_experts_ref, *refs, block_m: int, block_n: int, block_k: i
             else:
                 x = x_ref[pl.ds(first_row, block_m), pl.ds(i * block_k, block_k)]
             w = w_ref[expert, pl.ds(i * block_k, block_k), cols].astype(x.dtype)
-            return acc + lax.dot(x, w, precision=precision, preferred_element_type=jnp.float32)
+            part = lax.dot(x, w, precision=precision, preferred_element_type=jnp.float32)
+            if k_blocks > 1:
+                part = part * scale_ref[expert, i // tiles_per_block, cols][None, :]
+            return acc + part
 
         acc = lax.fori_loop(0, x_ref.shape[1] // block_k, step, jnp.zeros((block_m, block_n), jnp.float32))
-        if scaled:
-            acc = acc * scale_ref[expert, cols][None, :]
+        if scaled and k_blocks == 1:
+            acc = acc * scale_ref[expert, 0, cols][None, :]
         out_ref[pl.ds(first_row, block_m), cols] = acc.astype(out_ref.dtype)
 
 
@@ -158,9 +166,11 @@ def check_inputs(x: jax.Array, w: jax.Array, tile_experts: jax.Array, rows: jax.
         raise ValueError(f"w must be x's dtype ({x.dtype}) or float8_e4m3fn, got {w.dtype}")
     if (scale is not None) != (w.dtype == FP8_DTYPE):
         raise ValueError(f"scale must be given exactly when w is float8_e4m3fn (w is {w.dtype})")
-    if scale is not None and (scale.shape != (w.shape[0], w.shape[2]) or scale.dtype != jnp.float32):
-        raise ValueError(f"scale must be float32 [experts, N] = {(w.shape[0], w.shape[2])}, "
+    if scale is not None and (scale.ndim != 3 or scale.shape[::2] != w.shape[::2] or scale.dtype != jnp.float32):
+        raise ValueError(f"scale must be float32 [experts={w.shape[0]}, k_blocks, N={w.shape[2]}], "
                          f"got {scale.dtype} {scale.shape}")
+    if scale is not None and w.shape[1] % scale.shape[1]:
+        raise ValueError(f"scale's {scale.shape[1]} blocks (axis 1) do not split K={w.shape[1]} evenly")
     if tile_experts.ndim != 1 or tile_experts.dtype != jnp.int32:
         raise ValueError(f"tile_experts must be int32 [tiles], got {tile_experts.dtype} {tile_experts.shape}")
     if rows is not None and (rows.ndim != 1 or rows.dtype != jnp.int32):
@@ -189,24 +199,28 @@ def grouped_gemm(
     num_stages: int = 3,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Row r of the result is x[rows[r]] @ w[e] (times scale[e]), e the expert of r's tile.
+    """Row r of the result is x[rows[r]] @ (w[e] times its scale), e the expert of r's tile.
 
-    x [rows_in, K]; w [experts, K, N] in x's dtype, or float8_e4m3fn with scale [experts, N] float32;
-    tile_experts [tiles] int32 (-1: unused); rows [padded] int32 indices into x, or None when x is
-    already in padded order ([padded, K]). block_m = padded // tiles. Returns [padded, N] in
-    out_dtype (default x's); rows of unused tiles are left unwritten. block_n, block_k: preferred
-    tile sizes, shrunk to powers of two that divide N and K.
+    x [rows_in, K]; w [experts, K, N] in x's dtype, or float8_e4m3fn with scale [experts, k_blocks, N]
+    float32 (row b scales inputs b * K / k_blocks onwards; k_blocks 1 for per-channel scales, and a
+    per-tensor scale broadcast over N); tile_experts [tiles] int32 (-1: unused); rows [padded] int32
+    indices into x, or None when x is already in padded order ([padded, K]). block_m = padded // tiles.
+    Returns [padded, N] in out_dtype (default x's); rows of unused tiles are left unwritten. block_n,
+    block_k: preferred tile sizes, shrunk to powers of two that divide N and K / k_blocks (so that a K
+    tile never straddles two scale blocks).
     """
     check_inputs(x, w, tile_experts, rows, scale)
     padded = x.shape[0] if rows is None else rows.shape[0]
     num_tiles = tile_experts.shape[0]
     block_m = padded // num_tiles
     _, k, n = w.shape
-    block_n, block_k = fit_block(n, block_n), fit_block(k, block_k)
+    k_blocks = 1 if scale is None else scale.shape[1]
+    block_n, block_k = fit_block(n, block_n), fit_block(k // k_blocks, block_k)
     interpret = resolve_interpret(interpret)
     if not interpret and min(block_m, block_n, block_k) < MIN_TILE:
+        per_block = f", {k // k_blocks} a scale block" if k_blocks > 1 else ""
         raise ValueError(f"grouped_gemm on the GPU needs tiles of at least {MIN_TILE} (Triton's dots), got "
-                         f"block_m {block_m}, block_n {block_n} (N={n}), block_k {block_k} (K={k})")
+                         f"block_m {block_m}, block_n {block_n} (N={n}), block_k {block_k} (K={k}{per_block})")
     kernel = functools.partial(_gemm_kernel, block_m=block_m, block_n=block_n, block_k=block_k, group_m=group_m,
                                gather=rows is not None, scaled=scale is not None)
     operands = [tile_experts, *([] if rows is None else [rows]), x, w, *([] if scale is None else [scale])]
@@ -222,9 +236,10 @@ def grouped_gemm(
 
 def grouped_gemm_reference(x: jax.Array, w: jax.Array, expert_ids: jax.Array,
                            scale: jax.Array | None = None) -> jax.Array:
-    """Pure jnp, pair by pair: x [pairs, K], expert_ids [pairs] -> x[p] @ (w[e_p] * scale[e_p]) [pairs, N]
+    """Pure jnp, pair by pair: x [pairs, K], expert_ids [pairs], scale [experts, k_blocks, N] ->
+    x[p] @ (w[e_p] * scale[e_p], each scale row repeated over its K / k_blocks inputs) [pairs, N]
     float32. The test oracle."""
     weights = w[expert_ids].astype(jnp.float32)
     if scale is not None:
-        weights = weights * scale[expert_ids][:, None, :]
+        weights = weights * jnp.repeat(scale[expert_ids], w.shape[1] // scale.shape[1], axis=1)
     return jnp.einsum("pk,pkn->pn", x.astype(jnp.float32), weights, precision=lax.Precision.HIGHEST)

@@ -134,6 +134,9 @@ def resolve_moe_backend(args: EngineArgs, cfg: ModelConfig, mesh: Mesh) -> Model
             logger.info("experts' grouped GEMM: ragged_dot, as the Pallas kernel cannot tile them (%s)", unsupported)
     elif backend == "pallas" and on_gpu and unsupported:
         raise ValueError(f"--moe-backend pallas: {unsupported} at --tp {tp}; use --moe-backend ragged_dot")
+    if on_gpu and backend == "ragged_dot" and cfg.quantization is not None:
+        logger.warning("FP8 experts on ragged_dot are dequantized every step, more memory traffic than bf16 "
+                       "experts; the Pallas grouped GEMM (--moe-backend pallas) reads them as FP8")
     return dataclasses.replace(cfg, moe_backend=backend)
 
 

@@ -2,7 +2,9 @@
 
 Checkpoint files are memory-mapped, so a tensor is read when it is placed and no host holds a
 copy of the whole model: one transformed tensor at a time goes to the devices, each device
-receiving only its shard (`jax.device_put` with the parameter's `NamedSharding`).
+receiving only its shard (`jax.device_put` with the parameter's `NamedSharding`). A mixture's
+experts are one parameter per projection and layer: each expert's tensors (FP8 ones with their
+scales, checked against their weights like a dense linear's) are stacked on the host first.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from minisgl_jax.models.config import ModelConfig
 from minisgl_jax.models.kv_scales import read_kv_scales
+from minisgl_jax.models.moe import EXPERT_NAMES, expert_layouts
 from minisgl_jax.models.quantization import FP8_DTYPE, LinearLayout, QuantConfig
 from minisgl_jax.models.transformer import CausalLM, linear_layouts
 
@@ -182,30 +185,16 @@ def _scale_2d(ck: SafetensorsCheckpoint, module: str, quant: QuantConfig, layout
     return t.reshape(expected)
 
 
-# The sparse block's tensor names: (module, router, (gate, up, down) of expert e).
-_EXPERT_NAMES = {
-    "qwen3_moe": ("mlp", "gate", ("experts.{e}.gate_proj", "experts.{e}.up_proj", "experts.{e}.down_proj")),
-    "mixtral": ("block_sparse_moe", "gate", ("experts.{e}.w1", "experts.{e}.w3", "experts.{e}.w2")),
-}
-
-
 def _expert_source(name: str, pre: str, cfg: ModelConfig) -> Callable[[SafetensorsCheckpoint], np.ndarray]:
-    """models/moe.py's parameter `name` from the per-expert tensors, stacked over experts at load."""
-    module, router, (gate, up, down) = _EXPERT_NAMES[cfg.architecture]
-    pre = f"{pre}{module}."
-
-    def tensor(ck: SafetensorsCheckpoint, pattern: str, e: int) -> np.ndarray:
-        return ck.get(f"{pre}{pattern.format(e=e)}.weight").T
-
-    experts = range(cfg.num_experts)
-    table: dict[str, Callable[[SafetensorsCheckpoint], np.ndarray]] = {
-        "router": lambda ck: ck.get(f"{pre}{router}.weight").T,
-        "gate_up": lambda ck: np.stack(
-            [np.stack([tensor(ck, gate, e), tensor(ck, up, e)], axis=1) for e in experts]
-        ),
-        "down": lambda ck: np.stack([tensor(ck, down, e) for e in experts]),
-    }
-    return table[name]
+    """models/moe.py's parameter `name` from the per-expert tensors: each expert's weight (or its scale)
+    built as a linear's, stacked over the experts at load."""
+    if name == "router":
+        block, router, _ = EXPERT_NAMES[cfg.architecture]
+        return lambda ck: ck.get(f"{pre}{block}.{router}.weight").T
+    part = "_scale" if name.endswith("_scale") else ""
+    layout = expert_layouts(cfg)[name.removesuffix(part)]
+    sources = [_linear_source(layout.expert(e), pre, part, cfg.quantization) for e in range(layout.experts)]
+    return lambda ck: np.stack([source(ck) for source in sources])
 
 
 # Dummy FP8 weights: values spread over the FP8 range, scales that bring them to a trained model's size.
@@ -249,10 +238,14 @@ def _dummy_value(path: tuple, shape: tuple[int, ...], dtype, sharding: NamedShar
     return _dummy_maker(tuple(shape), jnp.dtype(dtype), sharding, kind)(key)
 
 
-def _check_shardable(name: str, shape: tuple[int, ...], spec, mesh: Mesh) -> None:
+def _check_shardable(name: str, shape: tuple[int, ...], spec, mesh: Mesh, expert: bool) -> None:
+    """Every sharded axis splits evenly; `expert`: a mixture's expert weight, which ep would keep whole."""
     for axis, mesh_axis in enumerate(spec):
         if mesh_axis is not None and shape[axis] % mesh.shape[mesh_axis]:
-            why = " (a tensor-parallel shard would cut an FP8 block)" if name.endswith("_scale") else ""
+            why = ""
+            if name.endswith("_scale"):
+                why = (" (a tensor-parallel shard would cut an FP8 block"
+                       + ("; --moe-parallel ep keeps every expert whole on one device)" if expert else ")"))
             raise ValueError(f"parameter {name}: axis {axis} of size {shape[axis]} does not split over "
                              f"{mesh.shape[mesh_axis]} devices{why}")
 
@@ -264,8 +257,6 @@ def load_model(
 
     model_dir None (with dummy_seed set) gives random weights from the config alone (KV scales 1.0).
     """
-    if cfg.quantization is not None and cfg.moe_layers:
-        raise ValueError(f"FP8 weights of mixture-of-experts models ({cfg.architecture}) are not supported yet")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype))
     graphdef, state = nnx.split(abstract)
     checkpoint = SafetensorsCheckpoint(model_dir) if model_dir is not None else None
@@ -274,7 +265,8 @@ def load_model(
     for index, (path, variable) in enumerate(flat):
         placeholder, spec = variable.get_value(), variable.spec
         shape, param_dtype, name = placeholder.shape, placeholder.dtype, ".".join(map(str, path))
-        _check_shardable(name, shape, spec, mesh)
+        expert = path[0] == "layers" and path[1] in cfg.moe_layers and path[2] == "mlp"
+        _check_shardable(name, shape, spec, mesh, expert)
         sharding = NamedSharding(mesh, spec)
         if checkpoint is None:
             value = _dummy_value(path, shape, param_dtype, sharding, jax.random.fold_in(key, index))

@@ -14,7 +14,12 @@ float32 scale whose every axis is the weight's size or that size divided by a wh
 per tensor (the stacked k/v or gate/up axis excepted, each its own tensor), the output axes per
 channel, and for blocks the input axes reduced by the block and the output axes expanded to one
 scale per channel at load (exact). `dequantize` multiplies each axis's groups by their scale, so one
-function serves all three, and a scale shards with its weight's PartitionSpec.
+function serves all three, and a scale shards with its weight's PartitionSpec (`scale_spec`).
+A mixture's experts (models/moe.py) are the same layouts stacked over a leading expert axis, each
+expert its own tensors: gate_up [experts, hidden, 2, inter] beside [experts, hidden / block or 1, 2,
+inter or 1], down [experts, inter, hidden] beside [experts, inter / block or 1, hidden or 1]. The
+router stays in the model dtype, and the experts never run the FP8 GEMM path (their static input
+scales are not read): models/moe.py dequantizes them or hands them to the Pallas grouped GEMM.
 
 Paths (`QuantConfig.fp8_gemm`, set per device at start-up, a test may force it on a CPU):
   dequantize  einsum(x, dequantize(w, scale)), activations unquantized (a static input_scale is not
@@ -38,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -141,6 +147,15 @@ class QuantConfig:
                 return False
         return True
 
+    def quantizes_all(self, modules: list[str], weight: str) -> bool:
+        """Whether the weight `weight`, built from these checkpoint modules, holds FP8: all of them or none."""
+        fp8 = self.quantizes(modules[0])
+        odd = next((m for m in modules[1:] if self.quantizes(m) != fp8), None)
+        if odd is not None:
+            raise ValueError(f"{modules[0]} and {odd} share one weight ({weight}) but the ignore list quantizes "
+                             f"only {'the first' if fp8 else 'the second'}")
+        return fp8
+
     def for_devices(self, devices: list) -> "QuantConfig":
         """This config with the path these devices run; a GPU without FP8 support is refused."""
         device = devices[0]
@@ -165,28 +180,48 @@ def _block(value: Any, field: str) -> tuple[int, int]:
 class LinearLayout:
     """One of our linear weights as built from the checkpoint's [out, in] tensors: each module's transpose,
     its input split into `in_shape` and output into `out_shape`, several modules stacked on the axis
-    after the input axes, and the first output axis repeated `replicas` times (KV heads under tp)."""
+    after the input axes, and the first output axis repeated `replicas` times (KV heads under tp).
+    With `experts` > 0 all that is one expert's, stacked over the experts on a leading axis."""
 
-    modules: tuple[str, ...]  # under the layer, e.g. ('self_attn.k_proj', 'self_attn.v_proj')
+    modules: tuple[str, ...]  # under the layer, e.g. ('self_attn.k_proj', 'self_attn.v_proj'); '{e}': the expert
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]  # one module's, before replication
     replicas: int = 1
+    experts: int = 0  # a mixture's experts (models/moe.py), 0 for a plain linear
 
     @property
     def stack(self) -> tuple[int, ...]:
         return (len(self.modules),) if len(self.modules) > 1 else ()
 
     @property
+    def lead(self) -> tuple[int, ...]:
+        return (self.experts,) if self.experts else ()
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return self.in_shape + self.stack + (self.out_shape[0] * self.replicas,) + self.out_shape[1:]
+        return self.lead + self.in_shape + self.stack + (self.out_shape[0] * self.replicas,) + self.out_shape[1:]
 
     def scale_shape(self, quant: QuantConfig) -> tuple[int, ...]:
         """The device scale's shape: the weight's, input axes reduced (1 per channel and tensor; by the block)."""
         out = (self.out_shape[0] * self.replicas,) + self.out_shape[1:]
         if quant.strategy == "tensor":
-            return (1,) * len(self.in_shape) + self.stack + (1,) * len(out)
+            return self.lead + (1,) * len(self.in_shape) + self.stack + (1,) * len(out)
         ins = input_block_shape(self.in_shape, quant.block[1]) if quant.strategy == "block" else (1,) * len(self.in_shape)
-        return ins + self.stack + out
+        return self.lead + ins + self.stack + out
+
+    def expert(self, e: int) -> "LinearLayout":
+        """Expert e's own layout: its module names, no expert axis."""
+        return dataclasses.replace(self, modules=tuple(m.format(e=e) for m in self.modules), experts=0)
+
+    def module_names(self, prefix: str) -> list[str]:
+        """The checkpoint modules this weight is built from (every expert's), each `prefix` + name."""
+        layouts = [self.expert(e) for e in range(self.experts)] if self.experts else [self]
+        return [prefix + m for layout in layouts for m in layout.modules]
+
+
+def scale_spec(weight_spec: P, shape: tuple[int, ...]) -> P:
+    """A scale shards like its weight, except along the axes where it has one entry (broadcast)."""
+    return P(*(axis if n > 1 else None for axis, n in zip(weight_spec, shape)))
 
 
 def input_block_shape(in_shape: tuple[int, ...], block: int) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ embedding and lm_head. Layouts put the head axes first-class so sharding is by h
 With an FP8 checkpoint (`cfg.quantization`) each of those five linear weights is a float8_e4m3fn
 parameter `<name>` beside its float32 `<name>_scale` (and `<name>_input_scale` for static activation
 scales); models/quantization.py has the layouts and the matmul paths. Embedding, lm_head and norms
-stay in the model dtype.
+stay in the model dtype. A sparse layer's experts are FP8 the same way (models/moe.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.layers.context import ForwardContext
 from minisgl_jax.models.config import ModelConfig
 from minisgl_jax.models.moe import MoE
-from minisgl_jax.models.quantization import FP8_DTYPE, LinearLayout, linear
+from minisgl_jax.models.quantization import FP8_DTYPE, LinearLayout, linear, scale_spec
 from minisgl_jax.models.rope import apply_rope, rope_inv_freq
 
 KVPool = list[tuple[jax.Array, jax.Array]]  # per layer (k_pages, v_pages)
@@ -55,10 +55,8 @@ def _linear_params(module: nnx.Module, name: str, cfg: ModelConfig, layer: int, 
     """Set module.<name> to the linear weight `name` of `layer`: plain, or FP8 with its scale parameters."""
     layout = linear_layouts(cfg)[name]
     quant = cfg.quantization
-    hf = [f"model.layers.{layer}.{m}" for m in layout.modules]
-    fp8 = quant is not None and quant.quantizes(hf[0])
-    if quant is not None and any(quant.quantizes(m) != fp8 for m in hf[1:]):
-        raise ValueError(f"{' and '.join(hf)} share one weight ({name}) but the ignore list quantizes only some")
+    hf = layout.module_names(f"model.layers.{layer}.")
+    fp8 = quant is not None and quant.quantizes_all(hf, name)
     setattr(module, name, _param(layout.shape, FP8_DTYPE if fp8 else dtype, spec))
     scale = input_scale = None
     if fp8:
@@ -66,15 +64,10 @@ def _linear_params(module: nnx.Module, name: str, cfg: ModelConfig, layer: int, 
             shape = layout.scale_shape(quant)
         except ValueError as err:
             raise ValueError(f"{hf[0]}: {err}") from None
-        scale = _param(shape, jnp.float32, _scale_spec(spec, shape))
+        scale = _param(shape, jnp.float32, scale_spec(spec, shape))
         input_scale = _param((), jnp.float32, P()) if quant.activations == "static" else None
     setattr(module, f"{name}_scale", scale)
     setattr(module, f"{name}_input_scale", input_scale)
-
-
-def _scale_spec(weight_spec: P, shape: tuple[int, ...]) -> P:
-    """A scale shards like its weight, except along the axes where it has one entry (broadcast)."""
-    return P(*(axis if n > 1 else None for axis, n in zip(weight_spec, shape)))
 
 
 def _weights(module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -91,12 +84,12 @@ def _row_parallel(module: nnx.Module, name: str, equation: str, x: jax.Array, x_
     w, scale, input_scale = _weights(module, name)
     if scale is None:
         return collectives.matmul(equation, x, w, x_spec, w_spec)
-    quant, scale_spec = module.quant, _scale_spec(w_spec, scale.shape)
+    quant, s_spec = module.quant, scale_spec(w_spec, scale.shape)
     if input_scale is None:
         return collectives.sum_local(lambda x, w, s: linear(equation, x, w, s, None, quant),
-                                     (x, w, scale), (x_spec, w_spec, scale_spec))
+                                     (x, w, scale), (x_spec, w_spec, s_spec))
     return collectives.sum_local(lambda x, w, s, i: linear(equation, x, w, s, i, quant),
-                                 (x, w, scale, input_scale), (x_spec, w_spec, scale_spec, P()))
+                                 (x, w, scale, input_scale), (x_spec, w_spec, s_spec, P()))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -168,7 +161,7 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = Attention(cfg, dtype, index)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MoE(cfg, dtype) if index in cfg.moe_layers else MLP(cfg, dtype, index)
+        self.mlp = MoE(cfg, dtype, index) if index in cfg.moe_layers else MLP(cfg, dtype, index)
 
 
 class CausalLM(nnx.Module):

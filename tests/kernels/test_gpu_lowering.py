@@ -2,7 +2,7 @@
 interpreter runs the kernels' jnp semantics but never our own lowering rules or Triton's, so a rule
 that builds bad IR (the peer all-reduce's ticket once took a literal operand) shows only here or on a
 GPU. Each pool dtype the engine can make, bfloat16 and FP8 pages included; the experts' grouped GEMM
-with bfloat16 and FP8 weights."""
+with bfloat16 and FP8 weights (per-channel and 128-block scales)."""
 
 import functools
 
@@ -40,17 +40,19 @@ def test_attention_kernels_lower_for_the_gpu(pool_dtype):
                    q, k, v, lens, table, cu, prefix_lens, rows)
 
 
-@pytest.mark.parametrize("weight_dtype", [jnp.bfloat16, jnp.float8_e4m3fn], ids=lambda d: jnp.dtype(d).name)
-def test_grouped_gemm_lowers_for_the_gpu(weight_dtype):
+@pytest.mark.parametrize("weights", ["bfloat16", "fp8-channel", "fp8-block"])
+def test_grouped_gemm_lowers_for_the_gpu(weights):
     """Both projections' calls (x gathered in the kernel; x in padded order), Qwen3-30B-A3B's expert
-    shapes at tp=2 for a decode step of 4 tokens x top-8; FP8 weights with their scales."""
+    shapes at tp=2 for a decode step of 4 tokens x top-8; FP8 weights with a scale per output column,
+    or per column and block of 128 inputs (Qwen3-30B-A3B-FP8's: 16 blocks of gate/up, 3 of down's slice)."""
     experts, hidden, inter = 128, 2048, 384
     layout = align_to_tiles(jnp.arange(32, dtype=jnp.int32) % experts, experts, 16)
     x = jnp.zeros((4, hidden), jnp.bfloat16)
     act = jnp.zeros((layout.pair_of_row.shape[0], inter), jnp.bfloat16)
     for x_in, rows, k, n in ((x, layout.pair_of_row // 8, hidden, 2 * inter), (act, None, inter, hidden)):
-        w = jnp.zeros((experts, k, n), weight_dtype)
-        scale = jnp.ones((experts, n), jnp.float32) if weight_dtype == jnp.float8_e4m3fn else None
+        w = jnp.zeros((experts, k, n), jnp.bfloat16 if weights == "bfloat16" else jnp.float8_e4m3fn)
+        k_blocks = k // 128 if weights == "fp8-block" else 1
+        scale = None if weights == "bfloat16" else jnp.ones((experts, k_blocks, n), jnp.float32)
         lowers_for_gpu(functools.partial(grouped_gemm, interpret=False), x_in, w, layout.tile_experts, rows, scale)
 
 

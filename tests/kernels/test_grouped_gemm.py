@@ -1,6 +1,6 @@
 """The grouped GEMM in interpret mode against its per-pair reference: ragged groups, an expert with no
-rows, every row on one expert, pair counts off the tile size, bf16/f32 and FP8 weights with scales;
-the tile layout's contract."""
+rows, every row on one expert, pair counts off the tile size, bf16/f32 and FP8 weights with per-channel
+and block-wise scales; the tile layout's contract."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from minisgl_jax.kernels.grouped_gemm import (
     grouped_gemm_reference,
     padded_rows,
 )
+from minisgl_jax.models.quantization import dequantize
 
 EXPERTS, K, N, BLOCK_M = 6, 64, 48, 16
 
@@ -25,11 +26,12 @@ def ragged_ids(seed: int, pairs: int, empty: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-def check_against_reference(x, w, ids, scale=None, tokens_per_pair: int = 1, padded_too: bool = False) -> None:
+def check_against_reference(x, w, ids, scale=None, tokens_per_pair: int = 1, padded_too: bool = False,
+                            block_k: int = 16) -> None:
     """The kernel's row of each pair (x gathered in the kernel; with padded_too also x given in padded
     order) equals the reference. Pair p reads x row p // tokens_per_pair."""
     layout = align_to_tiles(jnp.asarray(ids), EXPERTS, BLOCK_M)
-    kw = dict(out_dtype=jnp.float32, block_n=16, block_k=16)  # several column blocks and K steps
+    kw = dict(out_dtype=jnp.float32, block_n=16, block_k=block_k)  # several column blocks and K steps
     rows = layout.pair_of_row // tokens_per_pair
     want = grouped_gemm_reference(x[np.arange(len(ids)) // tokens_per_pair], w, jnp.asarray(ids), scale)
     got = grouped_gemm(x, w, layout.tile_experts, rows, scale, **kw)[layout.row_of_pair]
@@ -61,18 +63,21 @@ def test_every_row_on_one_expert():
                             padded_too=True)
 
 
-def test_fp8_weights_with_scales_equal_the_dequantized_weights():
-    """float8_e4m3fn weights and a float32 scale per (expert, output column), bf16 activations."""
+@pytest.mark.parametrize("k_blocks,block_k", [(1, 16), (2, 16), (4, 16), (4, 64)])
+def test_fp8_weights_with_scales_equal_the_dequantized_weights(k_blocks, block_k):
+    """float8_e4m3fn weights, bf16 activations and a float32 scale per (expert, block of K / k_blocks
+    inputs, output column): one row (per channel), two K tiles a block, one K tile a block, and a
+    preferred block_k (64) over the block (16), shrunk to it."""
     ids = ragged_ids(2, 37, empty=4)
     x, w = inputs(2, jnp.bfloat16)
     w = (w.astype(jnp.float32) * 50).astype(jnp.float8_e4m3fn)
-    scale = jax.random.uniform(jax.random.key(3), (EXPERTS, N), jnp.float32, 0.001, 0.02)
-    check_against_reference(x, w, ids, scale, tokens_per_pair=2)
-    # the reference's scales are the dequantization's
+    scale = jax.random.uniform(jax.random.key(3), (EXPERTS, k_blocks, N), jnp.float32, 0.001, 0.02)
+    check_against_reference(x, w, ids, scale, tokens_per_pair=2, block_k=block_k)
+    # the reference's scales are the dequantization's (models/quantization.py's, as the experts' weights)
     pairs_x = x[np.arange(37) // 2]
     np.testing.assert_allclose(grouped_gemm_reference(pairs_x, w, jnp.asarray(ids), scale),
-                               grouped_gemm_reference(pairs_x, w.astype(jnp.float32) * scale[:, None, :],
-                                                      jnp.asarray(ids)), rtol=1e-6, atol=1e-6)
+                               grouped_gemm_reference(pairs_x, dequantize(w, scale, jnp.float32), jnp.asarray(ids)),
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("pairs", [1, 8, 37, 100])
@@ -96,8 +101,12 @@ def test_inputs_are_checked_by_name():
     tiles, rows = jnp.zeros((1,), jnp.int32), jnp.zeros((16,), jnp.int32)
     with pytest.raises(ValueError, match="scale must be given exactly when w is float8_e4m3fn"):
         grouped_gemm(x, w, tiles, rows)
-    with pytest.raises(ValueError, match=r"scale must be float32 \[experts, N\]"):
-        grouped_gemm(x, w, tiles, rows, jnp.ones((2, 8), jnp.float32))
+    with pytest.raises(ValueError, match=r"scale must be float32 \[experts=2, k_blocks, N=16\]"):
+        grouped_gemm(x, w, tiles, rows, jnp.ones((2, 1, 8), jnp.float32))
+    with pytest.raises(ValueError, match=r"scale's 3 blocks \(axis 1\) do not split K=16 evenly"):
+        grouped_gemm(x, w, tiles, rows, jnp.ones((2, 3, 16), jnp.float32))
+    with pytest.raises(ValueError, match=r"tiles of at least 16 .* block_k 8 \(K=16, 8 a scale block\)"):
+        grouped_gemm(x, w, tiles, rows, jnp.ones((2, 2, 16), jnp.float32), interpret=False)
     with pytest.raises(ValueError, match="w must be x's dtype"):
         grouped_gemm(x, w.astype(jnp.float32), tiles, rows)
     with pytest.raises(ValueError, match="multiple of the 3 tiles"):

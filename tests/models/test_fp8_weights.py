@@ -1,4 +1,5 @@
-"""FP8 weights: tiny checkpoints quantized here into both formats run as their dequantized weights do."""
+"""FP8 weights: tiny checkpoints quantized here into both formats run as their dequantized weights do,
+dense and mixture-of-experts (Qwen3-MoE's experts FP8 too, its router left in the model dtype)."""
 
 import dataclasses
 import json
@@ -19,6 +20,7 @@ from minisgl_jax.core import SamplingParams
 from minisgl_jax.engine import Engine
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, bundled_model_names, read_hf_config
 from minisgl_jax.models.loader import load_model
+from minisgl_jax.models.moe import expert_layouts
 from minisgl_jax.models.quantization import FP8_DTYPE, FP8_MAX, QuantConfig, dequantize, fp8_einsum, linear
 from minisgl_jax.models.transformer import CausalLM
 from tiny_models import full_logits, save_tiny_checkpoint
@@ -29,6 +31,8 @@ ARGS = dict(dtype="float32", attention_backend="reference", cache="naive", num_p
             max_prefill_tokens=64, compile_cache_dir=None, warmup=False)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BLOCK = (48, 32)  # [out, in]: 48 leaves a partial last block on 64 outputs, 32 splits o_proj's heads
+# Qwen3-MoE's experts 64 wide: two blocks of 32 inputs in down, so --moe-parallel tp at tp=2 slices its scale.
+TINY_OVERRIDES = {"qwen3_moe": dict(moe_intermediate_size=64)}
 
 
 def _config(fmt: str) -> dict:
@@ -75,7 +79,7 @@ def tiny(tmp_path_factory):
     def get(arch: str) -> str:
         if arch not in made:
             made[arch] = save_tiny_checkpoint(str(tmp_path_factory.mktemp(arch)), arch, seed=3,
-                                              tie_word_embeddings=False)
+                                              tie_word_embeddings=False, **TINY_OVERRIDES.get(arch, {}))
         return made[arch]
 
     return get
@@ -113,22 +117,45 @@ def _run(path: str, jit: bool, **args) -> tuple[Engine, list[list[int]], np.ndar
     return engine, engine.generate(PROMPTS, GREEDY), full_logits(engine, PROMPTS[1], jit=jit)
 
 
+FP8_CASES = [("llama", "fp8-block", 1), ("llama", "ct-channel", 1), ("qwen3", "fp8-block", 2),
+             ("qwen3_moe", "ct-channel", 1), ("qwen3_moe", "fp8-block", 2)]  # MoE block-wise at tp=1: below
+
+
 @pytest.mark.slow  # engines of its own
-@pytest.mark.parametrize("arch,fmt,tp", [("llama", "fp8-block", 1), ("llama", "ct-channel", 1),
-                                         ("qwen3", "fp8-block", 2)])
+@pytest.mark.parametrize("arch,fmt,tp", FP8_CASES)
 def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, tiny, arch, fmt, tp):
     """Greedy tokens equal and float32 prompt logits within 1e-5 (relative): on a CPU the weights are
-    dequantized exactly as the reference checkpoint's were, so only the order of float32 sums may differ."""
+    dequantized exactly as the reference checkpoint's were, so only the order of float32 sums may differ.
+    Qwen3-MoE's layer 0 is the expert block (ragged_dot backend, experts tensor-parallel at tp=2: down's
+    block scale sliced one block a device), layer 1 dense."""
     fp8_dir, deq_dir = quantized_pair(tiny(arch), str(tmp_path), fmt)
     engine, tokens, logits = _run(fp8_dir, True, tp=tp)
-    _, want_tokens, want_logits = _run(deq_dir, False, tp=tp)
+    _, want_tokens, want_logits = _run(deq_dir, arch == "qwen3_moe", tp=tp)  # the experts: faster as one program
     params = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(engine.runner.param_state())}
     assert params["layers.0.attn.q_proj"].dtype == FP8_DTYPE and params["layers.0.mlp.down"].dtype == FP8_DTYPE
     assert params["embed"].dtype == jnp.float32 and params["lm_head"].dtype == jnp.float32
     assert params["layers.1.mlp.down"].dtype == (jnp.float32 if fmt == "ct-channel" else FP8_DTYPE)
+    if arch == "qwen3_moe":
+        assert engine.model_config.moe_backend == "ragged_dot" and params["layers.0.mlp.router"].dtype == jnp.float32
+        assert params["layers.0.mlp.down_scale"].shape == ((4, 2, 64) if fmt == "fp8-block" else (4, 1, 64))
+        assert all(s.data.shape[1] == 2 // tp for s in params["layers.0.mlp.down_scale"].addressable_shards
+                   if fmt == "fp8-block")
     assert tokens == want_tokens
     assert np.linalg.norm(logits - want_logits) / np.linalg.norm(want_logits) < 1e-5
     engine.check_kv_invariant()
+
+
+@pytest.mark.slow  # engines of its own
+def test_fp8_experts_on_the_pallas_kernel_equal_ragged_dot(tmp_path, tiny):
+    """Block-wise FP8 Qwen3-MoE at tp=1: prompt logits of the ragged_dot backend (experts dequantized)
+    within 1e-5 of the dequantized checkpoint's, and the Pallas grouped GEMM's (interpret mode; FP8
+    experts, two scale blocks of gate/up's 64 inputs applied per K tile) within 1e-5 of ragged_dot's."""
+    fp8_dir, deq_dir = quantized_pair(tiny("qwen3_moe"), str(tmp_path), "fp8-block")
+    want = full_logits(Engine(EngineArgs(model=deq_dir, **ARGS)), PROMPTS[1], jit=True)
+    ragged, pallas = (full_logits(Engine(EngineArgs(model=fp8_dir, moe_backend=b, **ARGS)), PROMPTS[1], jit=True)
+                      for b in ("ragged_dot", "pallas"))
+    assert np.linalg.norm(ragged - want) / np.linalg.norm(want) < 1e-5
+    assert np.linalg.norm(pallas - ragged) / np.linalg.norm(ragged) < 1e-5
 
 
 @pytest.mark.slow  # engines of its own
@@ -145,13 +172,15 @@ def test_fp8_gemm_path_through_the_model_stays_close(tmp_path, tiny, monkeypatch
     assert [len(o) for o in engine.generate(PROMPTS, GREEDY)] == [12, 12]
 
 
-@pytest.mark.parametrize("arch,fmt", [("qwen3", "fp8-block"), ("llama", "ct-channel"), ("llama", "ct-tensor")])
+@pytest.mark.parametrize("arch,fmt", [("qwen3", "fp8-block"), ("llama", "ct-channel"), ("llama", "ct-tensor"),
+                                      ("qwen3_moe", "fp8-block"), ("qwen3_moe", "ct-tensor")])
 def test_loaded_fp8_weights_dequantize_to_the_reference_at_tp4(tmp_path, tiny, arch, fmt):
-    """Loaded over 4 devices (each of the 2 KV heads on 2), every FP8 linear times its scale equals the
-    dequantized checkpoint's weight exactly, shard by shard."""
+    """Loaded over 4 devices (each of the 2 KV heads on 2; Qwen3-MoE's 4 experts one a device, --moe-parallel
+    ep), every FP8 linear, experts included, times its scale equals the dequantized checkpoint's weight
+    exactly, shard by shard."""
     fp8_dir, deq_dir = quantized_pair(tiny(arch), str(tmp_path), fmt)
     mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
-    models = [load_model(ModelConfig.from_hf_dict(read_hf_config(d)).for_tp(4), d, jnp.float32, mesh)
+    models = [load_model(ModelConfig.from_hf_dict(read_hf_config(d)).for_tp(4, "ep"), d, jnp.float32, mesh)
               for d in (fp8_dir, deq_dir)]
     fp8, deq = (dict(nnx.to_flat_state(nnx.state(m))) for m in models)
     assert models[0].config.kv_head_replicas == 2
@@ -225,6 +254,18 @@ def _edited(src: str, dst: str, drop: str | None = None, replace: dict | None = 
     return dst
 
 
+def test_bad_fp8_experts_are_refused_naming_the_tensor(tmp_path, tiny):
+    """An expert's scale of the wrong shape names the tensor; under --moe-parallel tp at tp=4 each device
+    would take 16 of down's 64 inputs, half a block of 32: refused, pointing to ep."""
+    moe_block = quantized_pair(tiny("qwen3_moe"), str(tmp_path), "fp8-block")[0]
+    scale = "model.layers.0.mlp.experts.2.down_proj.weight_scale_inv"
+    with pytest.raises(ValueError, match=rf"{scale}.*shape \[3, 3\].*must be \[2, 2\]"):
+        Engine(EngineArgs(model=_edited(moe_block, str(tmp_path / "bad"), replace={scale: torch.ones(3, 3)}), **ARGS))
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down_scale: axis 1 of size 2 does not split over 4 devices "
+                                         r".*FP8 block; --moe-parallel ep keeps every expert whole"):
+        Engine(EngineArgs(model=moe_block, tp=4, **ARGS))
+
+
 def test_bad_fp8_checkpoints_are_refused_naming_the_tensor_or_field(tmp_path, llama_block):
     scale = "model.layers.1.mlp.down_proj.weight_scale_inv"
     cases = [
@@ -250,9 +291,6 @@ def test_fp8_requests_that_cannot_run_are_refused(tmp_path, tiny):
     plain = tiny("llama")
     with pytest.raises(ValueError, match="no quantization_config"):
         Engine(EngineArgs(model=plain, quantization="fp8", **ARGS))
-    moe = save_tiny_checkpoint(str(tmp_path / "moe"), "qwen3_moe")
-    with pytest.raises(ValueError, match="mixture-of-experts models .* not supported yet"):
-        Engine(EngineArgs(model=moe, load_format="dummy", quantization="fp8", **ARGS))
     with pytest.raises(ValueError, match=r"quantization must be None or one of \('fp8',\)"):
         EngineArgs(model=plain, quantization="int4").validate()
 
@@ -296,6 +334,52 @@ def test_bundled_configs_take_dummy_fp8_blocks(name):
     assert layer.mlp.down.dtype == FP8_DTYPE
     assert layer.mlp.down_scale.shape == (cfg.intermediate_size // 128, cfg.hidden_size)
     assert layer.attn.o_proj_scale.shape == (cfg.num_q_heads, 1, cfg.hidden_size)
+
+
+@pytest.mark.parametrize("name", ["Qwen3-30B-A3B", "Qwen3-235B-A22B", "Mixtral-8x7B-v0.1"])
+def test_bundled_moe_configs_take_dummy_fp8_experts(name):
+    """Every expert FP8 with one scale per output channel and block of 128 inputs (down's intermediate dim
+    in whole blocks: 768 = 6 x 128, 1536, 14336), the router in the model dtype."""
+    path = bundled_config_path(f"org/{name}")
+    cfg = ModelConfig.from_hf_dict(read_hf_config(os.path.dirname(path), os.path.basename(path)))
+    cfg = dataclasses.replace(cfg, quantization=QuantConfig.dummy())
+    block = nnx.eval_shape(lambda: CausalLM(cfg, jnp.bfloat16)).layers[cfg.moe_layers[0]].mlp
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    assert block.gate_up.dtype == block.down.dtype == FP8_DTYPE and block.router.dtype == jnp.bfloat16
+    assert block.gate_up_scale.shape == (e, h // 128, 2, i) and block.down_scale.shape == (e, i // 128, h)
+
+
+def test_ignored_experts_stay_in_the_model_dtype():
+    """The ignore list reaches the experts as any linear: every expert's down ignored leaves down unquantized
+    (no scale) beside FP8 gate/up; one expert ignored alone cannot be part of one stacked weight: refused."""
+    path = bundled_config_path("org/Qwen3-30B-A3B")
+    cfg = ModelConfig.from_hf_dict(read_hf_config(os.path.dirname(path), os.path.basename(path)))
+    ignoring = dataclasses.replace(cfg, quantization=dataclasses.replace(
+        QuantConfig.dummy(), ignore=("re:.*mlp\\.experts\\.\\d+\\.down_proj",)))
+    block = nnx.eval_shape(lambda: CausalLM(ignoring, jnp.bfloat16)).layers[0].mlp
+    assert block.gate_up.dtype == FP8_DTYPE and block.down.dtype == jnp.bfloat16 and block.down_scale is None
+    one = dataclasses.replace(cfg, quantization=dataclasses.replace(
+        QuantConfig.dummy(), ignore=("model.layers.0.mlp.experts.5.up_proj",)))
+    with pytest.raises(ValueError, match=r"experts.0.gate_proj and model.layers.0.mlp.experts.5.up_proj share one "
+                                         r"weight \(gate_up\) but the ignore list quantizes only the first"):
+        nnx.eval_shape(lambda: CausalLM(one, jnp.bfloat16))
+
+
+def test_dummy_fp8_experts_are_random_fp8_of_a_trained_models_size(tiny):
+    """--load-format dummy --quantization fp8 on a mixture of experts at tp=2 ep: FP8 experts (two a
+    device) whose dequantized weights have a trained model's spread (std ~0.02), scales beside them."""
+    cfg = ModelConfig.from_hf_dict(read_hf_config(tiny("qwen3_moe")))
+    cfg = dataclasses.replace(cfg, quantization=QuantConfig.dummy())
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    block = load_model(cfg.for_tp(2, "ep"), None, jnp.float32, mesh, dummy_seed=0).layers[0].mlp
+    layouts = expert_layouts(cfg)
+    for name in ("gate_up", "down"):
+        w, scale = getattr(block, name).get_value(), getattr(block, f"{name}_scale").get_value()
+        assert w.dtype == FP8_DTYPE and w.shape == layouts[name].shape and scale.shape == layouts[name].scale_shape(
+            cfg.quantization)
+        assert [s.data.shape[0] for s in w.addressable_shards] == [2, 2]
+        std = float(jnp.std(dequantize(w, scale, jnp.float32)))
+        assert 0.01 < std < 0.04, (name, std)
 
 
 def test_quantization_flag_reaches_the_engine_args():

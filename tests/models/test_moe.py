@@ -1,6 +1,6 @@
 """The mixture-of-experts block: grouped GEMM equals a per-token reference (idle experts included),
 routing ties go to the lower expert, tensor- and expert-parallel experts equal one device, configs
-read right, the Pallas experts equal ragged_dot's."""
+read right, the Pallas experts equal ragged_dot's, FP8 experts equal their dequantized weights."""
 
 import dataclasses
 import functools
@@ -19,6 +19,7 @@ from minisgl_jax.layers.collectives import Collectives
 from minisgl_jax.models.config import ModelConfig, bundled_config_path, read_hf_config
 from minisgl_jax.models.loader import SafetensorsCheckpoint, load_model
 from minisgl_jax.models.moe import EXPERT_BACKENDS, MoE, experts_forward, moe_reference, route
+from minisgl_jax.models.quantization import FP8_DTYPE, FP8_MAX, QuantConfig, dequantize
 from minisgl_jax.models.transformer import CausalLM
 from minisgl_jax.server.cli import parse_args
 from tiny_models import save_tiny_checkpoint
@@ -100,15 +101,16 @@ def per_shard_sum(partial: jax.Array, index: int) -> jax.Array:
     return jax.lax.psum(partial, "tp")
 
 
-def sharded_block(mode: str, tp: int, experts: int, per_shard: bool, backend: str) -> tuple[MoE, Collectives]:
+def sharded_block(mode: str, tp: int, experts: int, per_shard: bool, backend: str,
+                  quant: QuantConfig | None = None) -> tuple[MoE, Collectives]:
     """The MoE module of a 2-of-`experts` model as `--moe-parallel mode --tp tp --moe-backend backend`
-    builds it, and the step's collectives: XLA's sums, or the per-shard path of the GPUs' psum and peer
-    all-reduce."""
+    builds it (FP8 experts with `quant`), and the step's collectives: XLA's sums, or the per-shard path
+    of the GPUs' psum and peer all-reduce."""
     hf = {**QWEN3_MOE, "hidden_size": HIDDEN, "num_experts": experts, "moe_intermediate_size": INTER,
           "norm_topk_prob": True}
-    cfg = dataclasses.replace(ModelConfig.from_hf_dict(hf).for_tp(tp, mode), moe_backend=backend)
+    cfg = dataclasses.replace(ModelConfig.from_hf_dict(hf).for_tp(tp, mode), moe_backend=backend, quantization=quant)
     mesh = Mesh(np.array(jax.devices()[:tp]), ("tp",))
-    return MoE(cfg, jnp.float32), Collectives(mesh, per_shard_sum if per_shard else None)
+    return MoE(cfg, jnp.float32, 0), Collectives(mesh, per_shard_sum if per_shard else None)
 
 
 PARALLEL_CASES = [  # (moe_parallel, tp, experts, moe_backend); the Pallas kernel runs interpreted here
@@ -230,14 +232,14 @@ def test_moe_layer_runs_the_configured_backend():
     cfg = dataclasses.replace(ModelConfig.from_hf_dict({**QWEN3_MOE, "hidden_size": HIDDEN, "num_experts": EXPERTS,
                                                         "moe_intermediate_size": INTER}), moe_backend="pallas")
     x, router, gate_up, down = weights(9)
-    layer = MoE(cfg, jnp.float32)
+    layer = MoE(cfg, jnp.float32, 0)
     for name, value in (("router", router), ("gate_up", gate_up), ("down", down)):
         getattr(layer, name).set_value(jnp.asarray(value))
     collectives = Collectives(Mesh(np.array(jax.devices()[:1]), ("tp",)), None)
     want = grouped_and_reference(x, router, gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob)[2]
     np.testing.assert_allclose(layer(jnp.asarray(x), collectives), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"moe_backend must be one of \('ragged_dot', 'pallas'\)"):
-        MoE(dataclasses.replace(cfg, moe_backend="auto"), jnp.float32)
+        MoE(dataclasses.replace(cfg, moe_backend="auto"), jnp.float32, 0)
 
 
 def test_moe_backend_flag_auto_means_ragged_dot_off_the_gpu():
@@ -246,3 +248,42 @@ def test_moe_backend_flag_auto_means_ragged_dot_off_the_gpu():
     assert setup.resolve_moe_backend(EngineArgs(model="m", moe_backend="pallas"), cfg, mesh).moe_backend == "pallas"
     with pytest.raises(ValueError, match=r"moe_backend must be one of \('auto', 'ragged_dot', 'pallas'\)"):
         EngineArgs(model="m", moe_backend="cudnn").validate()
+
+
+def quantized(w: np.ndarray, scale_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """w quantized to FP8 with a scale of `scale_shape` (each axis w's size / a whole ratio): amax / 448
+    per group -> (the FP8 weight, its float32 scale)."""
+    split = [d for n, s in zip(w.shape, scale_shape) for d in (s, n // s)]
+    amax = np.abs(w).reshape(split).max(axis=tuple(range(1, len(split), 2)))
+    scale = (amax / FP8_MAX).astype(np.float32)
+    full = np.asarray(dequantize(jnp.ones(w.shape, FP8_DTYPE), jnp.asarray(scale), jnp.float32))
+    return np.asarray(jnp.asarray(w / full, FP8_DTYPE)), scale
+
+
+FP8_EXPERT_CASES = [  # (weight scales, moe_parallel, tp, moe_backend)
+    ("tensor", "tp", 1, "pallas"), ("channel", "ep", 2, "pallas"), ("block", "tp", 2, "pallas"),
+    ("block", "ep", 2, "ragged_dot"),
+]
+
+
+@pytest.mark.parametrize("strategy,mode,tp,backend", FP8_EXPERT_CASES,
+                         ids=[f"{s}-{m}{t}-{b}" for s, m, t, b in FP8_EXPERT_CASES])
+def test_fp8_experts_equal_their_dequantized_weights(strategy, mode, tp, backend):
+    """FP8 experts beside scales per tensor, per channel or per block of 4 inputs (gate/up's 16 inputs in
+    4 blocks, down's 8 in 2: one a device under tp=2) equal the block over their dequantized weights,
+    sharded either way; the Pallas kernel takes per-tensor scales broadcast over its columns."""
+    quant = QuantConfig("compressed-tensors", strategy, (4, 4) if strategy == "block" else None, "dynamic")
+    block, collectives = sharded_block(mode, tp, EXPERTS, False, backend, quant)
+    x, router, gate_up, down = weights(8, idle=(1,))
+    block.router.set_value(jax.device_put(router, NamedSharding(collectives.mesh, block.router.spec)))
+    dequantized = []
+    for name, value in (("gate_up", gate_up), ("down", down)):
+        w, scale = quantized(value, getattr(block, f"{name}_scale").shape)
+        for param, v in ((getattr(block, name), w), (getattr(block, f"{name}_scale"), scale)):
+            param.set_value(jax.device_put(v, NamedSharding(collectives.mesh, param.spec)))
+        dequantized.append(dequantize(jnp.asarray(w), jnp.asarray(scale), jnp.float32))
+    assert block.gate_up.get_value().dtype == FP8_DTYPE and block.router.get_value().dtype == jnp.float32
+    want = moe_reference(jnp.asarray(x), jnp.asarray(router), *dequantized, 2, True)
+    graphdef, state = nnx.split(block)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, collectives))
+    np.testing.assert_allclose(run(state, x), want, rtol=1e-5, atol=1e-6)
