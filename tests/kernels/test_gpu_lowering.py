@@ -1,7 +1,8 @@
 """Every Triton-lowered kernel lowers for the GPU from this CPU (`lowering_platforms=("cuda",)`): the
 interpreter runs the kernels' jnp semantics but never our own lowering rules or Triton's, so a rule
 that builds bad IR (the peer all-reduce's ticket once took a literal operand) shows only here or on a
-GPU. Each pool dtype the engine can make, bfloat16 and FP8 pages included."""
+GPU. Each pool dtype the engine can make, bfloat16 and FP8 pages included. The Mosaic GPU prefill
+kernel's lowering, over both pool dtypes, is in `test_hopper_prefill_attention.py`."""
 
 import functools
 
