@@ -7,8 +7,13 @@ random inputs; decode (ours, tuned variants, vs jax's bundled Pallas paged_atten
 KV read; prefill vs cuDNN in TFLOP/s; a mixed batch vs its two halves; the KV scatter write.
 Prints the table last and writes every number to DIR/kernels.json. `--kv-dtype fp8` makes every
 pool float8_e4m3fn (an FP8 KV cache: the kernels convert each loaded page to bf16), so decode's
+<<<<<<< HEAD
 GB/s count one byte an element; the Mosaic kernel and jax's bundled one take no FP8 pages.
 `--only moe`: the experts' grouped GEMM, Pallas against ragged_dot (moe_kernels.py says how).
+=======
+GB/s count one byte an element; jax's bundled decode kernel takes no FP8 pages (the Mosaic prefill
+kernel's correctness cases run over them).
+>>>>>>> mosaic-fp8
 """
 
 from __future__ import annotations

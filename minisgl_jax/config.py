@@ -20,7 +20,8 @@ class EngineArgs:
     """What `LLM(...)`, `Engine(...)` and the CLI flags configure.
 
     attention_backend is one name for both phases or "PREFILL,DECODE" (e.g. "reference,pallas");
-    "mosaic" (prefill only, Hopper GPUs, bf16/fp16) leaves decode steps on the Pallas kernels.
+    "mosaic" (prefill only, Hopper GPUs, bf16/fp16, an FP8 KV cache too) leaves decode steps on the
+    Pallas kernels.
     num_pages None sizes the KV pool from mem_fraction of the device memory left after weights.
     kv_cache_dtype "fp8_e4m3" stores K/V as float8_e4m3fn, divided by the checkpoint's per-layer
     k/v scales (1.0 where it has none): twice the tokens of a bf16 pool in the same memory.

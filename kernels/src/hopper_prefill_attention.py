@@ -16,6 +16,14 @@ the block owns. Keys are read in whole pages: keys past a row's causal limit, in
 page's unused slots, get probability 0, so those slots must hold finite values (the engine's pool
 holds model K/V or zeros; the Triton kernel tolerates NaN there, this one does not). Page 0 and
 pages past a sequence's last are never read.
+
+FP8 pages (float8_e4m3fn; the per-layer scales are applied outside, `layers/attention.py`): TMA
+copies the FP8 tiles into the ring (half a bf16 slot's bytes). wgmma takes its B operand (K, V)
+only from shared memory in the compute dtype, so before each matmul the compute warpgroup loads
+the slot into registers, converts it (e4m3 -> f16 -> q's dtype, exact) and stores it into its own
+swizzled tile, `kv_wide[wg]`, then frees the slot; K and then V of a step share that tile, each
+written only after the wgmma that read it has been waited on. Shared memory stays at a bf16 pool's
+(two half-size ring slots per stage plus the two wide tiles: 192 KiB at head_dim 128).
 """
 
 from __future__ import annotations
@@ -29,31 +37,28 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .device import multiprocessor_count
+from .hopper_tiles import TILE_ROWS, WG_ROWS, convert_tile, smem_tiles, store_row_runs
 from .paged_blocks import LOG2E, block_schedule, check_inputs
 from .paged_decode_attention import paged_decode_attention
 
-WG_ROWS = 64  # query rows per compute warpgroup: one wgmma M tile
 COMPUTE_WGS = 2
-TILE_ROWS = 8  # rows of a shared-memory tile: a TMA copy into one starts on a multiple of it
 # Programs per multiprocessor (one runs at a time: ~190 KiB of shared memory each); 8 beat 1, 2, 4 and
 # 16 (RESULTS.md, "Prefill on Hopper: a Mosaic GPU kernel at 80-90% of cuDNN").
 PROGRAMS_PER_SM = 8
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+FP8_KV_DTYPE = jnp.float8_e4m3fn  # the engine's FP8 KV cache
 
 
 def hopper_prefill_unsupported(
     dtype, head_dim: int, page_size: int, block_kv: int = 128, kv_dtype=None
 ) -> str | None:
     """Why these inputs cannot run on this kernel, or None when they can. kv_dtype: the pool's
-    (None: dtype).
-
-    FP8 pages are refused: wgmma takes K and V straight from the shared-memory slots TMA fills, so
-    reading FP8 pages needs a conversion pass per slot into a second, swizzled bf16 buffer with its
-    own barriers in the warp-specialised pipeline, which no CPU interpreter can check."""
+    (None: dtype): the model's dtype, or float8_e4m3fn (an FP8 KV cache, converted in the kernel:
+    module doc)."""
     if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
         return f"dtype must be bfloat16 or float16, got {jnp.dtype(dtype).name}"
-    if kv_dtype is not None and jnp.dtype(kv_dtype) != jnp.dtype(dtype):
-        return f"it reads KV pages of the model's dtype only, not {jnp.dtype(kv_dtype).name} (an FP8 KV cache)"
+    if kv_dtype is not None and jnp.dtype(kv_dtype) not in (jnp.dtype(dtype), jnp.dtype(FP8_KV_DTYPE)):
+        return f"kv_dtype must be {jnp.dtype(dtype).name} or float8_e4m3fn, got {jnp.dtype(kv_dtype).name}"
     if head_dim not in (64, 128):
         return f"head_dim must be 64 or 128, got {head_dim}"
     chunk = min(page_size, block_kv)
@@ -83,7 +88,8 @@ def _attention_kernel(
     num_stages: int,
     num_programs: int,
 ):
-    """q_ref, out_ref: [tokens, q_heads, d]; k_ref, v_ref: [kv_heads, pages, page_size, d] (GMEM).
+    """q_ref, out_ref: [tokens, q_heads, d]; k_ref, v_ref: [kv_heads, pages, page_size, d], q's dtype or
+    FP8 (GMEM; scoped holds kv_wide, the compute warpgroups' tiles, only for FP8).
 
     num_blocks_ref: [1] blocks in use; block_seq_ref: [blocks] sequence of each block (-1: padding
     rows, stored as zeros); block_rows_ref: [blocks, 3] first row (a multiple of TILE_ROWS), first
@@ -95,7 +101,7 @@ def _attention_kernel(
     a program per block would cost a launch each. The ring of
     K/V slots runs on across items: `base` counts the ring steps before the item, in every warpgroup.
     """
-    (q_smem, o_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    (q_smem, o_smem, k_smem, v_smem, *kv_wide), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     program, wg = lax.axis_index("program"), lax.axis_index("wg")
     num_q_heads = q_ref.shape[1]
     num_items = num_blocks_ref[0] * num_q_heads
@@ -134,10 +140,21 @@ def _attention_kernel(
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
 
+    kv_fp8 = bool(kv_wide)  # FP8 pages: each step's K, then its V, converted into kv_wide[0][wg] first
+
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile, o_tile = q_smem.at[wg], o_smem.at[wg]
+
+        def operand(ring, free, slot):
+            """The slot as wgmma's B operand: itself, or its FP8 tile converted (the slot freed at once)."""
+            if not kv_fp8:
+                return ring.at[slot]
+            wide = kv_wide[0].at[wg]
+            convert_tile(ring.at[slot], wide)
+            plgpu.barrier_arrive(free.at[slot])
+            return wide
 
         def run_item(round_, base):
             it = item_at(round_)
@@ -166,13 +183,16 @@ def _attention_kernel(
                 acc, m, l = carry
                 slot = slot_of(base + step)
 
+                k_tile = operand(k_smem, k_free, slot)
+
                 def scores_of(scores_ref):
-                    plgpu.wgmma(scores_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(scores_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
                     take_turn()
                     return scores_ref[...]
 
                 s = pl.run_scoped(scores_of, plgpu.ACC((WG_ROWS, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+                if not kv_fp8:
+                    plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     shape = (WG_ROWS, block_kv)
                     rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
@@ -183,21 +203,23 @@ def _attention_kernel(
                 p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_next, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l = l * alpha + p.sum(axis=1)
-                p = p.astype(k_smem.dtype)
+                p = p.astype(q_tile.dtype)
                 acc, l, m_next, p = lax.optimization_barrier((acc, l, m_next, p))
                 plgpu.barrier_arrive(turn)  # softmax done: the other warpgroup may issue its matmul
                 plgpu.barrier_wait(v_ready.at[slot])
+                v_tile = operand(v_smem, v_free, slot)  # FP8: converted while the other warpgroup multiplies
                 plgpu.barrier_wait(turn)  # the tensor cores are ours again
 
                 def accumulate(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p, v_tile)
 
                     @pl.when(step + 1 < kv_steps)
                     def _wait_next_keys():
                         plgpu.barrier_wait(k_ready.at[slot_of(base + step + 1)])
 
                 acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
+                if not kv_fp8:
+                    plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_next, l
 
             def release_step(step, _):
@@ -220,7 +242,7 @@ def _attention_kernel(
             out = acc / lax.broadcast_in_dim(jnp.maximum(l, 1.0), acc.shape, [0])
             o_tile[...] = out.astype(o_tile.dtype)
             plgpu.commit_smem()
-            _store_rows(o_tile, out_ref, wg_row, lo, hi - lo, it["head"])
+            store_row_runs(o_tile, out_ref, wg_row, lo, hi - lo, it["head"])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_tile is free for the next item
             return base + it["steps"]
 
@@ -271,24 +293,6 @@ def _attention_kernel(
         lax.fori_loop(0, num_rounds, fill_item, jnp.int32(0))
 
 
-def _store_rows(o_tile, out_ref, tile_row, first, num_rows, head) -> None:
-    """TMA-store o_tile rows first:first + num_rows (dynamic) to out_ref[tile_row + first:, head].
-
-    A TMA copy has a static shape, so the rows go out as runs of 64, 32, ..., 1 rows: one run per
-    set bit of num_rows, each only when that bit is set. The tile's other rows belong to the
-    neighbouring sequences (or do not exist) and are never written.
-    """
-    start = first
-    run = WG_ROWS
-    while run >= 1:
-        @pl.when(num_rows & run != 0)
-        def _store(start=start, run=run):
-            plgpu.copy_smem_to_gmem(o_tile.at[pl.ds(start, run)], out_ref.at[pl.ds(tile_row + start, run), head])
-
-        start = start + (num_rows & run)
-        run //= 2
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_stages", "num_programs"))
 def hopper_prefill_attention(
     q: jax.Array,
@@ -308,8 +312,9 @@ def hopper_prefill_attention(
     q: [tokens, q_heads, head_dim]; k_pages, v_pages: [kv_heads, pages, page_size, head_dim];
     kv_lens: [seqs]; page_table: [seqs, pages_per_seq]; cu_q_lens: [seqs + 1] (all int32).
     Rows of q_len == 1 sequences go to the decode kernel; this kernel writes the others and zeroes
-    padding rows. Needs a Hopper GPU, bf16/fp16, head_dim 64 or 128, and a page size that is a
-    multiple of 8 dividing or divided by block_kv (`hopper_prefill_unsupported` says why not).
+    padding rows. Needs a Hopper GPU, bf16/fp16 q, pages of q's dtype or float8_e4m3fn, head_dim 64
+    or 128, and a page size that is a multiple of 8 dividing or divided by block_kv
+    (`hopper_prefill_unsupported` says why not).
     """
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -328,14 +333,17 @@ def hopper_prefill_attention(
     if padded_tokens != num_tokens:
         q = jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
         decoded = jnp.pad(decoded, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
-    tiles = (plgpu.TilingTransform((TILE_ROWS, 64)), plgpu.SwizzleTransform(128))
-    dtype = q.dtype
+    dtype, kv_dtype = q.dtype, k_pages.dtype
+    tiles, kv_tiles = smem_tiles(dtype, head_dim), smem_tiles(kv_dtype, head_dim)
+    # FP8 pages: one tile of the compute dtype per compute warpgroup, for the K, then the V, of a step
+    kv_wide = [] if kv_dtype == dtype else [plgpu.SMEM((COMPUTE_WGS, block_kv, head_dim), dtype, transforms=tiles)]
     scratch = (
         (
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, head_dim), dtype, transforms=tiles),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, head_dim), dtype),  # untiled: stored in runs of any row count
-            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=tiles),
-            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=tiles),
+            plgpu.SMEM((num_stages, block_kv, head_dim), kv_dtype, transforms=kv_tiles),
+            plgpu.SMEM((num_stages, block_kv, head_dim), kv_dtype, transforms=kv_tiles),
+            *kv_wide,
         ),
         (
             plgpu.Barrier(num_arrivals=block_kv // min(page_size, block_kv), num_barriers=num_stages),

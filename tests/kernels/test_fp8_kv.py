@@ -1,5 +1,6 @@
 """An FP8 KV pool: the write quantizes within e4m3's precision and saturates, and every Triton-lowered
-kernel (interpret mode) reads FP8 pages as the jnp reference does, with the per-layer scales applied."""
+kernel (interpret mode) reads FP8 pages as the jnp reference does, with the per-layer scales applied; so
+does the Mosaic GPU prefill kernel on an H100/H200 (`test_hopper_prefill_attention.py` has its own checks)."""
 
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from paged_inputs import make_batch, poison_unused_slots, rel_err
 from test_cascade_attention import make_cascade_batch
+from test_hopper_prefill_attention import needs_hopper, on_hopper
 
 from minisgl_jax.kernels import (
     hopper_prefill_unsupported,
@@ -166,8 +168,23 @@ def test_gpus_without_fp8_conversion_are_refused_with_the_reason():
     check_fp8_kv(jax.devices()[0])  # the CPU converts in software
 
 
-def test_mosaic_prefill_refuses_fp8_pages_with_the_reason():
-    assert hopper_prefill_unsupported(jnp.bfloat16, 128, 16) is None
-    assert "FP8" in hopper_prefill_unsupported(jnp.bfloat16, 128, 16, kv_dtype=FP8)
-    with pytest.raises(ValueError, match="attention backend 'mosaic' cannot run this model.*FP8 KV cache"):
+@pytest.mark.skipif(on_hopper(), reason="the GPU test below runs it")
+def test_mosaic_prefill_takes_fp8_pages_and_is_refused_only_for_the_machine():
+    assert hopper_prefill_unsupported(jnp.bfloat16, 128, 16, kv_dtype=FP8) is None
+    with pytest.raises(ValueError, match="attention backend 'mosaic' needs an NVIDIA Hopper GPU"):
         AttentionBackend("mosaic", "pallas", 0.1, dtype=jnp.bfloat16, head_dim=128, page_size=16, kv_dtype=FP8)
+
+
+@needs_hopper
+def test_mosaic_prefill_reads_fp8_pages_with_scales():
+    # the engine's case on Hopper: bf16 queries, FP8 pages converted in the kernel, scales outside it
+    q, k, v, lens, table, cu = make_batch(7, [1, 2, 130, 64], [40, 18, 300, 200], page_size=16, q_heads=8,
+                                          kv_heads=2, head_dim=128, pad_rows=3, pad_seqs=1)
+    q = q.astype(jnp.bfloat16)
+    k8, v8 = fp8_pools(k, v)
+    meta = AttentionMetadata(cu_q_lens=cu, kv_lens=lens, page_table=table, slot_mapping=jnp.zeros(200, jnp.int32))
+    out = backend_attend(q, k8, v8, meta, is_decode=False, name="mosaic")
+    ref = reference_of(q.astype(jnp.float32), k8, v8, lens, table, cu)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out[:197], ref[:197]) < BF16_TOL
+    np.testing.assert_array_equal(np.asarray(out[197:], np.float32), 0.0)

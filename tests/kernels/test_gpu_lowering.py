@@ -2,7 +2,8 @@
 interpreter runs the kernels' jnp semantics but never our own lowering rules or Triton's, so a rule
 that builds bad IR (the peer all-reduce's ticket once took a literal operand) shows only here or on a
 GPU. Each pool dtype the engine can make, bfloat16 and FP8 pages included; the experts' grouped GEMM
-with bfloat16 and FP8 weights (per-channel and 128-block scales)."""
+with bfloat16 and FP8 weights (per-channel and 128-block scales). The Mosaic GPU prefill kernel's
+lowering, over both pool dtypes, is in `test_hopper_prefill_attention.py`."""
 
 import functools
 

@@ -1,4 +1,5 @@
-"""The Hopper (Mosaic GPU) prefill kernel: lowers on any machine, agrees with the reference on an H100/H200.
+"""The Hopper (Mosaic GPU) prefill kernel: lowers on any machine, agrees with the reference on an H100/H200,
+over pools of q's dtype and FP8 pools (float8_e4m3fn, converted in the kernel).
 
 Mosaic GPU kernels have no CPU interpreter that covers wgmma on transposed tiles, so the numerical
 checks run only where JAX sees a Hopper GPU (`benchmarks/kernel_bench.py` runs them too); CI checks
@@ -12,8 +13,11 @@ import pytest
 from paged_inputs import make_batch, rel_err
 
 from minisgl_jax.kernels import hopper_prefill_attention, hopper_prefill_unsupported, ragged_paged_attention_reference
+from minisgl_jax.kernels.reference import quantize_kv
 
 BF16_TOL = 2e-2
+FP8 = jnp.float8_e4m3fn
+PAGE_SIZES = [8, 16, 64, 128, 256]
 
 
 def on_hopper() -> bool:
@@ -27,11 +31,19 @@ def check(args, sm_scale: float = 0.3, pool=None) -> np.ndarray:
     """Kernel on args (with k/v swapped for `pool` when given) against the float32 reference on args."""
     run_args = args if pool is None else (args[0], *pool, *args[3:])
     out = hopper_prefill_attention(*run_args, sm_scale=sm_scale)
-    ref = ragged_paged_attention_reference(*[a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args],
-                                           sm_scale=sm_scale)
+    wide = [a.astype(jnp.float32) if a.dtype in (jnp.bfloat16, jnp.float16) else a for a in args]
+    ref = ragged_paged_attention_reference(*wide, sm_scale=sm_scale)
     assert out.dtype == args[0].dtype and out.shape == args[0].shape
     assert rel_err(out, ref) < BF16_TOL
     return np.asarray(out, np.float32)
+
+
+def check_fp8(args, sm_scale: float = 0.3) -> np.ndarray:
+    """The kernel over the pools as FP8 pages against the reference over those pages dequantized (scale
+    1: the engine applies the per-layer scales outside the kernel). K is 3x wider so scores are not flat."""
+    q, k, v, *meta = args
+    k8, v8 = quantize_kv(3.0 * k, 1.0, FP8), quantize_kv(v, 1.0, FP8)
+    return check((q, k8.astype(jnp.float32), v8.astype(jnp.float32), *meta), sm_scale, pool=(k8, v8))
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests below compile it")
@@ -41,6 +53,18 @@ def test_lowers_for_cuda_on_any_machine():
     fn = jax.jit(lambda *a: hopper_prefill_attention(*a, sm_scale=0.1))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests below compile it")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_lowers_for_cuda_over_fp8_pages(head_dim, page_size):
+    # FP8 ring slots (64-byte swizzle at head_dim 64), converted into bf16 tiles before each wgmma
+    q, k, v, lens, table, cu = make_batch(0, [300, 1, 77], [300, 50, 200], page_size=page_size, q_heads=16,
+                                          kv_heads=8, head_dim=head_dim, dtype=jnp.bfloat16)
+    fn = jax.jit(lambda *a: hopper_prefill_attention(*a, sm_scale=0.1))
+    lowered = fn.trace(q, k.astype(FP8), v.astype(FP8), lens, table, cu).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests below compile it")
@@ -64,6 +88,11 @@ def test_unsupported_inputs_say_why():
     assert "head_dim" in hopper_prefill_unsupported(jnp.bfloat16, 96, 16)
     assert "page_size" in hopper_prefill_unsupported(jnp.bfloat16, 128, 1)
     assert "page_size" in hopper_prefill_unsupported(jnp.bfloat16, 128, 24)
+    assert hopper_prefill_unsupported(jnp.bfloat16, 128, 16, kv_dtype=FP8) is None
+    assert hopper_prefill_unsupported(jnp.float16, 64, 16, kv_dtype=FP8) is None
+    assert "kv_dtype must be bfloat16 or float8_e4m3fn" in hopper_prefill_unsupported(
+        jnp.bfloat16, 128, 16, kv_dtype=jnp.float16)
+    assert "float8_e5m2" in hopper_prefill_unsupported(jnp.bfloat16, 128, 16, kv_dtype=jnp.float8_e5m2)
     args = make_batch(1, [5], [5], page_size=16)  # float32
     with pytest.raises(ValueError, match="dtype must be bfloat16 or float16"):
         hopper_prefill_attention(*args, sm_scale=1.0)
@@ -86,11 +115,32 @@ def test_ragged_prefill_with_prefix_matches_reference(q_heads, kv_heads, head_di
 
 
 @needs_hopper
-@pytest.mark.parametrize("page_size", [8, 16, 64, 128, 256])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_page_sizes(page_size):
     args = make_batch(page_size, [1, 200, 7], [33, 700, 7], page_size=page_size, q_heads=4, kv_heads=2,
                       head_dim=128, dtype=jnp.bfloat16)
     check(args)
+
+
+@needs_hopper
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim, dtype",
+                         [(16, 8, 128, jnp.bfloat16), (8, 1, 64, jnp.bfloat16), (8, 2, 128, jnp.float16)])
+def test_fp8_pages_match_the_reference_over_them_dequantized(q_heads, kv_heads, head_dim, dtype):
+    # the ragged prefix batch above; float16 q converts e4m3 straight to f16
+    q_lens = [2, 1, 129, 64, 300, 65]
+    kv_lens = [2, 40, 129, 1000, 427, 191]
+    args = make_batch(q_heads + head_dim, q_lens, kv_lens, page_size=16, q_heads=q_heads, kv_heads=kv_heads,
+                      head_dim=head_dim, dtype=dtype)
+    check_fp8(args, sm_scale=head_dim**-0.5)
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_fp8_page_sizes(page_size, head_dim):
+    args = make_batch(page_size, [1, 200, 7], [33, 700, 7], page_size=page_size, q_heads=4, kv_heads=2,
+                      head_dim=head_dim, dtype=jnp.bfloat16)
+    check_fp8(args)
 
 
 @needs_hopper
