@@ -28,3 +28,12 @@ elif "PYTEST_XDIST_WORKER" in os.environ and os.environ.get("MINISGL_TEST_XLA_CA
 def pytest_unconfigure(config) -> None:
     if _SESSION_CACHE is not None:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files that build engines or start servers first (any test marked slow, or under tests/server),
+    each file's tests kept together and in order: pytest-xdist's loadfile hands out files in this
+    order, so both workers end on short files at about the same time."""
+    long_files = {item.path for item in items if item.get_closest_marker("slow") or "server" in item.path.parts}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (item.path not in long_files, str(item.path), order[id(item)]))
